@@ -1,0 +1,183 @@
+"""Infer network configurations from key names and tensor shapes (as ComfyUI does).
+
+Each function takes one component's state dict in the original layout with its prefix stripped, and
+works on meta tensors too (only shapes are read). What shapes cannot tell (the number of attention
+heads) follows the family conventions: conv `proj_in` (SD1 layout) means 8 heads, a linear one
+(SD2/SDXL layout) 64 channels per head; CLIP has 64 channels per head.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import Tensor
+
+from sdlab.config import (
+    SD_VAE,
+    SDXL_VAE,
+    ModelConfig,
+    Prediction,
+    TextConfig,
+    UNetConfig,
+    VAEConfig,
+)
+from sdlab.checkpoints.io import CheckpointError
+
+StateDict = dict[str, Tensor]
+
+
+def _need(sd: StateDict, key: str, what: str) -> Tensor:
+    if key not in sd:
+        raise CheckpointError(f"{what}: missing tensor {key!r}")
+    return sd[key]
+
+
+def _indices(sd: StateDict, pattern: str) -> list[int]:
+    """Sorted distinct integers captured by `pattern` (one group) over the keys."""
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in sd if (m := rx.match(k))})
+
+
+def _depth(sd: StateDict, prefix: str) -> int:
+    """Number of transformer blocks of the SpatialTransformer at `prefix` (0 if none)."""
+    return len(_indices(sd, re.escape(prefix) + r"transformer_blocks\.(\d+)\."))
+
+
+def detect_unet(sd: StateDict, what: str = "U-Net") -> UNetConfig:
+    """UNetConfig of an `openaimodel` state dict (keys like `input_blocks.1.0.in_layers.2.weight`)."""
+    conv_in = _need(sd, "input_blocks.0.0.weight", what)
+    mc = conv_in.shape[0]
+    channel_mult: list[int] = []
+    num_res_blocks: list[int] = []
+    depths: list[int] = []
+    count = 0
+    for i in _indices(sd, r"input_blocks\.(\d+)\.")[1:]:
+        if f"input_blocks.{i}.0.op.weight" in sd:  # Downsample closes a level
+            num_res_blocks.append(count)
+            count = 0
+            continue
+        out = _need(sd, f"input_blocks.{i}.0.out_layers.3.weight", what).shape[0]
+        if count == 0:
+            channel_mult.append(out // mc)
+        count += 1
+        depths.append(_depth(sd, f"input_blocks.{i}.1."))
+    num_res_blocks.append(count)
+    out_depths = [_depth(sd, f"output_blocks.{i}.1.") for i in _indices(sd, r"output_blocks\.(\d+)\.")]
+    linear = sd.get("middle_block.1.proj_in.weight")
+    if linear is None:
+        linear = next((v for k, v in sd.items() if k.endswith(".proj_in.weight")), None)
+    use_linear = linear is not None and linear.ndim == 2
+    ctx = next((v.shape[1] for k, v in sd.items() if k.endswith("attn2.to_k.weight")), 768)
+    adm = sd.get("label_emb.0.0.weight")
+    try:
+        return UNetConfig(
+            in_channels=conv_in.shape[1],
+            out_channels=_need(sd, "out.2.weight", what).shape[0],
+            model_channels=mc,
+            channel_mult=tuple(channel_mult),
+            num_res_blocks=tuple(num_res_blocks),
+            transformer_depth=tuple(depths),
+            transformer_depth_output=tuple(out_depths),
+            transformer_depth_middle=_depth(sd, "middle_block.1."),
+            num_heads=-1 if use_linear else 8,
+            num_head_channels=64 if use_linear else -1,
+            context_dim=ctx,
+            use_linear_in_transformer=use_linear,
+            adm_in_channels=None if adm is None else adm.shape[1],
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{what}: inconsistent block structure ({e})") from e
+
+
+def detect_vae(sd: StateDict, what: str = "VAE", scale_factor: float | None = None) -> VAEConfig:
+    """VAEConfig of an ldm `AutoencoderKL` state dict (keys like `encoder.down.0.block.0.conv1.weight`)."""
+    ch = _need(sd, "encoder.conv_in.weight", what).shape[0]
+    levels = _indices(sd, r"encoder\.down\.(\d+)\.")
+    if not levels:
+        raise CheckpointError(f"{what}: no encoder.down.* blocks")
+    mult = tuple(_need(sd, f"encoder.down.{i}.block.0.conv2.weight", what).shape[0] // ch for i in levels)
+    return VAEConfig(
+        in_channels=sd["encoder.conv_in.weight"].shape[1],
+        out_ch=_need(sd, "decoder.conv_out.weight", what).shape[0],
+        ch=ch,
+        ch_mult=mult,
+        num_res_blocks=len(_indices(sd, r"encoder\.down\.0\.block\.(\d+)\.")),
+        z_channels=_need(sd, "decoder.conv_in.weight", what).shape[1],
+        embed_dim=_need(sd, "post_quant_conv.weight", what).shape[1],
+        scale_factor=SD_VAE.scale_factor if scale_factor is None else scale_factor,
+    )
+
+
+def detect_text(sd: StateDict, layout: str, what: str = "text encoder") -> TextConfig:
+    """TextConfig of a CLIP text model in the transformers layout (`text_model.*`)."""
+    tok = _need(sd, "text_model.embeddings.token_embedding.weight", what)
+    pos = _need(sd, "text_model.embeddings.position_embedding.weight", what)
+    width = tok.shape[1]
+    proj = sd.get("text_projection.weight")
+    openclip = layout == "openclip"
+    return TextConfig(
+        vocab_size=tok.shape[0],
+        max_positions=pos.shape[0],
+        width=width,
+        layers=len(_indices(sd, r"text_model\.encoder\.layers\.(\d+)\.")),
+        heads=max(1, width // 64),
+        intermediate=_need(sd, "text_model.encoder.layers.0.mlp.fc1.weight", what).shape[0],
+        act="gelu" if openclip else "quick_gelu",
+        projection_dim=None if proj is None else proj.shape[0],
+        layout="openclip" if openclip else "openai",
+        pad_token=0 if openclip else 49407,
+    )
+
+
+def guess_prediction(unet_sd: StateDict, cfg: UNetConfig, family: str, full_sd: StateDict) -> Prediction:
+    """ε or v: an explicit `v_pred` key, else ComfyUI's SD2 heuristic on a LayerNorm bias spread."""
+    if "v_pred" in full_sd:
+        return "v"
+    if family == "sd2" and cfg.in_channels == 4:
+        bias = unet_sd.get("output_blocks.11.1.transformer_blocks.0.norm1.bias")
+        if bias is not None and bias.device.type != "meta" and float(bias.float().std(unbiased=False)) > 0.09:
+            return "v"
+    return "eps"
+
+
+def family_of(unet: UNetConfig | None, text: tuple[TextConfig, ...]) -> str:
+    """The model family from the U-Net's conditioning and the text encoders' layouts."""
+    layouts = tuple(t.layout for t in text)
+    if unet is not None and unet.adm_in_channels is not None and layouts == ("openai", "openclip"):
+        return "sdxl"
+    if layouts == ("openclip",) and (unet is None or unet.context_dim == text[0].width):
+        return "sd2"
+    if layouts == ("openai",) and (unet is None or unet.context_dim == text[0].width):
+        return "sd1"
+    return "custom"
+
+
+def detect_model(
+    unet_sd: StateDict | None,
+    vae_sd: StateDict | None,
+    text_sds: list[tuple[str, StateDict]],
+    full_sd: StateDict,
+    what: str,
+    prediction: Prediction | None = None,
+) -> ModelConfig:
+    """The whole model's configuration; components absent from the file get their family's preset."""
+    unet = detect_unet(unet_sd, f"{what} (U-Net)") if unet_sd else None
+    text = tuple(detect_text(sd, layout, f"{what} (text encoder {i})") for i, (layout, sd) in enumerate(text_sds))
+    family = family_of(unet, text)
+    scale = SDXL_VAE.scale_factor if family == "sdxl" else SD_VAE.scale_factor
+    vae = detect_vae(vae_sd, f"{what} (VAE)", scale) if vae_sd else None
+    if unet is None:
+        raise CheckpointError(f"{what}: no U-Net weights found (keys model.diffusion_model.* or unet/)")
+    if vae is None:
+        raise CheckpointError(f"{what}: no VAE weights found (keys first_stage_model.* or vae/)")
+    if not text:
+        raise CheckpointError(f"{what}: no text encoder weights found (keys cond_stage_model.* / conditioner.*)")
+    pred = prediction or guess_prediction(unet_sd or {}, unet, family, full_sd)
+    return ModelConfig(
+        family=family,  # type: ignore[arg-type]
+        unet=unet,
+        vae=vae,
+        text=text,
+        prediction=pred,
+        clip_skip_default=2 if family in ("sd2", "sdxl") else 1,
+    )

@@ -1,0 +1,163 @@
+"""The Stable Diffusion U-Net in the original `openaimodel.UNetModel` layout.
+
+`UNetModel(cfg).state_dict()` has exactly the keys of a single-file checkpoint's
+`model.diffusion_model.*` tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdlab.config import UNetConfig
+from sdlab.models.blocks import SpatialTransformer, group_norm
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding (cos then sin) of float timesteps, shape (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class ResBlock(nn.Module):
+    """Residual block with the timestep embedding added between its two convolutions."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            group_norm(out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        )
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution (key `op`)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling then a 3x3 convolution (key `conv`)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers, each given what it needs: emb (ResBlock), context (transformer)."""
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, emb: Tensor, context: Tensor, size: tuple[int, int] | None = None
+    ) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """Noise (or v) predictor conditioned on timestep, text context and optional vector `y`."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        mc, ted = cfg.model_channels, cfg.time_embed_dim
+        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        if cfg.adm_in_channels is not None:
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+            )
+
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
+            heads, dim_head = cfg.heads_for(ch)
+            return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels, ch, block = [mc], mc, 0
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks[level]):
+                layers: list[nn.Module] = [ResBlock(ch, ted, mult * mc)]
+                ch = mult * mc
+                if cfg.transformer_depth[block]:
+                    layers.append(transformer(ch, cfg.transformer_depth[block]))
+                block += 1
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        middle: list[nn.Module] = [ResBlock(ch, ted, ch)]
+        if cfg.transformer_depth_middle:
+            middle.append(transformer(ch, cfg.transformer_depth_middle))
+        middle.append(ResBlock(ch, ted, ch))
+        self.middle_block = TimestepEmbedSequential(*middle)
+
+        self.output_blocks = nn.ModuleList()
+        block = 0
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks[level] + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), ted, mult * mc)]
+                ch = mult * mc
+                if cfg.transformer_depth_output[block]:
+                    layers.append(transformer(ch, cfg.transformer_depth_output[block]))
+                block += 1
+                if level and i == cfg.num_res_blocks[level]:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+        """Predict from latents x (B, C, H, W), timesteps (B,), context (B, T, context_dim)."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
+        if self.cfg.adm_in_channels is not None:
+            if y is None:
+                raise ValueError("this U-Net needs the vector conditioning y (adm_in_channels is set)")
+            emb = emb + self.label_emb(y.to(x.dtype))
+        skips = []
+        h = x
+        for module in self.input_blocks:
+            h = module(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for module in self.output_blocks:
+            skip = skips.pop()
+            h = torch.cat([h, skip], dim=1)
+            upsample_to = tuple(skips[-1].shape[-2:]) if skips else None
+            h = module(h, emb, context, upsample_to)
+        return self.out(h)
