@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install sdlab with the test-only reference oracles (diffusers, transformers, k-diffusion).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PIP="python3 -m pip"
+$PIP install -q -e ".[test]"
+# k-diffusion's sampling functions are the oracle for the samplers; its package __init__ needs far
+# more than its sampling module, so install it and its maths dependencies without their extras.
+$PIP install -q --no-deps k-diffusion torchsde torchdiffeq trampoline
