@@ -145,30 +145,61 @@ class ModelConfig:
 # presets (the published architectures)
 
 SD1_UNET = unet_config(
-    model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, depth_per_level=(1, 1, 1, 0),
-    num_heads=8, context_dim=768,
+    model_channels=320,
+    channel_mult=(1, 2, 4, 4),
+    num_res_blocks=2,
+    depth_per_level=(1, 1, 1, 0),
+    num_heads=8,
+    context_dim=768,
 )
 SD2_UNET = unet_config(
-    model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, depth_per_level=(1, 1, 1, 0),
-    num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True,
+    model_channels=320,
+    channel_mult=(1, 2, 4, 4),
+    num_res_blocks=2,
+    depth_per_level=(1, 1, 1, 0),
+    num_heads=-1,
+    num_head_channels=64,
+    context_dim=1024,
+    use_linear_in_transformer=True,
 )
 SDXL_UNET = unet_config(
-    model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=2, depth_per_level=(0, 2, 10),
-    num_heads=-1, num_head_channels=64, context_dim=2048, use_linear_in_transformer=True,
-    adm_in_channels=2816, transformer_depth_middle=10,
+    model_channels=320,
+    channel_mult=(1, 2, 4),
+    num_res_blocks=2,
+    depth_per_level=(0, 2, 10),
+    num_heads=-1,
+    num_head_channels=64,
+    context_dim=2048,
+    use_linear_in_transformer=True,
+    adm_in_channels=2816,
+    transformer_depth_middle=10,
 )
 SD_VAE = VAEConfig()
 SDXL_VAE = VAEConfig(scale_factor=0.13025)
 CLIP_L = TextConfig()
 OPENCLIP_H = TextConfig(
-    width=1024, layers=24, heads=16, intermediate=4096, act="gelu", layout="openclip", pad_token=0,
+    width=1024,
+    layers=24,
+    heads=16,
+    intermediate=4096,
+    act="gelu",
+    layout="openclip",
+    pad_token=0,
     projection_dim=1024,
 )
 OPENCLIP_BIGG = TextConfig(
-    width=1280, layers=32, heads=20, intermediate=5120, act="gelu", layout="openclip", pad_token=0,
+    width=1280,
+    layers=32,
+    heads=20,
+    intermediate=5120,
+    act="gelu",
+    layout="openclip",
+    pad_token=0,
     projection_dim=1280,
 )
 
 SD1 = ModelConfig(family="sd1", unet=SD1_UNET, vae=SD_VAE, text=(CLIP_L,))
 SD2 = ModelConfig(family="sd2", unet=SD2_UNET, vae=SD_VAE, text=(OPENCLIP_H,), clip_skip_default=2)
-SDXL = ModelConfig(family="sdxl", unet=SDXL_UNET, vae=SDXL_VAE, text=(CLIP_L, OPENCLIP_BIGG), clip_skip_default=2)
+SDXL = ModelConfig(
+    family="sdxl", unet=SDXL_UNET, vae=SDXL_VAE, text=(CLIP_L, OPENCLIP_BIGG), clip_skip_default=2
+)

@@ -43,9 +43,16 @@ def ldm_unet_params(cfg: UNetConfig) -> dict:
 
 def ldm_vae_params(cfg: VAEConfig) -> dict:
     return {
-        "double_z": True, "z_channels": cfg.z_channels, "resolution": 256, "in_channels": cfg.in_channels,
-        "out_ch": cfg.out_ch, "ch": cfg.ch, "ch_mult": list(cfg.ch_mult), "num_res_blocks": cfg.num_res_blocks,
-        "attn_resolutions": [], "dropout": 0.0,
+        "double_z": True,
+        "z_channels": cfg.z_channels,
+        "resolution": 256,
+        "in_channels": cfg.in_channels,
+        "out_ch": cfg.out_ch,
+        "ch": cfg.ch,
+        "ch_mult": list(cfg.ch_mult),
+        "num_res_blocks": cfg.num_res_blocks,
+        "attn_resolutions": [],
+        "dropout": 0.0,
     }
 
 
@@ -56,7 +63,9 @@ def ldm_original_config(unet: UNetConfig, vae: VAEConfig) -> dict:
             "params": {
                 "scale_factor": vae.scale_factor,
                 "unet_config": {"params": ldm_unet_params(unet)},
-                "first_stage_config": {"params": {"embed_dim": vae.embed_dim, "ddconfig": ldm_vae_params(vae)}},
+                "first_stage_config": {
+                    "params": {"embed_dim": vae.embed_dim, "ddconfig": ldm_vae_params(vae)}
+                },
             }
         }
     }
@@ -65,7 +74,10 @@ def ldm_original_config(unet: UNetConfig, vae: VAEConfig) -> dict:
 def diffusers_unet(unet_sd: dict[str, Tensor], cfg: UNetConfig, vae: VAEConfig | None = None):
     """A diffusers UNet2DConditionModel holding the same weights as an sdlab U-Net state dict."""
     from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+    )
 
     ckpt = {f"model.diffusion_model.{k}": v for k, v in unet_sd.items()}
     original = ldm_original_config(cfg, vae or VAEConfig())
@@ -79,7 +91,10 @@ def diffusers_unet(unet_sd: dict[str, Tensor], cfg: UNetConfig, vae: VAEConfig |
 def diffusers_vae(vae_sd: dict[str, Tensor], cfg: VAEConfig, unet: UNetConfig):
     """A diffusers AutoencoderKL holding the same weights as an sdlab VAE state dict."""
     from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_vae_checkpoint,
+        create_vae_diffusers_config_from_ldm,
+    )
 
     ckpt = {f"first_stage_model.{k}": v for k, v in vae_sd.items()}
     config = create_vae_diffusers_config_from_ldm(ldm_original_config(unet, cfg), ckpt)
@@ -93,10 +108,18 @@ def transformers_clip(text_sd: dict[str, Tensor], cfg: TextConfig):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_positions,
-        hidden_act=cfg.act, projection_dim=cfg.projection_dim or cfg.width, layer_norm_eps=cfg.layer_norm_eps,
-        bos_token_id=49406, eos_token_id=cfg.eos_token, pad_token_id=cfg.pad_token,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.width,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        max_position_embeddings=cfg.max_positions,
+        hidden_act=cfg.act,
+        projection_dim=cfg.projection_dim or cfg.width,
+        layer_norm_eps=cfg.layer_norm_eps,
+        bos_token_id=49406,
+        eos_token_id=cfg.eos_token,
+        pad_token_id=cfg.pad_token,
     )
     cls = CLIPTextModelWithProjection if cfg.projection_dim else CLIPTextModel
     model = cls(config)
@@ -129,5 +152,10 @@ def max_diff(a: Tensor, b: Tensor) -> float:
 
 
 __all__ = [
-    "ModelConfig", "diffusers_unet", "diffusers_vae", "transformers_clip", "randomize", "max_diff",
+    "ModelConfig",
+    "diffusers_unet",
+    "diffusers_vae",
+    "transformers_clip",
+    "randomize",
+    "max_diff",
 ]

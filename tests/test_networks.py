@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from reference import diffusers_unet, diffusers_vae, max_diff, randomize, transformers_clip
+
 from sdlab.config import TextConfig, UNetConfig, VAEConfig, unet_config
 from sdlab.models.clip import CLIPTextModel
 from sdlab.models.unet import UNetModel
@@ -16,21 +16,43 @@ TOL = 1e-4  # fp32 parity
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 TINY_UNETS = {
     "sd1": unet_config(
-        model_channels=32, channel_mult=(1, 2), num_res_blocks=1, depth_per_level=(1, 0),
-        num_heads=4, context_dim=24,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        depth_per_level=(1, 0),
+        num_heads=4,
+        context_dim=24,
     ),
     "sd2": unet_config(
-        model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, depth_per_level=(1, 1, 0),
-        num_heads=-1, num_head_channels=8, context_dim=24, use_linear_in_transformer=True,
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        depth_per_level=(1, 1, 0),
+        num_heads=-1,
+        num_head_channels=8,
+        context_dim=24,
+        use_linear_in_transformer=True,
     ),
     "adm": unet_config(
-        model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, depth_per_level=(0, 2, 3),
-        num_heads=-1, num_head_channels=16, context_dim=24, use_linear_in_transformer=True,
-        adm_in_channels=20, transformer_depth_middle=3,
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        depth_per_level=(0, 2, 3),
+        num_heads=-1,
+        num_head_channels=16,
+        context_dim=24,
+        use_linear_in_transformer=True,
+        adm_in_channels=20,
+        transformer_depth_middle=3,
     ),
     "inpaint": unet_config(
-        model_channels=32, channel_mult=(1, 2), num_res_blocks=1, depth_per_level=(1, 1),
-        num_heads=2, context_dim=24, in_channels=9,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        depth_per_level=(1, 1),
+        num_heads=2,
+        context_dim=24,
+        in_channels=9,
     ),
 }
 
@@ -61,7 +83,12 @@ def test_unet_rejects_missing_vector_conditioning() -> None:
 
 def test_unet_config_validation() -> None:
     with pytest.raises(ValueError, match="transformer_depth"):
-        UNetConfig(channel_mult=(1, 2), num_res_blocks=(1, 1), transformer_depth=(1,), transformer_depth_output=(1,) * 4)
+        UNetConfig(
+            channel_mult=(1, 2),
+            num_res_blocks=(1, 1),
+            transformer_depth=(1,),
+            transformer_depth_output=(1,) * 4,
+        )
 
 
 def test_vae_matches_diffusers() -> None:
@@ -94,16 +121,28 @@ def test_posterior_sample_is_seeded() -> None:
     "cfg",
     [
         TextConfig(width=64, layers=3, heads=4, intermediate=128),
-        TextConfig(width=64, layers=3, heads=4, intermediate=128, act="gelu", projection_dim=48, layout="openclip",
-                   pad_token=0),
+        TextConfig(
+            width=64,
+            layers=3,
+            heads=4,
+            intermediate=128,
+            act="gelu",
+            projection_dim=48,
+            layout="openclip",
+            pad_token=0,
+        ),
     ],
     ids=["openai", "openclip-projection"],
 )
 def test_clip_matches_transformers(cfg: TextConfig) -> None:
     ours = randomize(CLIPTextModel(cfg), seed=4)
     ref = transformers_clip(ours.state_dict(), cfg)
-    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [cfg.pad_token] * 70,
-                        [49406, 2368, 49407] + [cfg.pad_token] * 74])
+    ids = torch.tensor(
+        [
+            [49406, 320, 1125, 539, 320, 2368, 49407] + [cfg.pad_token] * 70,
+            [49406, 2368, 49407] + [cfg.pad_token] * 74,
+        ]
+    )
     with torch.no_grad():
         out = ours(ids)
         r = ref(ids, output_hidden_states=True)

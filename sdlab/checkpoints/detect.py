@@ -12,6 +12,7 @@ import re
 
 from torch import Tensor
 
+from sdlab.checkpoints.io import CheckpointError
 from sdlab.config import (
     SD_VAE,
     SDXL_VAE,
@@ -21,7 +22,6 @@ from sdlab.config import (
     UNetConfig,
     VAEConfig,
 )
-from sdlab.checkpoints.io import CheckpointError
 
 StateDict = dict[str, Tensor]
 
@@ -162,7 +162,9 @@ def detect_model(
 ) -> ModelConfig:
     """The whole model's configuration; components absent from the file get their family's preset."""
     unet = detect_unet(unet_sd, f"{what} (U-Net)") if unet_sd else None
-    text = tuple(detect_text(sd, layout, f"{what} (text encoder {i})") for i, (layout, sd) in enumerate(text_sds))
+    text = tuple(
+        detect_text(sd, layout, f"{what} (text encoder {i})") for i, (layout, sd) in enumerate(text_sds)
+    )
     family = family_of(unet, text)
     scale = SDXL_VAE.scale_factor if family == "sdxl" else SD_VAE.scale_factor
     vae = detect_vae(vae_sd, f"{what} (VAE)", scale) if vae_sd else None
@@ -171,7 +173,9 @@ def detect_model(
     if vae is None:
         raise CheckpointError(f"{what}: no VAE weights found (keys first_stage_model.* or vae/)")
     if not text:
-        raise CheckpointError(f"{what}: no text encoder weights found (keys cond_stage_model.* / conditioner.*)")
+        raise CheckpointError(
+            f"{what}: no text encoder weights found (keys cond_stage_model.* / conditioner.*)"
+        )
     pred = prediction or guess_prediction(unet_sd or {}, unet, family, full_sd)
     return ModelConfig(
         family=family,  # type: ignore[arg-type]

@@ -5,7 +5,6 @@ Attribute names follow the original (ldm/sgm) checkpoints, so a state dict loads
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -48,7 +48,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         n = self.norm(x)
-        q, k, v = (p(n).view(b, 1, c, h * w).transpose(2, 3) for p in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        q, k, v = (
+            p(n).view(b, 1, c, h * w).transpose(2, 3) for p in (self.q, self.k, self.v)
+        )  # (B, 1, HW, C)
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
 
@@ -117,7 +119,10 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         last = len(cfg.ch_mult) - 1
         for i in range(len(cfg.ch_mult)):
-            blocks = [ResnetBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1]) for j in range(cfg.num_res_blocks)]
+            blocks = [
+                ResnetBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1])
+                for j in range(cfg.num_res_blocks)
+            ]
             self.down.append(Level(blocks, Downsample(widths[i + 1]) if i != last else None, "downsample"))
         self.mid = Mid(widths[-1])
         self.norm_out = group_norm(widths[-1], eps=1e-6)
