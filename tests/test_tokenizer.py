@@ -6,6 +6,7 @@ import json
 import random
 import string
 from importlib.resources import files
+from pathlib import Path
 
 import pytest
 
