@@ -1,0 +1,145 @@
+"""AUTOMATIC1111 prompt syntax: attention weights, BREAK, 75-token chunks, clip skip.
+
+`(word)` multiplies attention by 1.1, `[word]` divides by 1.1, `(word:1.3)` sets 1.3, `\\(` is a
+literal bracket, `BREAK` starts a new 75-token chunk. Long prompts become several 77-token chunks
+encoded separately and concatenated, so the context has 77·k tokens. A prompt without any syntax and
+at most 75 tokens gives exactly the embedding of plain `tokenizer -> text encoder` (diffusers).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sdlab.text.tokenizer import CLIPTokenizer
+
+CHUNK = 75  # tokens per chunk between BOS and EOS
+COMMA_BACKTRACK = 20  # a full chunk is cut at its last comma if that is at most this far back
+
+_ATTENTION = re.compile(
+    r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:",
+)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def parse_attention(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) runs; `("BREAK", -1.0)` marks a forced chunk break."""
+    res: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale_from(start: int, factor: float) -> None:
+        for item in res[start:]:
+            item[1] *= factor
+
+    for m in _ATTENTION.finditer(text):
+        tok, weight = m.group(0), m.group(1)
+        if tok.startswith("\\") and len(tok) == 2:
+            res.append([tok[1:], 1.0])
+        elif tok == "(":
+            round_open.append(len(res))
+        elif tok == "[":
+            square_open.append(len(res))
+        elif weight is not None and round_open:
+            scale_from(round_open.pop(), float(weight))
+        elif tok == ")" and round_open:
+            scale_from(round_open.pop(), 1.1)
+        elif tok == "]" and square_open:
+            scale_from(square_open.pop(), 1 / 1.1)
+        else:
+            for i, part in enumerate(_BREAK.split(tok)):
+                if i:
+                    res.append(["BREAK", -1.0])
+                res.append([part, 1.0])
+    for start in round_open:
+        scale_from(start, 1.1)
+    for start in square_open:
+        scale_from(start, 1 / 1.1)
+    merged: list[list] = []
+    for item in res or [["", 1.0]]:
+        if merged and merged[-1][1] == item[1] and item[1] != -1.0:
+            merged[-1][0] += item[0]
+        else:
+            merged.append(item)
+    return [(t, w) for t, w in merged]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """77 token ids (BOS, 75 tokens, EOS, padding) and one attention weight per id."""
+
+    ids: tuple[int, ...]
+    weights: tuple[float, ...]
+
+
+def chunk_prompt(tokenizer: CLIPTokenizer, text: str, pad_token: int) -> list[Chunk]:
+    """Tokenize a prompt with weights into 77-token chunks as AUTOMATIC1111 does."""
+    chunks: list[Chunk] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+    comma = tokenizer.token_to_id(",</w>")
+
+    def close(keep_from: int | None = None) -> None:
+        nonlocal ids, weights, last_comma
+        head_ids, head_w = ids[:keep_from], weights[:keep_from]
+        tail_ids, tail_w = (ids[keep_from:], weights[keep_from:]) if keep_from is not None else ([], [])
+        n = CHUNK - len(head_ids)
+        pad = [
+            tokenizer.eos,
+            *[pad_token] * n,
+        ]  # A1111 pads with EOS, then ids after the first EOS become pad
+        body = [tokenizer.bos, *head_ids, *pad]
+        chunks.append(Chunk(tuple(body), (1.0, *head_w, *[1.0] * (n + 1))))
+        ids, weights, last_comma = tail_ids, tail_w, -1
+
+    for fragment, weight in parse_attention(text):
+        if weight == -1.0:
+            close()
+            continue
+        for tok in tokenizer.tokenize(fragment):
+            if tok == comma:
+                last_comma = len(ids)
+            elif len(ids) == CHUNK and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
+                close(last_comma + 1)
+            if len(ids) == CHUNK:
+                close()
+            ids.append(tok)
+            weights.append(weight)
+    if ids or not chunks:
+        close()
+    return chunks
+
+
+def pad_chunks(chunks: list[Chunk], count: int, empty: Chunk) -> list[Chunk]:
+    """Extend a chunk list to `count` chunks with the empty prompt's chunk (cond/uncond alignment)."""
+    return chunks + [empty] * (count - len(chunks))
+
+
+def encode_chunks(
+    encoder: torch.nn.Module, chunks: list[Chunk], clip_skip: int = 1, final_norm: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Context (1, 77·k, width) and the first chunk's pooled vector (1, dim).
+
+    `clip_skip` picks the layer (1 = last); `final_norm` applies the final layer norm to a skipped
+    layer's output (SD1/SD2 do, SDXL does not). Weights scale each token's vector, then the chunk's
+    mean is restored (A1111's emphasis).
+    """
+    device = next(encoder.parameters()).device
+    ids = torch.tensor([c.ids for c in chunks], device=device)
+    out = encoder(ids)
+    if clip_skip <= 1:
+        z = out.last
+    else:
+        z = out.layer(clip_skip)
+        if final_norm:
+            z = encoder.text_model.final_layer_norm(z)
+    weights = torch.tensor([c.weights for c in chunks], dtype=z.dtype, device=device)
+    if bool((weights != 1.0).any()):
+        mean = z.mean(dim=(1, 2), keepdim=True)
+        z = z * weights[..., None]
+        z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
+    return z.reshape(1, -1, z.shape[-1]), out.pooled[:1]
