@@ -152,6 +152,17 @@ def family_of(unet: UNetConfig | None, text: tuple[TextConfig, ...]) -> str:
     return "custom"
 
 
+def _clip_skip_default(family: str, text: tuple[TextConfig, ...], used_layers: int | None) -> int:
+    """The layer the family conditions on, counted from the end: SD2 uses layer 23 of OpenCLIP-H (the
+    penultimate of the 24 in single files; the last in diffusers folders, which drop layer 24), SDXL
+    the penultimate."""
+    if family == "sdxl":
+        return 2
+    if used_layers is not None:
+        return max(1, text[0].layers - used_layers + 1)
+    return max(1, text[0].layers - 22) if family == "sd2" else 1
+
+
 def detect_model(
     unet_sd: StateDict | None,
     vae_sd: StateDict | None,
@@ -159,8 +170,10 @@ def detect_model(
     full_sd: StateDict,
     what: str,
     prediction: Prediction | None = None,
+    text_used_layers: int | None = None,
 ) -> ModelConfig:
-    """The whole model's configuration; components absent from the file get their family's preset."""
+    """The whole model's configuration. `text_used_layers`: how many text layers the model conditions on
+    when a diffusers config says so (SD2 folders cut the encoder after layer 23)."""
     unet = detect_unet(unet_sd, f"{what} (U-Net)") if unet_sd else None
     text = tuple(
         detect_text(sd, layout, f"{what} (text encoder {i})") for i, (layout, sd) in enumerate(text_sds)
@@ -183,5 +196,5 @@ def detect_model(
         vae=vae,
         text=text,
         prediction=pred,
-        clip_skip_default=2 if family in ("sd2", "sdxl") else 1,
+        clip_skip_default=_clip_skip_default(family, text, text_used_layers),
     )

@@ -1,0 +1,372 @@
+"""Load a Stable Diffusion model from a single file or a diffusers folder, and write either format.
+
+Reading goes: weight files (memory-mapped) -> per-component state dicts in the original layout
+(`Checkpoint`) -> configs detected from shapes -> modules built on the meta device and given the
+file's tensors with `load_state_dict(assign=True)`, so the weights are never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sdlab.checkpoints import keymaps
+from sdlab.checkpoints.detect import detect_model, detect_vae
+from sdlab.checkpoints.io import (
+    WEIGHT_SUFFIXES,
+    CheckpointError,
+    read_state_dict,
+    write_json,
+    write_safetensors,
+)
+from sdlab.config import ModelConfig, Prediction
+from sdlab.models.clip import CLIPTextModel
+from sdlab.models.unet import UNetModel
+from sdlab.models.vae import AutoencoderKL
+from sdlab.text.tokenizer import CLIPTokenizer
+
+StateDict = dict[str, Tensor]
+TEXT_FOLDERS = keymaps.TEXT_FOLDERS
+
+
+@dataclass
+class Checkpoint:
+    """A model's tensors per component, in the original layout with prefixes stripped.
+
+    Text encoders are in the transformers layout (`text_model.*`) whatever the file used;
+    `text_layouts` records the original layout of each.
+    """
+
+    source: Path
+    unet: StateDict | None
+    vae: StateDict | None
+    text: list[StateDict]
+    text_layouts: list[str]
+    prediction: Prediction | None = None  # when the file says (diffusers scheduler, `v_pred` key)
+    text_used_layers: int | None = None  # a diffusers text_encoder config's num_hidden_layers
+    tokenizer_dir: Path | None = None
+    extras: StateDict = field(default_factory=dict)  # keys outside the networks, e.g. `v_pred`
+
+    def detect(self, prediction: Prediction | None = None) -> ModelConfig:
+        """The model configuration these tensors describe."""
+        return detect_model(
+            self.unet,
+            self.vae,
+            list(zip(self.text_layouts, self.text, strict=True)),
+            self.extras,
+            str(self.source),
+            prediction or self.prediction,
+            self.text_used_layers,
+        )
+
+
+def read_checkpoint(source: str | Path) -> Checkpoint:
+    """Read a single-file checkpoint or a diffusers folder into per-component state dicts."""
+    source = Path(source)
+    if source.is_dir():
+        return _read_diffusers(source)
+    if not source.exists():
+        raise CheckpointError(f"{source}: no such file or folder")
+    return _read_single_file(source)
+
+
+def _read_single_file(path: Path) -> Checkpoint:
+    sd = read_state_dict(path)
+    parts = keymaps.split_single_file(sd)
+    if parts.unet is None and parts.vae is None and not parts.text:
+        sample = ", ".join(sorted(sd)[:5])
+        raise CheckpointError(
+            f"{path}: not a Stable Diffusion checkpoint: none of its {len(sd)} tensors has a known prefix "
+            "(model.diffusion_model., first_stage_model., cond_stage_model., conditioner.); "
+            f"first keys: {sample}"
+        )
+    text = [
+        keymaps.text_openclip_to_openai(t) if layout == "openclip" else t
+        for layout, t in zip(parts.text_layouts, parts.text, strict=True)
+    ]
+    return Checkpoint(
+        source=path,
+        unet=parts.unet,
+        vae=parts.vae,
+        text=text,
+        text_layouts=list(parts.text_layouts),
+        prediction="v" if "v_pred" in sd else None,
+        extras=parts.extras,
+    )
+
+
+def _folder_weights(folder: Path, stem: str) -> StateDict:
+    """The weights of one diffusers component folder (`.safetensors` preferred, shards included)."""
+    for name in (f"{stem}.safetensors", f"{stem}.bin", f"{stem}.fp16.safetensors", f"{stem}.fp16.bin"):
+        if (folder / name).is_file():
+            return read_state_dict(folder / name)
+    for index in sorted(folder.glob(f"{stem}*.index.json")):
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        sd: StateDict = {}
+        for shard in shards:
+            if Path(shard).name != shard:
+                raise CheckpointError(f"{index}: shard name {shard!r} points outside the folder")
+            sd.update(read_state_dict(folder / shard))
+        return sd
+    raise CheckpointError(f"{folder}: no {stem}.safetensors or {stem}.bin")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
+
+
+def _read_diffusers(folder: Path) -> Checkpoint:
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"{folder}: not a diffusers folder (no model_index.json)")
+    for part in ("unet", "vae", "text_encoder"):
+        if not (folder / part).is_dir():
+            raise CheckpointError(f"{folder}: diffusers folder without {part}/")
+    text, layouts, used = [], [], None
+    for name in TEXT_FOLDERS:
+        if (folder / name).is_dir():
+            sd = _folder_weights(
+                folder / name, "model" if _has_stem(folder / name, "model") else "pytorch_model"
+            )
+            text.append(keymaps.text_from_transformers(sd))
+            config = _read_json(folder / name / "config.json")
+            layouts.append("openclip" if config.get("hidden_act") == "gelu" else "openai")
+            if name == TEXT_FOLDERS[0]:
+                used = config.get("num_hidden_layers")
+    prediction = None
+    sched = folder / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        prediction = "v" if _read_json(sched).get("prediction_type") == "v_prediction" else "eps"
+    unet = keymaps.unet_diffusers_to_ldm(_folder_weights(folder / "unet", "diffusion_pytorch_model"))
+    vae = keymaps.vae_diffusers_to_ldm(_folder_weights(folder / "vae", "diffusion_pytorch_model"))
+    return Checkpoint(
+        source=folder,
+        unet=unet,
+        vae=vae,
+        text=text,
+        text_layouts=layouts,
+        prediction=prediction,  # type: ignore[arg-type]
+        text_used_layers=used,
+        tokenizer_dir=folder / "tokenizer" if (folder / "tokenizer" / "vocab.json").is_file() else None,
+    )
+
+
+def _has_stem(folder: Path, stem: str) -> bool:
+    return (
+        any(folder.glob(f"{stem}.*safetensors"))
+        or any(folder.glob(f"{stem}.*bin"))
+        or any(folder.glob(f"{stem}*.index.json"))
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# modules
+
+
+@dataclass
+class StableDiffusion:
+    """A loaded model: its configuration, the three networks and the tokenizer."""
+
+    config: ModelConfig
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoders: list[CLIPTextModel]
+    tokenizer: CLIPTokenizer
+    source: Path
+
+    @property
+    def name(self) -> str:
+        return self.source.stem if self.source.is_file() else self.source.name
+
+
+def _build(
+    module_cls: type[torch.nn.Module],
+    cfg: object,
+    sd: StateDict,
+    what: str,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.nn.Module:
+    """Instantiate on the meta device and adopt the tensors (converted only when dtype/device differ)."""
+    with torch.device("meta"):
+        module = module_cls(cfg)
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{what}: tensors do not fit the detected architecture; "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    bad = [k for k, v in expected.items() if v.shape != sd[k].shape]
+    if bad:
+        raise CheckpointError(
+            f"{what}: tensor {bad[0]!r} has shape {tuple(sd[bad[0]].shape)}, "
+            f"expected {tuple(expected[bad[0]].shape)}"
+        )
+    module.load_state_dict(
+        {k: sd[k].to(device=device, dtype=dtype) for k in expected}, strict=True, assign=True
+    )
+    return module.eval().requires_grad_(False)
+
+
+def load_model(
+    source: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    vae: str | Path | None = None,
+    prediction: Prediction | None = None,
+) -> StableDiffusion:
+    """Load a whole model; `vae` swaps in a standalone VAE file, `prediction` overrides detection."""
+    ckpt = read_checkpoint(source)
+    if vae is not None:
+        ckpt.vae = read_vae(vae)
+    cfg = ckpt.detect(prediction)
+    what = str(ckpt.source)
+    if vae is not None:
+        cfg = _with_vae(cfg, detect_vae(ckpt.vae, str(vae), cfg.vae.scale_factor))
+    unet = _build(UNetModel, cfg.unet, ckpt.unet, f"{what} (U-Net)", dtype, device)
+    vae_module = _build(AutoencoderKL, cfg.vae, ckpt.vae, f"{vae or what} (VAE)", dtype, device)
+    texts = [
+        _build(CLIPTextModel, tcfg, sd, f"{what} (text encoder {i})", dtype, device)
+        for i, (tcfg, sd) in enumerate(zip(cfg.text, ckpt.text, strict=True))
+    ]
+    tokenizer = (
+        CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer.default()
+    )
+    return StableDiffusion(cfg, unet, vae_module, texts, tokenizer, ckpt.source)  # type: ignore[arg-type]
+
+
+def _with_vae(cfg: ModelConfig, vae_cfg: object) -> ModelConfig:
+    from dataclasses import replace
+
+    return replace(cfg, vae=vae_cfg)
+
+
+def read_vae(path: str | Path) -> StateDict:
+    """A standalone VAE file (ldm keys, with or without `first_stage_model.`, or diffusers keys)."""
+    path = Path(path)
+    sd = read_state_dict(path)
+    if any(k.startswith("first_stage_model.") for k in sd):
+        sd = {
+            k.removeprefix("first_stage_model."): v
+            for k, v in sd.items()
+            if k.startswith("first_stage_model.")
+        }
+    if any(k.startswith("encoder.down_blocks.") for k in sd):
+        sd = keymaps.vae_diffusers_to_ldm(sd)
+    if "encoder.conv_in.weight" not in sd or "decoder.conv_in.weight" not in sd:
+        raise CheckpointError(f"{path}: not a VAE (no encoder.conv_in / decoder.conv_in weights)")
+    return {
+        k: v
+        for k, v in sd.items()
+        if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# description and conversion
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _summary(sd: StateDict) -> str:
+    params = sum(v.numel() for v in sd.values())
+    dtypes = sorted({_DTYPE_NAMES.get(v.dtype, str(v.dtype).removeprefix("torch.")) for v in sd.values()})
+    return f"{params:>13,} parameters  {'/'.join(dtypes)}"
+
+
+def describe(ckpt: Checkpoint) -> str:
+    """A human-readable account of a checkpoint: family, prediction type, components."""
+    cfg = ckpt.detect()
+    u = cfg.unet
+    lines = [
+        f"model:       {ckpt.source}",
+        f"family:      {cfg.family}{' (inpainting)' if u.in_channels == 9 else ''}",
+        f"prediction:  {'v-prediction' if cfg.prediction == 'v' else 'epsilon'}"
+        + ("" if ckpt.prediction else " (detected from weights)"),
+        f"unet:        {_summary(ckpt.unet)}  channels {u.model_channels}x{list(u.channel_mult)}, "
+        f"context {u.context_dim}, in {u.in_channels}",
+        f"vae:         {_summary(ckpt.vae)}  latent {cfg.vae.embed_dim}ch /{cfg.vae.downscale}, "
+        f"scale {cfg.vae.scale_factor}",
+    ]
+    for i, (t, sd) in enumerate(zip(cfg.text, ckpt.text, strict=True)):
+        lines.append(f"text[{i}]:     {_summary(sd)}  {t.layout} width {t.width}, {t.layers} layers")
+    total = sum(v.numel() for sd in (ckpt.unet, ckpt.vae, *ckpt.text) for v in sd.values())
+    lines.append(f"total:       {total:>13,} parameters")
+    return "\n".join(lines)
+
+
+def _cast(sd: StateDict, dtype: torch.dtype | None) -> StateDict:
+    if dtype is None:
+        return sd
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def to_single_file(ckpt: Checkpoint, cfg: ModelConfig) -> StateDict:
+    """All tensors under their original single-file keys."""
+    text = [
+        keymaps.text_openai_to_openclip(sd) if layout == "openclip" else sd
+        for layout, sd in zip(ckpt.text_layouts, ckpt.text, strict=True)
+    ]
+    sd = keymaps.join_single_file(cfg.family, ckpt.unet, ckpt.vae, text, ckpt.text_layouts)
+    if cfg.prediction == "v":
+        sd["v_pred"] = torch.tensor([])  # the marker ComfyUI and others read
+    return sd
+
+
+def save_single_file(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a single-file `.safetensors` checkpoint in the original layout."""
+    cfg = ckpt.detect()
+    meta = {"format": "pt", "sdlab.family": cfg.family, "sdlab.prediction": cfg.prediction}
+    return write_safetensors(_cast(to_single_file(ckpt, cfg), dtype), path, metadata=meta)
+
+
+def save_diffusers(ckpt: Checkpoint, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a diffusers folder (configs, safetensors weights, tokenizer files)."""
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder}: already exists; not overwriting it")
+    cfg = ckpt.detect()
+    configs = keymaps.diffusers_configs(cfg)
+    weights = {
+        "unet/diffusion_pytorch_model.safetensors": keymaps.unet_ldm_to_diffusers(ckpt.unet, cfg.unet),
+        "vae/diffusion_pytorch_model.safetensors": keymaps.vae_ldm_to_diffusers(ckpt.vae, cfg.vae),
+    }
+    for name, sd in zip(TEXT_FOLDERS, ckpt.text, strict=False):
+        weights[f"{name}/model.safetensors"] = sd
+    tmp = folder.with_name(f".{folder.name}.partial")
+    if tmp.exists():
+        raise FileExistsError(f"{tmp}: left over from an interrupted conversion; remove it first")
+    for rel, content in configs.items():
+        write_json(content, tmp / rel)
+    for rel, sd in weights.items():
+        write_safetensors(_cast(sd, dtype), tmp / rel, metadata={"format": "pt"})
+    tokenizer = (
+        CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer.default()
+    )
+    for name in ("tokenizer", "tokenizer_2")[: len(ckpt.text)]:
+        tokenizer.save_folder(tmp / name, pad_token=cfg.text[0 if name == "tokenizer" else 1].pad_token)
+    tmp.rename(folder)
+    return folder
+
+
+def convert(source: str | Path, output: str | Path, dtype: str | None = None) -> Path:
+    """`sdlab convert`: single file <-> diffusers folder, chosen by the output's suffix."""
+    ckpt = read_checkpoint(source)
+    torch_dtype = DTYPES[dtype] if dtype else None
+    output = Path(output)
+    if output.suffix.lower() in WEIGHT_SUFFIXES:
+        if output.suffix.lower() != ".safetensors":
+            raise ValueError(f"{output}: sdlab writes .safetensors only (never pickles)")
+        return save_single_file(ckpt, output, torch_dtype)
+    return save_diffusers(ckpt, output, torch_dtype)

@@ -1,0 +1,130 @@
+"""Real-size parity: SD1.5 and SD2.1 shapes with seeded random weights, sdlab against diffusers and
+transformers loading the very same files, both ways (single file written by sdlab -> diffusers
+`from_single_file`; diffusers folder written by sdlab -> sdlab and diffusers `from_pretrained`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from reference import max_diff, randomize
+
+from sdlab.checkpoints import keymaps
+from sdlab.checkpoints.io import write_json
+from sdlab.checkpoints.load import Checkpoint, convert, load_model, read_checkpoint, save_single_file
+from sdlab.config import SD1, SD2, ModelConfig
+from sdlab.models.clip import CLIPTextModel
+from sdlab.models.unet import UNetModel
+from sdlab.models.vae import AutoencoderKL
+
+pytestmark = pytest.mark.slow
+TOL = 1e-4
+FAMILIES = {"sd1": SD1, "sd2": SD2}
+
+
+def _write_random_checkpoint(cfg: ModelConfig, path: Path) -> None:
+    """A single-file checkpoint at the family's real shapes with seeded random weights."""
+    parts = {
+        "unet": randomize(UNetModel(cfg.unet), seed=11).state_dict(),
+        "vae": randomize(AutoencoderKL(cfg.vae), seed=12).state_dict(),
+        "text": randomize(CLIPTextModel(cfg.text[0]), seed=13).state_dict(),
+    }
+    ckpt = Checkpoint(
+        path, parts["unet"], parts["vae"], [parts["text"]], [cfg.text[0].layout], cfg.prediction
+    )
+    save_single_file(ckpt, path)
+
+
+def _write_config_folder(cfg: ModelConfig, folder: Path) -> None:
+    """The local diffusers config folder `from_single_file(config=...)` reads instead of the Hub."""
+    for rel, content in keymaps.diffusers_configs(cfg).items():
+        write_json(content, folder / rel)
+    from sdlab.text.tokenizer import CLIPTokenizer
+
+    CLIPTokenizer.default().save_folder(folder / "tokenizer", pad_token=cfg.text[0].pad_token)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def files(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    family = request.param
+    cfg = (
+        FAMILIES[family]
+        if family == "sd1"
+        else ModelConfig(**{**FAMILIES[family].__dict__, "prediction": "v"})
+    )
+    tmp = tmp_path_factory.mktemp(family)
+    _write_random_checkpoint(cfg, tmp / "model.safetensors")
+    _write_config_folder(cfg, tmp / "config")
+    return family, tmp / "model.safetensors", tmp / "config"
+
+
+def _inputs(model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "x": torch.randn(2, 4, 32, 32, generator=g),
+        "t": torch.tensor([981.0, 101.0]),
+        "ctx": torch.randn(2, 77, model_cfg.unet.context_dim, generator=g),
+        "img": torch.rand(1, 3, 128, 128, generator=g) * 2 - 1,
+        "ids": torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [model_cfg.text[0].pad_token] * 70]),
+    }
+
+
+def test_single_file_matches_diffusers(files: tuple[str, Path, Path]) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    family, path, config = files
+    ours = load_model(path)
+    assert ours.config.family == family
+    assert ours.config.prediction == ("v" if family == "sd2" else "eps")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    ref = StableDiffusionPipeline.from_single_file(
+        str(path),
+        config=str(config),
+        local_files_only=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    assert ref.scheduler.config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
+    inp = _inputs(ours.config)
+    with torch.no_grad():
+        eps = ours.unet(inp["x"], inp["t"], inp["ctx"])
+        assert eps.abs().mean() > 0.1  # a real comparison, not of near-zero outputs
+        d_unet = max_diff(eps, ref.unet(inp["x"], inp["t"], encoder_hidden_states=inp["ctx"]).sample)
+        post, ref_post = ours.vae.encode(inp["img"]), ref.vae.encode(inp["img"]).latent_dist
+        d_mean, d_logvar = max_diff(post.mean, ref_post.mean), max_diff(post.logvar, ref_post.logvar)
+        d_dec = max_diff(ours.vae.decode(post.mean), ref.vae.decode(post.mean).sample)
+        text = ours.text_encoders[0](inp["ids"])
+        r = ref.text_encoder(inp["ids"], output_hidden_states=True)
+        # diffusers' SD2 encoder stops at layer 23 (its "last"), the penultimate of the file's 24
+        skip = ours.config.clip_skip_default
+        used = text.last if skip == 1 else ours.text_encoders[0].text_model.final_layer_norm(text.layer(skip))
+        d_last = max_diff(used, r.last_hidden_state)
+        d_pen = max_diff(text.layer(skip + 1), r.hidden_states[-2])
+    print(
+        f"\n{family}: unet {d_unet:.2e} vae mean {d_mean:.2e} logvar {d_logvar:.2e} decode {d_dec:.2e} "
+        f"text last {d_last:.2e} penultimate {d_pen:.2e}"
+    )
+    for d in (d_unet, d_mean, d_logvar, d_dec, d_last, d_pen):
+        assert d <= TOL
+
+
+def test_diffusers_folder_round_trip(files: tuple[str, Path, Path], tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    family, path, _ = files
+    folder = convert(path, tmp_path / "folder")
+    back = convert(folder, tmp_path / "back.safetensors")
+    a, b, c = read_checkpoint(path), read_checkpoint(folder), read_checkpoint(back)
+    for other in (b, c):
+        for x, y in [(a.unet, other.unet), (a.vae, other.vae), *zip(a.text, other.text, strict=True)]:
+            assert x.keys() == y.keys()
+            assert all(torch.equal(x[k], y[k]) for k in x)
+    assert b.detect() == a.detect()
+    ours = load_model(folder)
+    ref = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+    inp = _inputs(ours.config)
+    with torch.no_grad():
+        d = max_diff(ours.unet(inp["x"], inp["t"], inp["ctx"]), ref(inp["x"], inp["t"], inp["ctx"]).sample)
+    assert d <= TOL
