@@ -6,6 +6,8 @@ files holds) plus diffusers' own single-file converters, so sdlab's key maps are
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -159,3 +161,31 @@ __all__ = [
     "randomize",
     "max_diff",
 ]
+
+
+def write_real_size_files(family: str, folder: Path) -> tuple[Path, Path]:
+    """A single-file checkpoint at the real SD1.5 / SD2.1-v shapes with seeded random weights, and
+    the local diffusers config folder that `from_single_file(config=...)` reads instead of the Hub."""
+    from dataclasses import replace
+
+    from sdlab.checkpoints import keymaps
+    from sdlab.checkpoints.io import write_json
+    from sdlab.checkpoints.load import Checkpoint, save_single_file
+    from sdlab.config import SD1, SD2
+    from sdlab.models.clip import CLIPTextModel
+    from sdlab.models.unet import UNetModel
+    from sdlab.models.vae import AutoencoderKL
+    from sdlab.text.tokenizer import CLIPTokenizer
+
+    cfg = SD1 if family == "sd1" else replace(SD2, prediction="v")
+    path = folder / "model.safetensors"
+    unet = randomize(UNetModel(cfg.unet), seed=11).state_dict()
+    vae = randomize(AutoencoderKL(cfg.vae), seed=12).state_dict()
+    text = randomize(CLIPTextModel(cfg.text[0]), seed=13).state_dict()
+    save_single_file(Checkpoint(path, unet, vae, [text], [cfg.text[0].layout], cfg.prediction), path)
+    del unet, vae, text
+    config = folder / "config"
+    for rel, content in keymaps.diffusers_configs(cfg).items():
+        write_json(content, config / rel)
+    CLIPTokenizer.default().save_folder(config / "tokenizer", pad_token=cfg.text[0].pad_token)
+    return path, config

@@ -9,55 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import max_diff, randomize
+from reference import max_diff
 
-from sdlab.checkpoints import keymaps
-from sdlab.checkpoints.io import write_json
-from sdlab.checkpoints.load import Checkpoint, convert, load_model, read_checkpoint, save_single_file
-from sdlab.config import SD1, SD2, ModelConfig
-from sdlab.models.clip import CLIPTextModel
-from sdlab.models.unet import UNetModel
-from sdlab.models.vae import AutoencoderKL
+from sdlab.checkpoints.load import convert, load_model, read_checkpoint
+from sdlab.config import ModelConfig
 
 pytestmark = pytest.mark.slow
 TOL = 1e-4
-FAMILIES = {"sd1": SD1, "sd2": SD2}
-
-
-def _write_random_checkpoint(cfg: ModelConfig, path: Path) -> None:
-    """A single-file checkpoint at the family's real shapes with seeded random weights."""
-    parts = {
-        "unet": randomize(UNetModel(cfg.unet), seed=11).state_dict(),
-        "vae": randomize(AutoencoderKL(cfg.vae), seed=12).state_dict(),
-        "text": randomize(CLIPTextModel(cfg.text[0]), seed=13).state_dict(),
-    }
-    ckpt = Checkpoint(
-        path, parts["unet"], parts["vae"], [parts["text"]], [cfg.text[0].layout], cfg.prediction
-    )
-    save_single_file(ckpt, path)
-
-
-def _write_config_folder(cfg: ModelConfig, folder: Path) -> None:
-    """The local diffusers config folder `from_single_file(config=...)` reads instead of the Hub."""
-    for rel, content in keymaps.diffusers_configs(cfg).items():
-        write_json(content, folder / rel)
-    from sdlab.text.tokenizer import CLIPTokenizer
-
-    CLIPTokenizer.default().save_folder(folder / "tokenizer", pad_token=cfg.text[0].pad_token)
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def files(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
-    family = request.param
-    cfg = (
-        FAMILIES[family]
-        if family == "sd1"
-        else ModelConfig(**{**FAMILIES[family].__dict__, "prediction": "v"})
-    )
-    tmp = tmp_path_factory.mktemp(family)
-    _write_random_checkpoint(cfg, tmp / "model.safetensors")
-    _write_config_folder(cfg, tmp / "config")
-    return family, tmp / "model.safetensors", tmp / "config"
 
 
 def _inputs(model_cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ file's tensors with `load_state_dict(assign=True)`, so the weights are never hel
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from sdlab.checkpoints.detect import detect_model, detect_vae
 from sdlab.checkpoints.io import (
     WEIGHT_SUFFIXES,
     CheckpointError,
+    read_metadata,
     read_state_dict,
     write_json,
     write_safetensors,
@@ -50,6 +52,7 @@ class Checkpoint:
     text_used_layers: int | None = None  # a diffusers text_encoder config's num_hidden_layers
     tokenizer_dir: Path | None = None
     extras: StateDict = field(default_factory=dict)  # keys outside the networks, e.g. `v_pred`
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata
 
     def detect(self, prediction: Prediction | None = None) -> ModelConfig:
         """The model configuration these tensors describe."""
@@ -96,6 +99,7 @@ def _read_single_file(path: Path) -> Checkpoint:
         text_layouts=list(parts.text_layouts),
         prediction="v" if "v_pred" in sd else None,
         extras=parts.extras,
+        metadata=read_metadata(path),
     )
 
 
@@ -179,10 +183,27 @@ class StableDiffusion:
     text_encoders: list[CLIPTextModel]
     tokenizer: CLIPTokenizer
     source: Path
+    metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.source.stem if self.source.is_file() else self.source.name
+
+    @property
+    def native_size(self) -> int:
+        """The image side the model was trained at (file metadata `sdlab.native_size`, else the family's)."""
+        if "sdlab.native_size" in self.metadata:
+            return int(self.metadata["sdlab.native_size"])
+        family = self.config.family
+        return 1024 if family == "sdxl" else 768 if family == "sd2" and self.config.prediction == "v" else 512
+
+    @property
+    def default_steps(self) -> int:
+        return int(self.metadata.get("sdlab.steps", 20))
+
+    @property
+    def default_cfg(self) -> float:
+        return float(self.metadata.get("sdlab.cfg", 7.0))
 
 
 def _build(
@@ -242,7 +263,7 @@ def load_model(
     tokenizer = (
         CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer.default()
     )
-    return StableDiffusion(cfg, unet, vae_module, texts, tokenizer, ckpt.source)  # type: ignore[arg-type]
+    return StableDiffusion(cfg, unet, vae_module, texts, tokenizer, ckpt.source, ckpt.metadata)  # type: ignore[arg-type]
 
 
 def _with_vae(cfg: ModelConfig, vae_cfg: object) -> ModelConfig:
@@ -327,7 +348,7 @@ def to_single_file(ckpt: Checkpoint, cfg: ModelConfig) -> StateDict:
 def save_single_file(ckpt: Checkpoint, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write a single-file `.safetensors` checkpoint in the original layout."""
     cfg = ckpt.detect()
-    meta = {"format": "pt", "sdlab.family": cfg.family, "sdlab.prediction": cfg.prediction}
+    meta = {**ckpt.metadata, "format": "pt", "sdlab.family": cfg.family, "sdlab.prediction": cfg.prediction}
     return write_safetensors(_cast(to_single_file(ckpt, cfg), dtype), path, metadata=meta)
 
 
@@ -370,3 +391,39 @@ def convert(source: str | Path, output: str | Path, dtype: str | None = None) ->
             raise ValueError(f"{output}: sdlab writes .safetensors only (never pickles)")
         return save_single_file(ckpt, output, torch_dtype)
     return save_diffusers(ckpt, output, torch_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# finding models by name
+
+SHIPPED_MODEL = "sdlab-mini"
+
+
+def default_model_path() -> Path:
+    """The model shipped inside the package (used when no model is named)."""
+    return Path(__file__).resolve().parent.parent / "assets" / f"{SHIPPED_MODEL}.safetensors"
+
+
+def model_dirs() -> list[Path]:
+    """Folders searched for models given by bare name: $SDLAB_MODELS_DIR (os.pathsep-separated), ./models."""
+    env = os.environ.get("SDLAB_MODELS_DIR", "")
+    return [Path(p) for p in env.split(os.pathsep) if p] + [Path("models")]
+
+
+def resolve_model(name: str | Path | None) -> Path:
+    """A model file or folder from a path, an installed model's name, or None (the shipped model)."""
+    if name is None or str(name) == SHIPPED_MODEL:
+        path = default_model_path()
+        if not path.is_file():
+            raise CheckpointError(f"the shipped model is not installed ({path}); pass a model with -m")
+        return path
+    path = Path(name)
+    if path.exists():
+        return path
+    if path.name == str(name):  # a bare name: look in the model folders
+        for folder in model_dirs():
+            for candidate in (folder / name, *(folder / f"{name}{s}" for s in WEIGHT_SUFFIXES)):
+                if candidate.exists():
+                    return candidate
+    searched = ", ".join(str(d) for d in model_dirs())
+    raise CheckpointError(f"{name}: no such model file or folder (also searched {searched})")

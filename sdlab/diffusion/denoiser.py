@@ -1,0 +1,91 @@
+"""A U-Net trained on DDPM timesteps, seen as a denoiser D(x, σ) ≈ E[x_0 | x_0 + σε = x] (Karras et al. 2022).
+
+D(x, σ) = c_skip·x + c_out·F(c_in·x, t(σ)) with c_in = 1/√(σ²+1), the scalings of k-diffusion's
+`DiscreteEpsDDPMDenoiser` (ε-prediction: c_skip = 1, c_out = −σ) and `DiscreteVDDPMDenoiser`
+(v-prediction: c_skip = 1/(σ²+1), c_out = −σ/√(σ²+1)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from sdlab.diffusion.schedule import DiscreteSchedule
+
+Model = Callable[..., Tensor]  # model(x_in, t, **cond) -> ε or v, e.g. unet(x, t, context=..., y=...)
+DenoiserFn = Callable[..., Tensor]  # D(x, sigma (B,), **cond) -> denoised x_0
+
+
+def _per_sample(sigma: Tensor, x: Tensor) -> Tensor:
+    """σ of shape (B,) as (B, 1, …, 1) on x's device, at least float32 (fp32 scalings for half x)."""
+    return sigma.to(x.device, torch.promote_types(x.dtype, torch.float32)).reshape(-1, *[1] * (x.ndim - 1))
+
+
+class Denoiser:
+    """D(x, σ, **cond) for an ε- or v-prediction model on a discrete DDPM schedule."""
+
+    def __init__(
+        self,
+        model: Model,
+        schedule: DiscreteSchedule,
+        prediction: Literal["eps", "v"] = "eps",
+        quantize: bool = False,
+    ) -> None:
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        self.model, self.schedule, self.prediction, self.quantize = model, schedule, prediction, quantize
+
+    def __call__(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        s = _per_sample(sigma, x)  # (B, 1, 1, 1)
+        c_in = (s**2 + 1) ** -0.5
+        t = self.schedule.sigma_to_t(sigma.to(x.device, torch.float32), self.quantize)
+        out = self.model((x * c_in).to(x.dtype), t, **cond)
+        if self.prediction == "eps":
+            return (x - out * s).to(x.dtype)
+        return (x * c_in**2 - out * s * c_in).to(x.dtype)
+
+
+def cfg_denoiser(
+    denoiser: DenoiserFn, cond: Mapping[str, Any], uncond: Mapping[str, Any], scale: float
+) -> DenoiserFn:
+    """Classifier-free guidance (Ho & Salimans 2022): D_u + scale·(D_c − D_u) in one batched call.
+
+    `cond` and `uncond` map keyword names to batch-first tensors (e.g. {"context": (B, 77, 768)}); at
+    scale 1 the unconditional half is skipped. Halves whose shapes differ run as two calls.
+    """
+    if scale == 1:
+        return lambda x, sigma, **extra: denoiser(x, sigma, **cond, **extra)
+    if cond.keys() != uncond.keys():
+        raise ValueError(f"cond and uncond name different inputs: {sorted(cond)} vs {sorted(uncond)}")
+    batched = all(_batchable(cond[k], uncond[k]) for k in cond)
+
+    def guided(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
+        if batched:
+            both = denoiser(
+                torch.cat([x, x]), torch.cat([sigma, sigma]), **_cat(cond, uncond), **_cat(extra, extra)
+            )
+            d_cond, d_uncond = both.chunk(2)
+        else:
+            d_cond, d_uncond = denoiser(x, sigma, **cond, **extra), denoiser(x, sigma, **uncond, **extra)
+        return d_uncond + (d_cond - d_uncond) * scale
+
+    return guided
+
+
+def _batchable(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape[1:] == b.shape[1:]
+    return not isinstance(a, Tensor) and not isinstance(b, Tensor) and a == b
+
+
+def _cat(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
+    """Tensors of two keyword sets concatenated along the batch; anything else taken from the first."""
+    return {k: torch.cat([v, second[k]]) if isinstance(v, Tensor) else v for k, v in first.items()}
+
+
+def add_noise(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
+    """x_σ = x_0 + σ·ε with σ per sample (B,): the noisy input a Denoiser expects (the forward process)."""
+    return x0 + noise * _per_sample(sigma, x0).to(x0.dtype)

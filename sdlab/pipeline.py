@@ -1,0 +1,217 @@
+"""One request, one pipeline: txt2img, img2img and inpainting are fields of a `GenerationRequest`.
+
+The CLI, the HTTP APIs and the web UI only parse their input into a `GenerationRequest` and call
+`generate`. Seeds follow AUTOMATIC1111: image i of a request with seed s starts from
+`torch.randn((1, C, H/8, W/8), generator=torch.Generator("cpu").manual_seed(s + i))`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from sdlab.checkpoints.load import StableDiffusion
+from sdlab.diffusion.denoiser import Denoiser, cfg_denoiser
+from sdlab.diffusion.samplers import DISCARD_PENULTIMATE_SIGMA, get_sampler, resolve_sampler
+from sdlab.diffusion.schedule import DiscreteSchedule, get_sigmas
+from sdlab.images import prepare_mask, resize_image, to_pil, to_tensor
+from sdlab.text.prompt import chunk_prompt, encode_chunks, pad_chunks
+
+Callback = Callable[[int, int, Tensor], None]  # (step, total, current denoised latent)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that determines the images of one generation."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "euler_ancestral"
+    scheduler: str = "normal"
+    seed: int = -1
+    batch_size: int = 1
+    clip_skip: int = 1
+    init_image: Image.Image | None = field(default=None, compare=False)
+    strength: float = 0.75
+    resize_mode: str = "resize"
+    mask: Image.Image | None = field(default=None, compare=False)
+    mask_blur: int = 4
+    inpainting_mask_invert: bool = False
+
+    def validate(self, latent_factor: int = 8) -> None:
+        """Raise ValueError naming the first bad field."""
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v <= 0 or v % latent_factor:
+                raise ValueError(f"{name} must be a positive multiple of {latent_factor}, got {v}")
+        if not 1 <= self.steps <= 1000:
+            raise ValueError(f"steps must be between 1 and 1000, got {self.steps}")
+        if not 1 <= self.batch_size <= 64:
+            raise ValueError(f"batch_size must be between 1 and 64, got {self.batch_size}")
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if self.clip_skip < 1:
+            raise ValueError(f"clip_skip must be at least 1, got {self.clip_skip}")
+        if self.mask is not None and self.init_image is None:
+            raise ValueError("a mask needs an init image to inpaint")
+        resolve_sampler(self.sampler, self.scheduler)
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    request: GenerationRequest
+
+
+def resolve_seed(seed: int) -> int:
+    """-1 (or any negative seed) means a fresh random 32-bit seed."""
+    return random.randrange(2**32) if seed < 0 else seed
+
+
+def seed_noise(seeds: list[int], shape: tuple[int, int, int]) -> Tensor:
+    """The initial latent noise of each image, drawn on the CPU so every device gives the same."""
+    return torch.cat(
+        [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+    )
+
+
+def text_conditioning(
+    model: StableDiffusion, prompt: str, negative: str, clip_skip: int
+) -> tuple[Tensor, Tensor]:
+    """(cond, uncond) contexts of equal length, each (1, 77·k, context_dim)."""
+    encoder = model.text_encoders[0]
+    tcfg = model.config.text[0]
+    chunks = [chunk_prompt(model.tokenizer, p, tcfg.pad_token) for p in (prompt, negative)]
+    count = max(len(c) for c in chunks)
+    empty = chunk_prompt(model.tokenizer, "", tcfg.pad_token)[0]
+    layer = model.config.clip_skip_default + clip_skip - 1
+    cond, uncond = (encode_chunks(encoder, pad_chunks(c, count, empty), layer)[0] for c in chunks)
+    return cond, uncond
+
+
+def _latents_of(model: StableDiffusion, image: Tensor, generator: torch.Generator | None) -> Tensor:
+    """VAE-encode pixels in [-1, 1] to scaled latents (posterior sample, as A1111 and diffusers do)."""
+    post = model.vae.encode(image.to(_device(model), _dtype(model)))
+    z = post.sample(generator) if generator is not None else post.mode()
+    return (z - model.config.vae.shift_factor) * model.config.vae.scale_factor
+
+
+def _device(model: StableDiffusion) -> torch.device:
+    return next(model.unet.parameters()).device
+
+
+def _dtype(model: StableDiffusion) -> torch.dtype:
+    return next(model.unet.parameters()).dtype
+
+
+def decode(model: StableDiffusion, latents: Tensor) -> list[Image.Image]:
+    """Scaled latents -> RGB images."""
+    z = latents / model.config.vae.scale_factor + model.config.vae.shift_factor
+    return to_pil(torch.cat([model.vae.decode(z[i : i + 1].to(_dtype(model))) for i in range(z.shape[0])]))
+
+
+def generate(
+    model: StableDiffusion, req: GenerationRequest, callback: Callback | None = None
+) -> GenerationResult:
+    """Run one request end to end and return the images with their seeds."""
+    factor = model.config.vae.downscale
+    req.validate(factor)
+    req = replace(req, seed=resolve_seed(req.seed))
+    seeds = [req.seed + i for i in range(req.batch_size)]
+    device, dtype = _device(model), _dtype(model)
+    shape = (model.config.unet.out_channels, req.height // factor, req.width // factor)
+    with torch.inference_mode():
+        noise = seed_noise(seeds, shape).to(device, dtype)
+        cond, uncond = text_conditioning(model, req.prompt, req.negative_prompt, req.clip_skip)
+        b = req.batch_size
+        extra: dict[str, Tensor] = {}
+        schedule = DiscreteSchedule.for_model(model.config)
+        sampler_name, schedule_name = resolve_sampler(req.sampler, req.scheduler)
+        req = replace(req, sampler=sampler_name, scheduler=schedule_name or "normal")
+        discard = sampler_name in DISCARD_PENULTIMATE_SIGMA
+        sigmas = get_sigmas(req.scheduler, schedule, req.steps, discard_penultimate=discard).to(device)
+        init, keep = None, None
+        if req.init_image is not None:
+            init, keep, extra = _image_conditioning(model, req, b)
+            t_enc = int(min(req.strength, 0.999) * req.steps)
+            sigmas = sigmas[req.steps - t_enc - 1 :]
+            x = init + noise * sigmas[0]
+        else:
+            x = noise * sigmas[0]
+        denoiser = Denoiser(_unet_fn(model), schedule, model.config.prediction)
+        guided = cfg_denoiser(
+            denoiser,
+            {"context": cond.expand(b, -1, -1), **extra},
+            {"context": uncond.expand(b, -1, -1), **extra},
+            req.cfg_scale,
+        )
+        if keep is not None:
+            guided = _blend_denoised(guided, init, keep)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        total = len(sigmas) - 1
+
+        def on_step(i: int, sigma: Tensor, xi: Tensor, denoised: Tensor) -> None:
+            if callback is not None:
+                callback(i + 1, total, denoised)
+
+        samples = get_sampler(sampler_name)(guided, x, sigmas, callback=on_step, generator=generators)
+        if keep is not None:
+            samples = init * keep + samples * (1 - keep)
+        images = decode(model, samples)
+    return GenerationResult(images, seeds, req)
+
+
+def _unet_fn(model: StableDiffusion) -> Callable[..., Tensor]:
+    """The U-Net as `model(x_in, t, context=..., c_concat=...)`; c_concat feeds inpainting U-Nets."""
+
+    def unet(
+        x: Tensor, t: Tensor, context: Tensor, c_concat: Tensor | None = None, y: Tensor | None = None
+    ) -> Tensor:
+        if c_concat is not None:
+            x = torch.cat([x, c_concat.to(x)], dim=1)
+        return model.unet(x, t, context, y)
+
+    return unet
+
+
+def _image_conditioning(
+    model: StableDiffusion, req: GenerationRequest, batch: int
+) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    """Init latents, the latent 'keep' mask for latent blending, and c_concat for 9-channel U-Nets."""
+    assert req.init_image is not None
+    image = to_tensor(resize_image(req.init_image, req.width, req.height, req.resize_mode))
+    gen = torch.Generator("cpu").manual_seed(req.seed)
+    init = _latents_of(model, image, gen).expand(batch, -1, -1, -1)
+    if req.mask is None:
+        if model.config.unet.in_channels == 9:  # inpainting model used for img2img: nothing masked
+            zeros = torch.zeros_like(init[:, :1])
+            return init, None, {"c_concat": torch.cat([zeros, init], dim=1)}
+        return init, None, {}
+    mask = prepare_mask(req.mask, req.width, req.height, req.mask_blur, req.inpainting_mask_invert)
+    latent_mask = F.interpolate(mask, size=init.shape[-2:], mode="bilinear", align_corners=False).to(init)
+    if model.config.unet.in_channels == 9:
+        hard = mask.round()
+        masked = _latents_of(model, image * (1 - hard), None).expand(batch, -1, -1, -1)
+        c_mask = F.interpolate(hard, size=init.shape[-2:], mode="nearest").to(init).expand(batch, -1, -1, -1)
+        return init, None, {"c_concat": torch.cat([c_mask, masked], dim=1)}
+    return init, 1 - latent_mask, {}
+
+
+def _blend_denoised(denoiser: Callable[..., Tensor], init: Tensor, keep: Tensor) -> Callable[..., Tensor]:
+    """Keep the unmasked region at the init image's latents (A1111's latent-blending inpainting)."""
+
+    def blended(x: Tensor, sigma: Tensor, **kw: Tensor) -> Tensor:
+        return init * keep + denoiser(x, sigma, **kw) * (1 - keep)
+
+    return blended

@@ -1,0 +1,450 @@
+"""Samplers and the denoiser: parity with k-diffusion and diffusers on closed-form denoisers, analytic
+convergence on Gaussian data, noise reproducibility, classifier-free guidance, and names.
+
+k-diffusion (test-only: `pip install --no-deps k-diffusion torchsde torchdiffeq trampoline`, plus scipy) is
+loaded from its sampling.py / external.py without its package __init__, which needs much more.
+"""
+
+import importlib.util
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from sdlab.diffusion.denoiser import Denoiser, add_noise, cfg_denoiser
+from sdlab.diffusion.samplers import (
+    SAMPLERS,
+    BrownianNoiseSampler,
+    get_sampler,
+    randn_like,
+    resolve_sampler,
+    sample_euler,
+    sample_uni_pc,
+)
+from sdlab.diffusion.schedule import DiscreteSchedule, alphas_cumprod, get_sigmas
+
+SD = DiscreteSchedule.ddpm()
+SD_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+FP32 = {"rtol": 1e-5, "atol": 1e-5}  # what float32 arithmetic over a dozen steps allows
+
+
+def _per_sample(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return sigma.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+
+
+def gaussian_denoiser(mu: float, s: float):
+    """The optimal denoiser E[x_0 | x] for data N(mu, s²) per element."""
+
+    def denoise(x, sigma, **_):
+        var = _per_sample(sigma, x) ** 2
+        return (s**2 * x + var * mu) / (s**2 + var)
+
+    return denoise
+
+
+def mixture_denoiser(x, sigma, **_):
+    """The optimal denoiser for per-element data 0.4·N(−1, 0.3²) + 0.6·N(1.5, 0.6²): nonlinear in x."""
+    mus, stds, weights = (torch.tensor(v, dtype=x.dtype) for v in ([-1.0, 1.5], [0.3, 0.6], [0.4, 0.6]))
+    var = stds**2 + _per_sample(sigma, x)[..., None] ** 2
+    logits = weights.log() - 0.5 * var.log() - 0.5 * (x[..., None] - mus) ** 2 / var
+    posterior_means = (stds**2 * x[..., None] + (var - stds**2) * mus) / var
+    return (logits.softmax(-1) * posterior_means).sum(-1)
+
+
+def keyed_noise(shape):
+    """A noise sampler whose noise depends only on (σ, σ_next), so two implementations see the same noise."""
+
+    def sample(sigma, sigma_next):
+        seed = round(float(sigma) * 1e6) * 1_000_003 + round(float(sigma_next) * 1e6)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    return sample
+
+
+def start(sigmas, shape=(2, 3, 4, 4), seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * sigmas[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# k-diffusion
+
+
+@pytest.fixture(scope="module")
+def kd():
+    """k-diffusion's sampling and external modules (utils stubbed: it imports torchvision)."""
+    for dep in ("torchsde", "torchdiffeq", "scipy", "tqdm"):
+        pytest.importorskip(dep)
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        pytest.skip("k-diffusion not installed")
+    root = spec.submodule_search_locations[0]
+    saved = {k: v for k, v in sys.modules.items() if k == "k_diffusion" or k.startswith("k_diffusion.")}
+    pkg, utils = types.ModuleType("k_diffusion"), types.ModuleType("k_diffusion.utils")
+    pkg.__path__, pkg.utils = [root], utils
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    sys.modules.update({"k_diffusion": pkg, "k_diffusion.utils": utils})
+    try:
+        for name in ("sampling", "external"):
+            mod_spec = importlib.util.spec_from_file_location(f"k_diffusion.{name}", f"{root}/{name}.py")
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_spec.name] = module
+            mod_spec.loader.exec_module(module)
+            setattr(pkg, name, module)
+        yield pkg
+    finally:
+        for k in [k for k in sys.modules if k == "k_diffusion" or k.startswith("k_diffusion.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+KD_SAMPLERS = {  # ours -> (k-diffusion function, extra kwargs, takes a noise sampler)
+    "euler": ("sample_euler", {}, False),
+    "euler_ancestral": ("sample_euler_ancestral", {}, True),
+    "heun": ("sample_heun", {}, False),
+    "dpm_2": ("sample_dpm_2", {}, False),
+    "dpm_2_ancestral": ("sample_dpm_2_ancestral", {}, True),
+    "lms": ("sample_lms", {}, False),
+    "dpmpp_2s_ancestral": ("sample_dpmpp_2s_ancestral", {}, True),
+    "dpmpp_sde": ("sample_dpmpp_sde", {}, True),
+    "dpmpp_2m": ("sample_dpmpp_2m", {}, False),
+    "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", {}, True),
+    "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}, True),
+    "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {}, True),
+}
+
+
+@pytest.mark.parametrize("name", KD_SAMPLERS)
+@pytest.mark.parametrize("schedule", ["karras", "img2img"])
+def test_matches_k_diffusion(kd, name, schedule):
+    fn, options, noisy = KD_SAMPLERS[name]
+    sigmas = get_sigmas("karras", SD, 12) if schedule == "karras" else get_sigmas("normal", SD, 10)[4:]
+    x = start(sigmas)
+    noise = {"noise_sampler": keyed_noise(x.shape)} if noisy else {}
+    ref = getattr(kd.sampling, fn)(mixture_denoiser, x, sigmas, disable=True, **options, **noise)
+    ours = SAMPLERS[name](mixture_denoiser, x, sigmas, **noise)
+    torch.testing.assert_close(ours, ref, **FP32)
+
+
+def test_denoiser_matches_k_diffusion_wrappers(kd):
+    def unet(x, t, context):  # any smooth function of the scaled input, the timestep and the conditioning
+        return torch.tanh(x) * (t / 1000)[:, None, None, None] + context.mean(dim=(1, 2))[:, None, None, None]
+
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 3
+    sigma = torch.tensor([14.0, 0.7, 0.0311])
+    context = torch.randn(3, 77, 16, generator=torch.Generator().manual_seed(2))
+    ac = alphas_cumprod().float()  # what LDM checkpoints (and so AUTOMATIC1111) hand k-diffusion
+    for prediction, wrapper in (
+        ("eps", kd.external.DiscreteEpsDDPMDenoiser),
+        ("v", kd.external.DiscreteVDDPMDenoiser),
+    ):
+        for quantize in (False, True):
+            ref = wrapper(unet, ac, quantize=quantize)(x, sigma, context=context)
+            ours = Denoiser(unet, SD, prediction, quantize=quantize)(x, sigma, context=context)
+            torch.testing.assert_close(ours, ref, **FP32)
+    random_sigmas = torch.rand(64, generator=torch.Generator().manual_seed(3)) * 15 + 0.03
+    torch.testing.assert_close(
+        SD.sigma_to_t(random_sigmas), kd.external.DiscreteSchedule(SD.sigmas, False).sigma_to_t(random_sigmas)
+    )
+
+
+def test_schedules_match_k_diffusion(kd):
+    smin, smax = SD.sigma_min, SD.sigma_max
+    assert torch.equal(get_sigmas("karras", SD, 17), kd.sampling.get_sigmas_karras(17, smin, smax))
+    assert torch.equal(get_sigmas("exponential", SD, 17), kd.sampling.get_sigmas_exponential(17, smin, smax))
+    uniform = kd.external.DiscreteSchedule(SD.sigmas, False).get_sigmas(17)  # AUTOMATIC1111's "Uniform"
+    torch.testing.assert_close(get_sigmas("Uniform", SD, 17), uniform, rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers
+
+
+def _eps(x_ve, sigma):
+    """ε for the mixture data at noise level σ, from the closed-form denoiser."""
+    return (x_ve - mixture_denoiser(x_ve, sigma.reshape(1).expand(x_ve.shape[0]))) / sigma
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "lms"])
+def test_matches_diffusers_discrete_schedulers(name):
+    diffusers = pytest.importorskip("diffusers")
+    cls = {"euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteScheduler", "lms": "LMSDiscreteScheduler"}[
+        name
+    ]
+    sched = getattr(diffusers, cls)(**SD_CONFIG, use_karras_sigmas=True, timestep_spacing="linspace")
+    sched.set_timesteps(10)
+    x = start(sched.sigmas)
+    ref = x
+    for k, t in enumerate(sched.timesteps):  # model call k is at sched.sigmas[k] (Heun repeats each σ)
+        sigma = sched.sigmas[k]
+        x_in = sched.scale_model_input(ref, t) * (sigma**2 + 1) ** 0.5
+        ref = sched.step(_eps(x_in, sigma), t, ref).prev_sample
+    sigmas = torch.cat([sched.sigmas[:1], sched.sigmas[1::2]]) if name == "heun" else sched.sigmas
+    torch.testing.assert_close(SAMPLERS[name](mixture_denoiser, x, sigmas), ref, **FP32)
+
+
+def _diffusers_vp_run(sched, sigma_of, x_vp, generator=None):
+    """Run a diffusers scheduler that works on VP samples x/√(σ²+1); returns the sample before each step."""
+    seen = []
+    for k, t in enumerate(sched.timesteps):
+        seen.append(x_vp)
+        sigma = sigma_of(k, t)
+        kw = {"generator": generator} if generator is not None else {}
+        x_vp = sched.step(_eps(x_vp * (sigma**2 + 1) ** 0.5, sigma), t, x_vp, **kw).prev_sample
+    return x_vp, seen
+
+
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+def test_uni_pc_matches_diffusers(variant):
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.UniPCMultistepScheduler(
+        **SD_CONFIG, use_karras_sigmas=True, timestep_spacing="linspace", solver_order=3,
+        solver_type=variant, lower_order_final=True, final_sigmas_type="zero",
+    )  # fmt: skip
+    sched.set_timesteps(10)
+    sigmas = sched.sigmas.float()
+    z = start(sigmas) / sigmas[0]
+    ref, ref_inputs = _diffusers_vp_run(sched, lambda k, t: sched.sigmas[k], z)
+    seen = []
+    ours = sample_uni_pc(
+        mixture_denoiser, z * (sigmas[0] ** 2 + 1) ** 0.5, sigmas, variant=variant,
+        callback=lambda i, sigma, x, denoised: seen.append((x, denoised)),
+    )  # fmt: skip
+    for k, (x_vp, (x, _)) in enumerate(zip(ref_inputs, seen, strict=True)):  # each predictor+corrector step
+        torch.testing.assert_close(x, x_vp * (sigmas[k] ** 2 + 1) ** 0.5, **FP32)
+    assert torch.equal(ours, seen[-1][1])  # the last step, into σ = 0, lands on D
+    if variant == "bh2":  # diffusers' bh1 divides by B(h) = −h = −inf on that last step and returns NaN
+        torch.testing.assert_close(ours, ref, **FP32)
+
+
+def test_ddim_is_diffusers_ddim_on_ddim_uniform():
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(
+        **SD_CONFIG, set_alpha_to_one=True, steps_offset=1, timestep_spacing="leading", clip_sample=False
+    )
+    sched.set_timesteps(20)
+    table = ((1 - sched.alphas_cumprod) / sched.alphas_cumprod) ** 0.5  # diffusers' own float32 σ
+    sigmas = torch.cat([table[sched.timesteps], torch.zeros(1)])
+    torch.testing.assert_close(sigmas, get_sigmas("ddim_uniform", SD, 20), rtol=2e-5, atol=0)
+    z = start(sigmas) / sigmas[0]
+    ref, _ = _diffusers_vp_run(sched, lambda k, t: table[t], z)
+    ours = get_sampler("DDIM")(mixture_denoiser, z * (sigmas[0] ** 2 + 1) ** 0.5, sigmas)
+    torch.testing.assert_close(ours, ref, **FP32)
+
+
+def test_lcm_matches_diffusers_lcm_with_the_same_generator():
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.LCMScheduler(**SD_CONFIG)
+    sched.set_timesteps(4)
+    table = ((1 - sched.alphas_cumprod) / sched.alphas_cumprod) ** 0.5
+    sigmas = torch.cat([table[sched.timesteps], torch.zeros(1)])
+    z = start(sigmas) / sigmas[0]
+    # diffusers' LCM boundary scalings (c_skip ≈ 4e-8 at t = 259) are the identity to float32 precision
+    ref, _ = _diffusers_vp_run(sched, lambda k, t: table[t], z, torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    ours = get_sampler("lcm")(mixture_denoiser, z * (sigmas[0] ** 2 + 1) ** 0.5, sigmas, generator=generator)
+    torch.testing.assert_close(ours, ref, **FP32)
+
+
+# ---------------------------------------------------------------------------------------------
+# analytic
+
+DETERMINISTIC = ["euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "uni_pc", "uni_pc_bh2"]
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_zero_denoiser_scales_x_with_sigma(name):
+    """With D ≡ 0 the ODE is dx/dσ = x/σ: x_i = x_0·σ_i/σ_0 exactly, and every sampler ends at 0."""
+    sigmas = get_sigmas("karras", SD, 8)
+    x = start(sigmas)
+    seen = []
+    out = SAMPLERS[name](
+        lambda x, sigma, **_: torch.zeros_like(x), x, sigmas,
+        callback=lambda i, sigma, xi, denoised: seen.append((i, float(sigma), xi)),
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert out.abs().max() < 1e-5 * sigmas[0]
+    assert [i for i, _, _ in seen] == list(range(8))
+    assert [s for _, s, _ in seen] == sigmas[:-1].tolist()
+    if name in DETERMINISTIC:
+        for i, _, xi in seen:
+            torch.testing.assert_close(xi, x * sigmas[i] / sigmas[0], **FP32)
+
+
+def _gaussian_start(n: int, mu: float, s: float, sigma_max: float) -> torch.Tensor:
+    """Exact marginal samples x_σmax ~ N(mu, s² + σ_max²), standardized so sample statistics are exact."""
+    z = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = (z - z.mean()) / z.std()
+    return (mu + z * math.sqrt(s**2 + sigma_max**2)).reshape(-1, 64)
+
+
+CONVERGENCE_ORDER = {"euler": 1, "heun": 2, "dpm_2": 2, "dpmpp_2m": 2, "lms": 3, "uni_pc": 3, "uni_pc_bh2": 3}
+
+
+@pytest.mark.parametrize("name", CONVERGENCE_ORDER)
+def test_ode_samplers_converge_at_their_order(name):
+    """On Gaussian data the probability-flow ODE maps x_σ to mu + (x_σ − mu)·√(s² + σ'²)/√(s² + σ²)."""
+    mu, s = 0.5, 1.0
+    errors = []
+    for steps in (16, 32, 64):
+        sigmas = get_sigmas("karras", SD, steps)[:-1].double()  # end at σ_min, where the ODE is smooth
+        x = _gaussian_start(4096, mu, s, float(sigmas[0]))
+        exact = mu + (x - mu) * math.sqrt(s**2 + sigmas[-1] ** 2) / math.sqrt(s**2 + sigmas[0] ** 2)
+        errors.append((SAMPLERS[name](gaussian_denoiser(mu, s), x, sigmas) - exact).abs().max().item())
+    orders = [math.log2(a / b) for a, b in zip(errors, errors[1:], strict=False)]
+    assert min(orders) > CONVERGENCE_ORDER[name] - 0.2, (errors, orders)
+
+
+DISTRIBUTION_STEPS = {"euler": 200, "ddim": 200, "euler_ancestral": 400}  # first order; 50 steps otherwise
+
+
+@pytest.mark.parametrize("name", [n for n in SAMPLERS if n != "lcm"])
+def test_samplers_land_on_gaussian_data(name):
+    """Every sampler turns exact N(mu, s² + σ_max²) samples into N(mu, s²) ones."""
+    mu, s = 0.7, 0.5
+    sigmas = get_sigmas("karras", SD, DISTRIBUTION_STEPS.get(name, 50))
+    x = _gaussian_start(65536, mu, s, float(sigmas[0])).float()
+    out = SAMPLERS[name](gaussian_denoiser(mu, s), x, sigmas, generator=torch.Generator().manual_seed(1))
+    assert abs(out.mean().item() - mu) < 0.01 and abs(out.std().item() - s) < 0.01, (out.mean(), out.std())
+
+
+def test_lcm_with_a_consistency_function_lands_on_the_data():
+    """LCM needs a consistency model; for N(mu, s²) that is the ODE map to σ = 0, exact at any steps."""
+    mu, s = 0.7, 0.5
+
+    def consistency(x, sigma, **_):
+        return mu + (x - mu) * s / (s**2 + _per_sample(sigma, x) ** 2) ** 0.5
+
+    sigmas = get_sigmas("sgm_uniform", SD, 4)
+    x = _gaussian_start(65536, mu, s, float(sigmas[0])).float()
+    out = get_sampler("LCM")(consistency, x, sigmas, generator=torch.Generator().manual_seed(1))
+    assert abs(out.mean().item() - mu) < 0.01 and abs(out.std().item() - s) < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# noise, denoiser, guidance
+
+
+def test_per_sample_generators_reproduce_single_runs():
+    sigmas = get_sigmas("karras", SD, 6)
+    x = start(sigmas)
+    sampler = get_sampler("Euler a")
+    batch = sampler(mixture_denoiser, x, sigmas, generator=[torch.Generator().manual_seed(s) for s in (5, 6)])
+    for i, seed in enumerate((5, 6)):
+        single = sampler(
+            mixture_denoiser, x[i : i + 1], sigmas, generator=torch.Generator().manual_seed(seed)
+        )
+        torch.testing.assert_close(batch[i : i + 1], single, rtol=0, atol=0)
+    again = sampler(mixture_denoiser, x, sigmas, generator=[torch.Generator().manual_seed(s) for s in (5, 6)])
+    assert torch.equal(batch, again)
+    with pytest.raises(ValueError, match="3 generators"):
+        randn_like(x, [torch.Generator()] * 3)
+
+
+def test_noise_is_drawn_in_float32_on_the_generator():
+    x = torch.zeros(2, 4, 8, 8, dtype=torch.float16)
+    expected = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).half()
+    assert torch.equal(randn_like(x, torch.Generator().manual_seed(3)), expected)
+
+
+def test_brownian_noise_sampler_nests_intervals():
+    """Noise over [σ, σ_b] then [σ, σ_c] ⊃ it: correlation √(|σ_b − σ|/|σ_c − σ|), as on a Brownian path."""
+    x = torch.zeros(200_000)
+    noise = BrownianNoiseSampler(x, torch.Generator().manual_seed(0))
+    first, second = noise(torch.tensor(10.0), torch.tensor(9.0)), noise(torch.tensor(10.0), torch.tensor(6.0))
+    third = noise(torch.tensor(6.0), torch.tensor(4.0))  # disjoint: independent
+    assert torch.corrcoef(torch.stack([first, second]))[0, 1].item() == pytest.approx(0.5, abs=0.01)
+    assert abs(torch.corrcoef(torch.stack([second, third]))[0, 1].item()) < 0.01
+    assert second.std().item() == pytest.approx(1, abs=0.01)
+
+
+def test_denoiser_recovers_x0_from_its_own_noise():
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([3.0, 0.2])
+    x = add_noise(x0, noise, sigma)
+    ac = 1 / (1 + sigma**2)  # the VP view the U-Net sees: x_in = √ᾱ·x_0 + √(1 − ᾱ)·ε
+    v = ac.sqrt()[:, None, None, None] * noise - (1 - ac).sqrt()[:, None, None, None] * x0
+    for prediction, target in (("eps", noise), ("v", v)):
+        model = lambda x_in, t, target=target: target  # noqa: E731
+        torch.testing.assert_close(Denoiser(model, SD, prediction)(x, sigma), x0, **FP32)
+    half = Denoiser(lambda x_in, t: noise.half(), SD)(x.half(), sigma)
+    assert half.dtype == torch.float16
+    with pytest.raises(ValueError, match="prediction"):
+        Denoiser(lambda x_in, t: x_in, SD, "x0")
+
+
+def test_cfg_denoiser_guides_in_one_batched_call():
+    calls = []
+
+    def denoiser(x, sigma, context):
+        calls.append(x.shape[0])
+        return x * context.mean(dim=(1, 2))[:, None, None, None] + sigma[:, None, None, None]
+
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([2.0, 2.0])
+    cond, uncond = {"context": torch.full((2, 77, 8), 3.0)}, {"context": torch.full((2, 77, 8), 1.0)}
+    guided = cfg_denoiser(denoiser, cond, uncond, 7.5)(x, sigma)
+    assert calls == [4]
+    torch.testing.assert_close(guided, x * 1 + 2 + 7.5 * (x * 3 - x * 1))
+    calls.clear()
+    torch.testing.assert_close(cfg_denoiser(denoiser, cond, uncond, 1.0)(x, sigma), x * 3 + 2)
+    assert calls == [2]
+    calls.clear()
+    longer = {"context": torch.full((2, 154, 8), 1.0)}  # prompts of different chunk counts: two calls
+    torch.testing.assert_close(cfg_denoiser(denoiser, cond, longer, 7.5)(x, sigma), guided)
+    assert calls == [2, 2]
+
+
+def test_extra_reaches_the_denoiser():
+    sigmas = get_sigmas("karras", SD, 3)
+    seen = []
+    sample_euler(
+        lambda x, sigma, context: seen.append(context) or x * 0, start(sigmas), sigmas, extra={"context": 1}
+    )
+    assert seen == [1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# names
+
+
+def test_sampler_names_and_aliases():
+    comfy = ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral"]
+    comfy += ["dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "uni_pc", "lcm"]
+    assert set(comfy) <= set(SAMPLERS)
+    a1111 = ["Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "LMS", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M"]
+    a1111 += ["DPM++ 2M SDE", "DPM++ 3M SDE", "DDIM", "UniPC", "LCM"]
+    for display, name in zip(a1111, comfy, strict=True):
+        assert get_sampler(display) is SAMPLERS[name]
+        assert get_sampler(display.upper()) is SAMPLERS[name]
+    assert get_sampler("ddim") is sample_euler
+    with pytest.raises(ValueError, match=r"'DPM\+\+ 9M'.*euler_ancestral.*Euler a"):
+        get_sampler("DPM++ 9M")
+
+
+@pytest.mark.parametrize(
+    ("name", "scheduler", "expected"),
+    [
+        ("Euler a", None, ("euler_ancestral", None)),
+        ("DPM++ 2M Karras", None, ("dpmpp_2m", "karras")),
+        ("DPM++ 2M SDE Heun Exponential", None, ("dpmpp_2m_sde_heun", "exponential")),
+        ("DPM++ 2M SGM Uniform", "normal", ("dpmpp_2m", "sgm_uniform")),  # the combined name wins
+        ("LMS Karras", None, ("lms", "karras")),
+        ("dpmpp_2m", "Karras", ("dpmpp_2m", "karras")),
+        ("DPM++ 2M", "Automatic", ("dpmpp_2m", "karras")),  # AUTOMATIC1111's per-sampler default
+        ("DPM++ 3M SDE", "automatic", ("dpmpp_3m_sde", "exponential")),
+        ("Euler", "Automatic", ("euler", "normal")),
+        ("DDIM", "Automatic", ("ddim", "ddim_uniform")),
+        ("euler", "Uniform", ("euler", "normal")),
+    ],
+)
+def test_resolve_sampler(name, scheduler, expected):
+    assert resolve_sampler(name, scheduler) == expected
+
+
+def test_resolve_sampler_errors():
+    with pytest.raises(ValueError, match="unknown sampler 'Euler Karras Turbo'"):
+        resolve_sampler("Euler Karras Turbo")
+    with pytest.raises(ValueError, match="unknown schedule 'weird'"):
+        resolve_sampler("Euler", "weird")
