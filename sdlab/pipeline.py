@@ -71,7 +71,8 @@ class GenerationRequest:
 class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]
-    request: GenerationRequest
+    request: GenerationRequest  # with the seed, sampler and schedule resolved
+    latents: Tensor  # the final scaled latents (B, C, H/f, W/f)
 
 
 def resolve_seed(seed: int) -> int:
@@ -169,7 +170,7 @@ def generate(
         if keep is not None:
             samples = init * keep + samples * (1 - keep)
         images = decode(model, samples)
-    return GenerationResult(images, seeds, req)
+    return GenerationResult(images, seeds, req, samples)
 
 
 def _unet_fn(model: StableDiffusion) -> Callable[..., Tensor]:
