@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sdlab.checkpoints.io import CheckpointError
+from sdlab.images import RESIZE_MODES
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -59,6 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         clip_skip=args.clip_skip,
         init_image=init,
         strength=args.strength,
+        resize_mode=args.resize_mode,
         mask=mask,
     )
     with tqdm(total=None, desc="sampling", unit="step", disable=args.quiet, leave=False) as bar:
@@ -113,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-skip", type=int, default=1, help="CLIP layers to skip from the model's default")
     p.add_argument("-i", "--init-image", help="start from this image (img2img)")
     p.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength")
+    p.add_argument(
+        "--resize-mode",
+        choices=RESIZE_MODES,
+        default="resize",
+        help="fit the init image: stretch, crop or fill",
+    )
     p.add_argument("--mask", help="inpainting mask (white = repaint)")
     p.add_argument("-o", "--output", help="output PNG (default: outputs/NNNNN-SEED.png)")
     p.add_argument("--outdir", default="outputs", help="folder for outputs when -o is not given")
