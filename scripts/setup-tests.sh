@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PIP="python3 -m pip"
-$PIP install -q -e ".[test]"
+$PIP install -q -e ".[test,serve]"
 # k-diffusion's sampling functions are the oracle for the samplers; its package __init__ needs far
 # more than its sampling module, so install it and its maths dependencies without their extras.
 $PIP install -q --no-deps k-diffusion torchsde torchdiffeq trampoline

@@ -9,4 +9,4 @@ if [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] && command -v apt-
   (apt-get update -qq && apt-get install -y -qq fonts-noto-color-emoji) >/dev/null 2>&1 ||
     echo "note: could not install fonts-noto-color-emoji (only training the mini model needs it)" >&2
 fi
-$PIP install -q -e .
+$PIP install -q -e ".[serve]"

@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 
 from sdlab.checkpoints.io import CheckpointError
 from sdlab.images import RESIZE_MODES
+from sdlab.server import add_serve_parser
+from sdlab.vae_tools import add_vae_parser
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -126,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", default="outputs", help="folder for outputs when -o is not given")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+
+    add_serve_parser(sub)
+    add_vae_parser(sub)
 
     p = sub.add_parser("png-info", help="print the generation parameters stored in a PNG")
     p.add_argument("image")

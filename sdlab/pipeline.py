@@ -21,6 +21,7 @@ from sdlab.diffusion.denoiser import Denoiser, cfg_denoiser
 from sdlab.diffusion.samplers import DISCARD_PENULTIMATE_SIGMA, get_sampler, resolve_sampler
 from sdlab.diffusion.schedule import DiscreteSchedule, get_sigmas
 from sdlab.images import prepare_mask, resize_image, to_pil, to_tensor
+from sdlab.vae_tools import decode_pixels, encode_pixels
 from sdlab.text.prompt import chunk_prompt, encode_chunks, pad_chunks
 
 Callback = Callable[[int, int, Tensor], None]  # (step, total, current denoised latent)
@@ -91,21 +92,32 @@ def text_conditioning(
     model: StableDiffusion, prompt: str, negative: str, clip_skip: int
 ) -> tuple[Tensor, Tensor]:
     """(cond, uncond) contexts of equal length, each (1, 77·k, context_dim)."""
-    encoder = model.text_encoders[0]
-    tcfg = model.config.text[0]
-    chunks = [chunk_prompt(model.tokenizer, p, tcfg.pad_token) for p in (prompt, negative)]
+    chunks = [_prompt_chunks(model, p) for p in (prompt, negative)]
     count = max(len(c) for c in chunks)
-    empty = chunk_prompt(model.tokenizer, "", tcfg.pad_token)[0]
-    layer = model.config.clip_skip_default + clip_skip - 1
-    cond, uncond = (encode_chunks(encoder, pad_chunks(c, count, empty), layer)[0] for c in chunks)
+    cond, uncond = (_encode_chunks(model, c, count, clip_skip) for c in chunks)
     return cond, uncond
+
+
+def encode_prompt(model: StableDiffusion, prompt: str, clip_skip: int = 1) -> Tensor:
+    """One prompt's context (1, 77·k, context_dim), k its own chunk count (ComfyUI's CLIPTextEncode)."""
+    chunks = _prompt_chunks(model, prompt)
+    return _encode_chunks(model, chunks, len(chunks), clip_skip)
+
+
+def _prompt_chunks(model: StableDiffusion, prompt: str) -> list:
+    return chunk_prompt(model.tokenizer, prompt, model.config.text[0].pad_token)
+
+
+def _encode_chunks(model: StableDiffusion, chunks: list, count: int, clip_skip: int) -> Tensor:
+    """Chunks padded to `count` with empty ones, encoded at the layer `clip_skip` selects."""
+    empty = _prompt_chunks(model, "")[0]
+    layer = model.config.clip_skip_default + clip_skip - 1
+    return encode_chunks(model.text_encoders[0], pad_chunks(chunks, count, empty), layer)[0]
 
 
 def _latents_of(model: StableDiffusion, image: Tensor, generator: torch.Generator | None) -> Tensor:
     """VAE-encode pixels in [-1, 1] to scaled latents (posterior sample, as A1111 and diffusers do)."""
-    post = model.vae.encode(image.to(_device(model), _dtype(model)))
-    z = post.sample(generator) if generator is not None else post.mode()
-    return (z - model.config.vae.shift_factor) * model.config.vae.scale_factor
+    return encode_pixels(model.vae, image, generator)
 
 
 def _device(model: StableDiffusion) -> torch.device:
@@ -118,8 +130,7 @@ def _dtype(model: StableDiffusion) -> torch.dtype:
 
 def decode(model: StableDiffusion, latents: Tensor) -> list[Image.Image]:
     """Scaled latents -> RGB images."""
-    z = latents / model.config.vae.scale_factor + model.config.vae.shift_factor
-    return to_pil(torch.cat([model.vae.decode(z[i : i + 1].to(_dtype(model))) for i in range(z.shape[0])]))
+    return to_pil(decode_pixels(model.vae, latents))
 
 
 def generate(
@@ -135,42 +146,73 @@ def generate(
     with torch.inference_mode():
         noise = seed_noise(seeds, shape).to(device, dtype)
         cond, uncond = text_conditioning(model, req.prompt, req.negative_prompt, req.clip_skip)
-        b = req.batch_size
-        extra: dict[str, Tensor] = {}
-        schedule = DiscreteSchedule.for_model(model.config)
         sampler_name, schedule_name = resolve_sampler(req.sampler, req.scheduler)
         req = replace(req, sampler=sampler_name, scheduler=schedule_name or "normal")
-        discard = sampler_name in DISCARD_PENULTIMATE_SIGMA
-        sigmas = get_sigmas(req.scheduler, schedule, req.steps, discard_penultimate=discard).to(device)
-        init, keep = None, None
+        sigmas = sampling_sigmas(model, sampler_name, req.scheduler, req.steps)
+        init, keep, extra = None, None, {}
         if req.init_image is not None:
-            init, keep, extra = _image_conditioning(model, req, b)
+            init, keep, extra = _image_conditioning(model, req, req.batch_size)
             t_enc = int(min(req.strength, 0.999) * req.steps)
             sigmas = sigmas[req.steps - t_enc - 1 :]
-            x = init + noise * sigmas[0]
-        else:
-            x = noise * sigmas[0]
-        denoiser = Denoiser(_unet_fn(model), schedule, model.config.prediction)
-        guided = cfg_denoiser(
-            denoiser,
-            {"context": cond.expand(b, -1, -1), **extra},
-            {"context": uncond.expand(b, -1, -1), **extra},
-            req.cfg_scale,
-        )
-        if keep is not None:
-            guided = _blend_denoised(guided, init, keep)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        total = len(sigmas) - 1
-
-        def on_step(i: int, sigma: Tensor, xi: Tensor, denoised: Tensor) -> None:
-            if callback is not None:
-                callback(i + 1, total, denoised)
-
-        samples = get_sampler(sampler_name)(guided, x, sigmas, callback=on_step, generator=generators)
-        if keep is not None:
-            samples = init * keep + samples * (1 - keep)
+        x = noise * sigmas[0] if init is None else init + noise * sigmas[0]
+        guidance = Guidance(cond, uncond, req.cfg_scale, extra)
+        samples = sample(model, x, sigmas, guidance, sampler_name, seeds, init, keep, callback)
         images = decode(model, samples)
     return GenerationResult(images, seeds, req, samples)
+
+
+def sampling_sigmas(model: StableDiffusion, sampler: str, scheduler: str, steps: int) -> Tensor:
+    """The descending σ of a full `steps`-step run of a (ComfyUI-named) sampler and schedule."""
+    schedule = DiscreteSchedule.for_model(model.config)
+    discard = sampler in DISCARD_PENULTIMATE_SIGMA
+    return get_sigmas(scheduler, schedule, steps, discard_penultimate=discard).to(_device(model))
+
+
+@dataclass
+class Guidance:
+    """What classifier-free guidance conditions on: contexts (1, T, d), scale, extra model inputs."""
+
+    cond: Tensor
+    uncond: Tensor
+    scale: float
+    extra: dict[str, Tensor] = field(default_factory=dict)  # e.g. c_concat for inpainting U-Nets
+
+
+def sample(
+    model: StableDiffusion,
+    x: Tensor,
+    sigmas: Tensor,
+    guidance: Guidance,
+    sampler: str,
+    seeds: list[int],
+    init: Tensor | None = None,
+    keep: Tensor | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Run `sampler` on noisy latents x (B, C, h, w) from σ = sigmas[0] down to sigmas[-1].
+
+    Image i draws its sampler noise from a generator seeded with seeds[i]; where `keep` is 1 the
+    latents stay at `init` (latent-blending inpainting).
+    """
+    b = x.shape[0]
+    denoiser = Denoiser(_unet_fn(model), DiscreteSchedule.for_model(model.config), model.config.prediction)
+    guided = cfg_denoiser(
+        denoiser,
+        {"context": guidance.cond.expand(b, -1, -1), **guidance.extra},
+        {"context": guidance.uncond.expand(b, -1, -1), **guidance.extra},
+        guidance.scale,
+    )
+    if keep is not None:
+        guided = _blend_denoised(guided, init, keep)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    total = len(sigmas) - 1
+
+    def on_step(i: int, sigma: Tensor, xi: Tensor, denoised: Tensor) -> None:
+        if callback is not None:
+            callback(i + 1, total, denoised)
+
+    samples = get_sampler(sampler)(guided, x, sigmas, callback=on_step, generator=generators)
+    return samples if keep is None else init * keep + samples * (1 - keep)
 
 
 def _unet_fn(model: StableDiffusion) -> Callable[..., Tensor]:

@@ -206,7 +206,7 @@ class StableDiffusion:
         return float(self.metadata.get("sdlab.cfg", 7.0))
 
 
-def _build(
+def build_module(
     module_cls: type[torch.nn.Module],
     cfg: object,
     sd: StateDict,
@@ -254,10 +254,10 @@ def load_model(
     what = str(ckpt.source)
     if vae is not None:
         cfg = _with_vae(cfg, detect_vae(ckpt.vae, str(vae), cfg.vae.scale_factor))
-    unet = _build(UNetModel, cfg.unet, ckpt.unet, f"{what} (U-Net)", dtype, device)
-    vae_module = _build(AutoencoderKL, cfg.vae, ckpt.vae, f"{vae or what} (VAE)", dtype, device)
+    unet = build_module(UNetModel, cfg.unet, ckpt.unet, f"{what} (U-Net)", dtype, device)
+    vae_module = build_module(AutoencoderKL, cfg.vae, ckpt.vae, f"{vae or what} (VAE)", dtype, device)
     texts = [
-        _build(CLIPTextModel, tcfg, sd, f"{what} (text encoder {i})", dtype, device)
+        build_module(CLIPTextModel, tcfg, sd, f"{what} (text encoder {i})", dtype, device)
         for i, (tcfg, sd) in enumerate(zip(cfg.text, ckpt.text, strict=True))
     ]
     tokenizer = (

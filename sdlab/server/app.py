@@ -1,0 +1,130 @@
+"""The FastAPI application: both APIs over one queue, the job routes, the web page and the guard.
+
+The guard refuses cross-site requests (an `Origin` that is not the `Host`, so a web page elsewhere
+cannot drive a local server) and, when an API key is set, every request without it: HTTP bearer
+(`Authorization: Bearer KEY`) or basic auth with the key as password (any user name).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sdlab.server import a1111, comfy
+from sdlab.server.jobs import PENDING
+from sdlab.server.state import Server, Settings
+
+STATIC = Path(__file__).parent / "static"
+RUNNERS = {"a1111": a1111.run, "comfy": comfy.run}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """An application serving `settings`; its worker runs while the application does."""
+    server = Server.open(settings, RUNNERS)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.worker.start()
+        yield
+        server.worker.stop()
+        server.store.close()
+
+    app = FastAPI(title="sdlab", lifespan=lifespan)
+    app.state.server = server
+    app.add_middleware(Guard, api_key=settings.api_key)
+    app.include_router(a1111.routes(server))
+    comfy_routes = comfy.routes(server)
+    app.include_router(comfy_routes)
+    app.include_router(comfy_routes, prefix="/api")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/sdlab/v1/jobs/{job_id}")
+    def job_status(job_id: str) -> dict[str, Any]:
+        """A job of either API: its state, result, error, and live progress while it runs."""
+        return _job_status(server, job_id)
+
+    @app.post("/sdlab/v1/jobs/{job_id}/cancel")
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        """Cancel a pending job, or interrupt it if it is running."""
+        if server.worker.cancel([job_id]) or server.worker.interrupt(job_id):
+            return _job_status(server, job_id)
+        if server.store.get(job_id) is None:
+            raise HTTPException(404, f"no job {job_id}")
+        raise HTTPException(409, f"job {job_id} has already finished")
+
+    return app
+
+
+def _job_status(server: Server, job_id: str) -> dict[str, Any]:
+    job = server.store.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id}")
+    live = server.worker.live
+    progress = None
+    if live is not None and live.job.id == job_id:
+        progress = {"step": live.step, "total": live.total, "batch": live.job_no, "batches": live.job_count}
+        progress["node"] = live.node
+    ahead = (
+        sum(1 for j in server.store.jobs((PENDING,)) if j.number < job.number) if job.state == PENDING else 0
+    )
+    fields = ("id", "kind", "state", "number", "error", "result", "created", "started", "finished")
+    return {**{f: getattr(job, f) for f in fields}, "queue_position": ahead, "progress": progress}
+
+
+class Guard:
+    """ASGI middleware refusing cross-site requests and, with an API key, unauthenticated ones."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app, self.api_key = app, api_key or None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = dict(scope["headers"])
+            status = 403 if _cross_site(headers) else None
+            if status is None and self.api_key is not None and not _authorized(headers, self.api_key):
+                status = 401
+            if status is not None:
+                await _refuse(scope, receive, send, status)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, status: int) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    detail = "cross-site request refused" if status == 403 else "an API key is required"
+    headers = {"WWW-Authenticate": 'Basic realm="sdlab"'} if status == 401 else None
+    await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, receive, send)
+
+
+def _cross_site(headers: dict[bytes, bytes]) -> bool:
+    origin, host = headers.get(b"origin"), headers.get(b"host")
+    if origin is None or host is None:
+        return False
+    return urlsplit(origin.decode("latin-1")).netloc.lower() != host.decode("latin-1").lower()
+
+
+def _authorized(headers: dict[bytes, bytes], api_key: str) -> bool:
+    scheme, _, credential = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            credential = base64.b64decode(credential.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(credential.strip().encode(), api_key.encode())

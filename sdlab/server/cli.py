@@ -1,0 +1,103 @@
+"""`sdlab serve`: the HTTP server (AUTOMATIC1111 and ComfyUI APIs) on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+API_KEY_ENV = "SDLAB_API_KEY"
+DEFAULT_MODELS = Path("models")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host only listens on this machine (`localhost`, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_problem(host: str, api_key: str | None) -> str | None:
+    """Why the server must not start on host with this key, or None."""
+    if is_loopback(host) or api_key:
+        return None
+    return (
+        f"refusing to listen on {host} without an API key: anyone who can reach it could use the server; "
+        f"pass --api-key KEY (or set {API_KEY_ENV}), or bind to 127.0.0.1"
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Check the bind address, then serve until interrupted."""
+    problem = bind_problem(args.host, args.api_key)
+    if problem is not None:
+        print(f"sdlab serve: error: {problem}", file=sys.stderr)
+        return 2
+    import torch
+    import uvicorn
+
+    from sdlab.server.app import create_app
+    from sdlab.server.paths import Folders
+    from sdlab.server.state import Settings
+
+    models = args.models_dir or (DEFAULT_MODELS if DEFAULT_MODELS.is_dir() else None)
+    if models is not None and not models.is_dir():
+        print(f"sdlab serve: error: {models}: no such folder", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folders = Folders(models, args.outputs_dir, args.input_dir, args.state_dir)
+    app = create_app(Settings(folders, api_key=args.api_key or None, max_queue=args.max_queue))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `serve` on the `sdlab` command line."""
+    p = subparsers.add_parser(
+        "serve",
+        help="run the HTTP server: AUTOMATIC1111 API (/sdapi/v1), ComfyUI API (/prompt, /ws), web page",
+        description="Serve the AUTOMATIC1111 and ComfyUI APIs over one job queue. Binds to 127.0.0.1; "
+        "any other address needs an API key (HTTP bearer, or basic auth with the key as password).",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        help="checkpoints, with Stable-diffusion/, VAE/, Lora/ and embeddings/ inside (default: ./models if "
+        "it exists); the shipped model is always listed",
+    )
+    p.add_argument(
+        "--outputs-dir", type=Path, default=Path("outputs"), help="saved images (default: ./outputs)"
+    )
+    p.add_argument("--input-dir", type=Path, default=Path("input"), help="uploaded images (default: ./input)")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".sdlab-server"),
+        help="the job queue database and temp images (default: ./.sdlab-server)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require this key on every request (default: ${API_KEY_ENV})",
+    )
+    p.add_argument("--max-queue", type=int, default=100, help="pending jobs before HTTP 429 (default: 100)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m sdlab.server`: the same as `sdlab serve`."""
+    parser = argparse.ArgumentParser(prog="sdlab")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    return cmd_serve(parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])]))

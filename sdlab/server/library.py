@@ -1,0 +1,141 @@
+"""The models folder: what can be named in requests, and the one loaded model.
+
+Layout (AUTOMATIC1111's, rooted at `--models-dir`):
+
+    models/
+      *.safetensors, *.ckpt, diffusers folders   checkpoints (also under Stable-diffusion/, nested)
+      Stable-diffusion/                          checkpoints, subfolders allowed ("sub/name.safetensors")
+      VAE/                                       standalone VAEs (.safetensors, .ckpt, .pt)
+      Lora/                                      LoRAs (.safetensors, .ckpt, .pt)
+      embeddings/                                textual-inversion embeddings (.safetensors, .pt, .bin)
+
+plus the shipped model as `sdlab-mini.safetensors` when it is installed. A request names a model by
+its listed name (or, for checkpoints, its stem or A1111 title "name [hash]"); names are only ever
+looked up in these listings, never joined onto a path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdlab.checkpoints.load import SHIPPED_MODEL, StableDiffusion, default_model_path, load_model
+from sdlab.infotext import model_hash
+from sdlab.models.vae import AutoencoderKL
+
+CHECKPOINT_DIR, VAE_DIR, LORA_DIR, EMBEDDING_DIR = "Stable-diffusion", "VAE", "Lora", "embeddings"
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+VAE_SUFFIXES = LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
+
+
+class UnknownName(LookupError):
+    """A model, VAE or LoRA name that is not in the listing."""
+
+
+@dataclass(frozen=True)
+class Library:
+    """Listings of the models folder, rescanned on every call (folders change while serving)."""
+
+    root: Path | None
+
+    def checkpoints(self) -> dict[str, Path]:
+        """Checkpoint name -> file or diffusers folder."""
+        found: dict[str, Path] = {}
+        shipped = default_model_path()
+        if shipped.is_file():
+            found[f"{SHIPPED_MODEL}.safetensors"] = shipped
+        if self.root is not None:
+            for folder, recursive in ((self.root, False), (self.root / CHECKPOINT_DIR, True)):
+                for name, path in _scan(folder, CHECKPOINT_SUFFIXES, recursive, diffusers=True).items():
+                    found.setdefault(name, path)
+        return found
+
+    def vaes(self) -> dict[str, Path]:
+        """VAE name -> file."""
+        return self._files(VAE_DIR, VAE_SUFFIXES)
+
+    def loras(self) -> dict[str, Path]:
+        """LoRA name -> file."""
+        return self._files(LORA_DIR, LORA_SUFFIXES)
+
+    def embeddings(self) -> dict[str, Path]:
+        """Embedding name -> file."""
+        return self._files(EMBEDDING_DIR, EMBEDDING_SUFFIXES)
+
+    def _files(self, sub: str, suffixes: tuple[str, ...]) -> dict[str, Path]:
+        return {} if self.root is None else _scan(self.root / sub, suffixes, recursive=True)
+
+    def checkpoint(self, name: str) -> tuple[str, Path]:
+        """(listed name, path) of a checkpoint given by name, stem or A1111 title."""
+        listing = self.checkpoints()
+        bare = _TITLE_HASH.sub("", name.strip())
+        for key in (bare, *(k for k in listing if stem(k) == bare)):
+            if key in listing:
+                return key, listing[key]
+        raise UnknownName(f"checkpoint {name!r} not found; available: {', '.join(listing) or 'none'}")
+
+    def find(self, listing: dict[str, Path], name: str, what: str) -> Path:
+        """The path of a listed VAE/LoRA/embedding, by name or stem."""
+        for key, path in listing.items():
+            if name in (key, stem(key)):
+                return path
+        raise UnknownName(f"{what} {name!r} not found; available: {', '.join(listing) or 'none'}")
+
+
+def stem(name: str) -> str:
+    """A listed name without its file suffix (`sub/model.safetensors` -> `sub/model`)."""
+    return name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name
+
+
+def _scan(
+    folder: Path, suffixes: tuple[str, ...], recursive: bool, diffusers: bool = False
+) -> dict[str, Path]:
+    """Name (relative to folder, `/`-separated) -> path of the model files (and diffusers folders) in it."""
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        models = [d for d in dirnames if diffusers and (here / d / "model_index.json").is_file()]
+        for name in models + [f for f in filenames if f.lower().endswith(suffixes)]:
+            if not name.startswith("."):
+                found[(here / name).relative_to(folder).as_posix()] = here / name
+        dirnames[:] = [d for d in dirnames if recursive and not d.startswith(".") and d not in models]
+    return dict(sorted(found.items()))
+
+
+class ModelCache:
+    """The one loaded model, swapped when a job names another checkpoint or VAE (worker thread only)."""
+
+    def __init__(self, library: Library) -> None:
+        self.library = library
+        self._key: tuple[Path, Path | None] | None = None
+        self._model: StableDiffusion | None = None
+        self.hashes: dict[Path, str] = {}  # short hashes of models loaded so far (A1111 titles)
+        self._vaes: dict[Path, AutoencoderKL] = {}
+
+    def model(self, checkpoint: str, vae: str | None = None) -> StableDiffusion:
+        """The model of a listed checkpoint, optionally with a listed VAE instead of its own."""
+        _, path = self.library.checkpoint(checkpoint)
+        vae_path = self.library.find(self.library.vaes(), vae, "VAE") if vae else None
+        if self._key != (path, vae_path) or self._model is None:
+            self._model = None  # drop the old weights before loading the new ones
+            self._model = load_model(path, vae=vae_path)
+            self._key = (path, vae_path)
+            digest = model_hash(path)
+            if digest is not None:
+                self.hashes[path] = digest
+        return self._model
+
+    def vae(self, name: str) -> AutoencoderKL:
+        """A listed standalone VAE (SD1/SD2 latent scale), kept once loaded."""
+        from sdlab.vae_tools import load_vae
+
+        path = self.library.find(self.library.vaes(), name, "VAE")
+        if path not in self._vaes:
+            self._vaes = {path: load_vae(vae=path)}
+        return self._vaes[path]

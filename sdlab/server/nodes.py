@@ -1,0 +1,601 @@
+"""ComfyUI's core nodes on sdlab's pipeline: inputs named and bounded as ComfyUI declares them.
+
+Values passed between nodes: MODEL is a `Model`, CLIP a `Clip`, VAE an `AutoencoderKL`,
+CONDITIONING a context tensor (1, 77·k, d), LATENT a `Latent` (scaled latents, as the U-Net sees
+them), IMAGE pixels (B, 3, H, W) in [-1, 1] and MASK (B, 1, H, W) in [0, 1] (1 = repaint).
+Seeds follow sdlab's convention: image i of a batch draws its noise from seed + i. LoRAs are merged
+into the shared loaded model only while a node uses it, and taken out again right after.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from sdlab.checkpoints.load import StableDiffusion
+from sdlab.diffusion.samplers import SAMPLERS
+from sdlab.diffusion.schedule import SCHEDULES
+from sdlab.images import prepare_mask, save_png, to_pil, to_tensor
+from sdlab.lora import apply_loras, read_lora
+from sdlab.models.vae import AutoencoderKL
+from sdlab.pipeline import (
+    Guidance,
+    decode_pixels,
+    encode_pixels,
+    encode_prompt,
+    sample,
+    sampling_sigmas,
+    seed_noise,
+)
+from sdlab.server.jobs import Live
+from sdlab.server.library import Library, ModelCache
+from sdlab.server.paths import Folders, PathError, confined, image_files, relative_parts, split_name
+
+MAX_RESOLUTION = 16384
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+LATENT_UPSCALE = ["nearest-exact", "bilinear", "area", "bicubic"]
+IMAGE_UPSCALE = [*LATENT_UPSCALE, "lanczos"]
+CROP = ["disabled", "center"]
+MASK_CHANNELS = {"alpha": "A", "red": "R", "green": "G", "blue": "B"}
+UNET_PREFIX = "lora_unet_"  # kohya names: U-Net modules; the rest are text-encoder modules
+
+
+class NodeError(Exception):
+    """A node that cannot do what its inputs ask (the message is shown to the client)."""
+
+
+LoRAs = tuple[tuple[dict[str, Tensor], float], ...]  # (kohya state dict, strength) to merge
+
+
+@dataclass(frozen=True)
+class Model:
+    """MODEL: the loaded model and the LoRAs merged into its U-Net while it samples."""
+
+    sd: StableDiffusion
+    loras: LoRAs = ()  # merged into the U-Net while sampling
+
+
+@dataclass(frozen=True)
+class Clip:
+    """CLIP: the model's text encoder, the layer to stop at and LoRAs for it."""
+
+    model: StableDiffusion
+    skip: int = 1  # A1111's clip skip: 1 = the last layer (ComfyUI stop_at_clip_layer = -skip)
+    loras: LoRAs = ()  # merged into the text encoder while encoding
+
+
+@dataclass(frozen=True)
+class Latent:
+    """LATENT: scaled latents (or an empty image's size) and an optional noise mask."""
+
+    width: int  # image pixels
+    height: int
+    batch: int
+    samples: Tensor | None = None  # (B, C, H/f, W/f) scaled; None: zeros of the sampling model's shape
+    noise_mask: Tensor | None = None  # (B or 1, 1, H', W') in [0, 1]: where sampling may change the latents
+
+
+@dataclass
+class Env:
+    """What nodes may use: the models, the folders, and the running job (progress, interrupts)."""
+
+    library: Library
+    models: ModelCache
+    folders: Folders
+    live: Live | None = None
+
+    def step(self, step: int, total: int, latent: Tensor) -> None:
+        """Report a sampling step to the running job (which may raise to stop it)."""
+        if self.live is not None:
+            self.live.step_done(step, total, latent)
+
+
+@dataclass(frozen=True)
+class Saved:
+    """An output node's result: what the client is told was written."""
+
+    ui: dict[str, list[dict[str, str]]]
+
+
+Choices = Callable[[Env], list[str]]  # a list-valued ("COMBO") input whose choices the server knows
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A node class: its inputs and outputs as ComfyUI declares them, and what it does."""
+
+    inputs: dict[str, tuple[Any, ...]]  # name -> (type, options) as ComfyUI's INPUT_TYPES "required"
+    outputs: tuple[str, ...]
+    run: Callable[..., tuple[Any, ...] | Saved]
+    category: str
+    description: str
+    output_node: bool = False
+
+
+def _int(default: int, lo: int, hi: int, step: int = 1) -> tuple[str, dict[str, int]]:
+    return ("INT", {"default": default, "min": lo, "max": hi, "step": step})
+
+
+def _float(default: float, lo: float, hi: float, step: float = 0.01) -> tuple[str, dict[str, float]]:
+    return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step})
+
+
+def _list(values: list[str]) -> Choices:
+    return lambda env: values
+
+
+# ---------------------------------------------------------------------------------------------
+# loaders and text
+
+
+def checkpoint_loader(env: Env, ckpt_name: str) -> tuple[Model, Clip, AutoencoderKL]:
+    """A listed checkpoint's model, text encoder and VAE."""
+    model = env.models.model(ckpt_name)
+    return Model(model), Clip(model), model.vae
+
+
+def vae_loader(env: Env, vae_name: str) -> tuple[AutoencoderKL]:
+    """A listed standalone VAE."""
+    return (env.models.vae(vae_name),)
+
+
+def lora_loader(
+    env: Env, model: Model, clip: Clip, lora_name: str, strength_model: float, strength_clip: float
+) -> tuple[Model, Clip]:
+    """The model and CLIP with a LoRA to merge (its U-Net and text-encoder parts at their own strengths)."""
+    lora = read_lora(env.library.find(env.library.loras(), lora_name, "LoRA"))
+    unet = {k: v for k, v in lora.items() if k.startswith(UNET_PREFIX)}
+    text = {k: v for k, v in lora.items() if not k.startswith(UNET_PREFIX)}
+    return (
+        replace(model, loras=(*model.loras, (unet, strength_model))),
+        replace(clip, loras=(*clip.loras, (text, strength_clip))),
+    )
+
+
+def clip_set_last_layer(env: Env, clip: Clip, stop_at_clip_layer: int) -> tuple[Clip]:
+    """Stop the text encoder -stop_at_clip_layer layers from its end (-1: the last)."""
+    return (replace(clip, skip=-stop_at_clip_layer),)
+
+
+def clip_text_encode(env: Env, text: str, clip: Clip) -> tuple[Tensor]:
+    """A prompt's context, A1111 prompt syntax included."""
+    with _merged(clip.model, clip.loras):
+        return (encode_prompt(clip.model, text, clip.skip),)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def empty_latent_image(env: Env, width: int, height: int, batch_size: int) -> tuple[Latent]:
+    """A batch of empty latents of an image size, shaped by the model that samples it."""
+    return (Latent(width, height, batch_size),)
+
+
+def ksampler(
+    env: Env,
+    model: Model,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    positive: Tensor,
+    negative: Tensor,
+    latent_image: Latent,
+    denoise: float,
+) -> tuple[Latent]:
+    """Sample `steps` steps; denoise < 1 runs the last steps of a steps/denoise-step schedule (ComfyUI)."""
+    if denoise >= 0.9999:
+        sigmas = sampling_sigmas(model.sd, sampler_name, scheduler, steps)
+    elif denoise <= 0:
+        return (latent_image,)
+    else:
+        sigmas = sampling_sigmas(model.sd, sampler_name, scheduler, int(steps / denoise))[-(steps + 1) :]
+    guidance = Guidance(positive, negative, cfg)
+    return (_sample(env, model, latent_image, seed, sigmas, guidance, sampler_name, add_noise=True),)
+
+
+def ksampler_advanced(
+    env: Env,
+    model: Model,
+    add_noise: str,
+    noise_seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    positive: Tensor,
+    negative: Tensor,
+    latent_image: Latent,
+    start_at_step: int,
+    end_at_step: int,
+    return_with_leftover_noise: str,
+) -> tuple[Latent]:
+    """Steps start_at_step..end_at_step of a `steps`-step schedule, optionally leaving the noise in."""
+    sigmas = sampling_sigmas(model.sd, sampler_name, scheduler, steps)
+    if end_at_step < len(sigmas) - 1:
+        sigmas = sigmas[: end_at_step + 1].clone()
+        if return_with_leftover_noise == "disable":
+            sigmas[-1] = 0
+    sigmas = sigmas[start_at_step:]
+    guidance = Guidance(positive, negative, cfg)
+    noisy = add_noise == "enable"
+    return (_sample(env, model, latent_image, noise_seed, sigmas, guidance, sampler_name, noisy),)
+
+
+def _sample(
+    env: Env,
+    model: Model,
+    latent: Latent,
+    seed: int,
+    sigmas: Tensor,
+    guidance: Guidance,
+    sampler: str,
+    add_noise: bool,
+) -> Latent:
+    """Noise the latents to sigmas[0] and run the sampler; a noise mask keeps the rest of the latents."""
+    if len(sigmas) < 2:
+        return latent
+    sd = model.sd
+    init = _samples(latent, sd.config.unet.out_channels, sd.config.vae.downscale)
+    seeds = [(seed + i) % (MAX_SEED + 1) for i in range(init.shape[0])]
+    noise = seed_noise(seeds, tuple(init.shape[1:])) if add_noise else torch.zeros_like(init)
+    mask = None if latent.noise_mask is None else _fit_mask(latent.noise_mask, init)
+    guidance = replace(guidance, extra=_inpaint_inputs(sd, latent, init, mask))
+    keep = None if mask is None else 1 - mask
+    with _merged(sd, model.loras):
+        samples = sample(sd, init + noise * sigmas[0], sigmas, guidance, sampler, seeds, init, keep, env.step)
+    return replace(latent, samples=samples)
+
+
+def _merged(model: StableDiffusion, loras: LoRAs) -> AbstractContextManager[object]:
+    """The LoRAs merged into the model for a `with` block, taken out on leaving it."""
+    return apply_loras(model, loras) if loras else nullcontext()
+
+
+def _samples(latent: Latent, channels: int, factor: int) -> Tensor:
+    """The latents, zeros of (B, channels, H/factor, W/factor) for an empty latent image."""
+    if latent.samples is not None:
+        return latent.samples
+    return torch.zeros((latent.batch, channels, latent.height // factor, latent.width // factor))
+
+
+def _fit_mask(mask: Tensor, like: Tensor) -> Tensor:
+    return F.interpolate(mask, size=like.shape[-2:], mode="bilinear", align_corners=False).to(like)
+
+
+def _inpaint_inputs(
+    model: StableDiffusion, latent: Latent, init: Tensor, mask: Tensor | None
+) -> dict[str, Tensor]:
+    """c_concat for 9-channel inpainting U-Nets: the mask and the (masked) image latents."""
+    if model.config.unet.in_channels != 9:
+        return {}
+    if mask is None:  # nothing masked: repaint everything of an empty latent, keep an encoded image
+        mask = torch.full_like(init[:, :1], 1.0 if latent.samples is None else 0.0)
+    return {"c_concat": torch.cat([mask.round().expand(init.shape[0], 1, -1, -1), init], dim=1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE and latents
+
+
+def vae_decode(env: Env, samples: Latent, vae: AutoencoderKL) -> tuple[Tensor]:
+    """Latents to pixels."""
+    return (decode_pixels(vae, _samples(samples, vae.cfg.embed_dim, vae.cfg.downscale)).float(),)
+
+
+def vae_encode(env: Env, pixels: Tensor, vae: AutoencoderKL) -> tuple[Latent]:
+    """Pixels (cropped to the VAE's multiple) to latents: the posterior mode."""
+    pixels = _crop_to(pixels, vae.cfg.downscale)
+    b, _, h, w = pixels.shape
+    return (Latent(w, h, b, encode_pixels(vae, pixels)),)
+
+
+def vae_encode_for_inpaint(
+    env: Env, pixels: Tensor, vae: AutoencoderKL, mask: Tensor, grow_mask_by: int
+) -> tuple[Latent]:
+    """Encode with the masked pixels greyed out; the mask, grown by `grow_mask_by`, limits sampling."""
+    pixels = _crop_to(pixels, vae.cfg.downscale)
+    b, _, h, w = pixels.shape
+    mask = F.interpolate(mask.float(), size=(h, w), mode="bilinear", align_corners=False).round()
+    grown = F.max_pool2d(mask, 2 * grow_mask_by + 1, stride=1, padding=grow_mask_by) if grow_mask_by else mask
+    latents = encode_pixels(vae, pixels * (1 - mask))  # 0 is mid-grey in [-1, 1]
+    return (Latent(w, h, b, latents, noise_mask=grown),)
+
+
+def set_latent_noise_mask(env: Env, samples: Latent, mask: Tensor) -> tuple[Latent]:
+    """Latents whose sampling is limited to the mask."""
+    return (replace(samples, noise_mask=mask.float()),)
+
+
+def latent_upscale(
+    env: Env, samples: Latent, upscale_method: str, width: int, height: int, crop: str
+) -> tuple[Latent]:
+    """Latents resized to an image size (a 0 side keeps the aspect ratio)."""
+    w, h = _target_size(samples.width, samples.height, width, height, multiple=8)
+    if samples.samples is None:
+        return (replace(samples, width=w, height=h),)
+    factor = samples.width // samples.samples.shape[-1]
+    scaled = _scale(samples.samples, upscale_method, w // factor, h // factor, crop)
+    return (replace(samples, width=w, height=h, samples=scaled),)
+
+
+def image_scale(
+    env: Env, image: Tensor, upscale_method: str, width: int, height: int, crop: str
+) -> tuple[Tensor]:
+    """Images resized (a 0 side keeps the aspect ratio)."""
+    w, h = _target_size(image.shape[-1], image.shape[-2], width, height)
+    return (_scale(image, upscale_method, w, h, crop),)
+
+
+def _target_size(w: int, h: int, width: int, height: int, multiple: int = 1) -> tuple[int, int]:
+    """(width, height), a 0 side following the other's aspect ratio; both 0 keeps the size."""
+    if width == 0 and height == 0:
+        return w, h
+    width = width or max(multiple, round(w * height / h / multiple) * multiple)
+    height = height or max(multiple, round(h * width / w / multiple) * multiple)
+    return width, height
+
+
+def _scale(x: Tensor, method: str, w: int, h: int, crop: str) -> Tensor:
+    """Resize (B, C, H, W) to h x w, first cutting the centre to the target's aspect with crop="center"."""
+    if crop == "center":
+        old_h, old_w = x.shape[-2:]
+        if old_w * h > w * old_h:  # too wide
+            keep = round(old_h * w / h)
+            x = x[..., (old_w - keep) // 2 : (old_w - keep) // 2 + keep]
+        else:
+            keep = round(old_w * h / w)
+            x = x[..., (old_h - keep) // 2 : (old_h - keep) // 2 + keep, :]
+    if method == "lanczos":
+        return torch.cat([to_tensor(im.resize((w, h), Image.LANCZOS)) for im in to_pil(x)])
+    return F.interpolate(x, size=(h, w), mode=method)
+
+
+def _crop_to(pixels: Tensor, multiple: int) -> Tensor:
+    h, w = (s // multiple * multiple for s in pixels.shape[-2:])
+    if h == 0 or w == 0:
+        raise NodeError(f"image {pixels.shape[-1]}x{pixels.shape[-2]} is smaller than the VAE's {multiple}px")
+    return pixels[..., :h, :w]
+
+
+# ---------------------------------------------------------------------------------------------
+# image files
+
+
+def load_image(env: Env, image: str) -> tuple[Tensor, Tensor]:
+    """An input image as pixels, and its mask (1 - alpha; zeros without alpha)."""
+    with Image.open(_input_path(env, image)) as im:
+        im = ImageOps.exif_transpose(im)
+        pixels = to_tensor(im.convert("RGB"))
+        alpha = im.convert("RGBA").getchannel("A")
+    return pixels, prepare_mask(alpha, alpha.width, alpha.height, invert=True)
+
+
+def load_image_mask(env: Env, image: str, channel: str) -> tuple[Tensor]:
+    """One channel of an input image as a mask (alpha inverted, as ComfyUI does)."""
+    with Image.open(_input_path(env, image)) as im:
+        band = ImageOps.exif_transpose(im).convert("RGBA").getchannel(MASK_CHANNELS[channel])
+    return (prepare_mask(band, band.width, band.height, invert=channel == "alpha"),)
+
+
+def _input_path(env: Env, name: str) -> Path:
+    return confined(env.folders.inputs, *split_name(name))
+
+
+def save_image(env: Env, images: Tensor, filename_prefix: str) -> Saved:
+    """PNGs `<prefix>_00001_.png`, ... in the output folder (the prefix may name a subfolder)."""
+    return _save(images, env.folders.outputs, filename_prefix, "output")
+
+
+def preview_image(env: Env, images: Tensor) -> Saved:
+    """PNGs in the temp folder, for the client to show."""
+    suffix = "".join(random.choice(string.ascii_lowercase) for _ in range(5))
+    return _save(images, env.folders.temp, f"ComfyUI_temp_{suffix}", "temp")
+
+
+def _save(images: Tensor, root: Path, prefix: str, kind: str) -> Saved:
+    try:
+        subfolder, name = split_name(prefix)
+        folder = confined(root, subfolder, name).parent
+    except PathError as e:
+        raise NodeError(f"Saving image outside the output folder is not allowed ({e})") from e
+    counter = _next_counter(folder, name)
+    saved = []
+    for i, image in enumerate(to_pil(images)):
+        path = save_png(image, folder / f"{name}_{counter + i:05}_.png")
+        saved.append({"filename": path.name, "subfolder": "/".join(relative_parts(subfolder)), "type": kind})
+    return Saved({"images": saved})
+
+
+def _next_counter(folder: Path, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"_(\d+)_.*\.png$")
+    found = [int(m.group(1)) for p in folder.glob("*.png") if (m := pattern.match(p.name))]
+    return max(found, default=0) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry
+
+_SAMPLING = {
+    "sampler_name": (_list(list(SAMPLERS)),),
+    "scheduler": (_list(list(SCHEDULES)),),
+    "positive": ("CONDITIONING",),
+    "negative": ("CONDITIONING",),
+    "latent_image": ("LATENT",),
+}
+_SIZE = {"width": _int(512, 0, MAX_RESOLUTION, 8), "height": _int(512, 0, MAX_RESOLUTION, 8)}
+_LATENT_SIZE = {"width": _int(512, 16, MAX_RESOLUTION, 8), "height": _int(512, 16, MAX_RESOLUTION, 8)}
+
+NODE_TYPES: dict[str, NodeType] = {
+    "CheckpointLoaderSimple": NodeType(
+        {"ckpt_name": (lambda env: list(env.library.checkpoints()),)},
+        ("MODEL", "CLIP", "VAE"),
+        checkpoint_loader,
+        "loaders",
+        "Loads a diffusion model checkpoint.",
+    ),
+    "VAELoader": NodeType(
+        {"vae_name": (lambda env: list(env.library.vaes()),)}, ("VAE",), vae_loader, "loaders", "Loads a VAE."
+    ),
+    "LoraLoader": NodeType(
+        {
+            "model": ("MODEL",),
+            "clip": ("CLIP",),
+            "lora_name": (lambda env: list(env.library.loras()),),
+            "strength_model": _float(1.0, -100.0, 100.0),
+            "strength_clip": _float(1.0, -100.0, 100.0),
+        },
+        ("MODEL", "CLIP"),
+        lora_loader,
+        "loaders",
+        "Applies a LoRA to the model and CLIP.",
+    ),
+    "CLIPSetLastLayer": NodeType(
+        {"clip": ("CLIP",), "stop_at_clip_layer": _int(-1, -24, -1)},
+        ("CLIP",),
+        clip_set_last_layer,
+        "conditioning",
+        "Stops the text encoder at an earlier layer (clip skip).",
+    ),
+    "CLIPTextEncode": NodeType(
+        {"text": ("STRING", {"multiline": True, "dynamicPrompts": True}), "clip": ("CLIP",)},
+        ("CONDITIONING",),
+        clip_text_encode,
+        "conditioning",
+        "Encodes a text prompt (A1111 prompt syntax).",
+    ),
+    "EmptyLatentImage": NodeType(
+        {**_LATENT_SIZE, "batch_size": _int(1, 1, 4096)},
+        ("LATENT",),
+        empty_latent_image,
+        "latent",
+        "An empty latent image to sample from.",
+    ),
+    "KSampler": NodeType(
+        {
+            "model": ("MODEL",),
+            "seed": _int(0, 0, MAX_SEED),
+            "steps": _int(20, 1, 10000),
+            "cfg": _float(8.0, 0.0, 100.0, 0.1),
+            **_SAMPLING,
+            "denoise": _float(1.0, 0.0, 1.0),
+        },
+        ("LATENT",),
+        ksampler,
+        "sampling",
+        "Denoises a latent image.",
+    ),
+    "KSamplerAdvanced": NodeType(
+        {
+            "model": ("MODEL",),
+            "add_noise": (_list(["enable", "disable"]),),
+            "noise_seed": _int(0, 0, MAX_SEED),
+            "steps": _int(20, 1, 10000),
+            "cfg": _float(8.0, 0.0, 100.0, 0.1),
+            **_SAMPLING,
+            "start_at_step": _int(0, 0, 10000),
+            "end_at_step": _int(10000, 0, 10000),
+            "return_with_leftover_noise": (_list(["disable", "enable"]),),
+        },
+        ("LATENT",),
+        ksampler_advanced,
+        "sampling",
+        "Runs part of a sampling schedule.",
+    ),
+    "VAEDecode": NodeType(
+        {"samples": ("LATENT",), "vae": ("VAE",)}, ("IMAGE",), vae_decode, "latent", "Latents to pixels."
+    ),
+    "VAEEncode": NodeType(
+        {"pixels": ("IMAGE",), "vae": ("VAE",)}, ("LATENT",), vae_encode, "latent", "Pixels to latents."
+    ),
+    "VAEEncodeForInpaint": NodeType(
+        {"pixels": ("IMAGE",), "vae": ("VAE",), "mask": ("MASK",), "grow_mask_by": _int(6, 0, 64)},
+        ("LATENT",),
+        vae_encode_for_inpaint,
+        "latent/inpaint",
+        "Encodes an image for inpainting, the masked area greyed out.",
+    ),
+    "SetLatentNoiseMask": NodeType(
+        {"samples": ("LATENT",), "mask": ("MASK",)},
+        ("LATENT",),
+        set_latent_noise_mask,
+        "latent/inpaint",
+        "Limits sampling to the masked area.",
+    ),
+    "LatentUpscale": NodeType(
+        {"samples": ("LATENT",), "upscale_method": (_list(LATENT_UPSCALE),), **_SIZE, "crop": (_list(CROP),)},
+        ("LATENT",),
+        latent_upscale,
+        "latent",
+        "Resizes latents.",
+    ),
+    "ImageScale": NodeType(
+        {"image": ("IMAGE",), "upscale_method": (_list(IMAGE_UPSCALE),), **_SIZE, "crop": (_list(CROP),)},
+        ("IMAGE",),
+        image_scale,
+        "image/upscaling",
+        "Resizes images.",
+    ),
+    "LoadImage": NodeType(
+        {"image": (lambda env: image_files(env.folders.inputs), {"image_upload": True})},
+        ("IMAGE", "MASK"),
+        load_image,
+        "image",
+        "Loads an image from the input folder.",
+    ),
+    "LoadImageMask": NodeType(
+        {
+            "image": (lambda env: image_files(env.folders.inputs), {"image_upload": True}),
+            "channel": (_list(list(MASK_CHANNELS)),),
+        },
+        ("MASK",),
+        load_image_mask,
+        "mask",
+        "Loads one channel of an input image as a mask.",
+    ),
+    "SaveImage": NodeType(
+        {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
+        (),
+        save_image,
+        "image",
+        "Saves images to the output folder.",
+        output_node=True,
+    ),
+    "PreviewImage": NodeType(
+        {"images": ("IMAGE",)}, (), preview_image, "image", "Shows images (temp folder).", output_node=True
+    ),
+}
+
+
+def object_info(env: Env, name: str) -> dict[str, Any]:
+    """A node type described as ComfyUI's GET /object_info does."""
+    node = NODE_TYPES[name]
+    required = {
+        k: ([spec[0](env), *spec[1:]] if callable(spec[0]) else list(spec)) for k, spec in node.inputs.items()
+    }
+    return {
+        "input": {"required": required},
+        "input_order": {"required": list(required)},
+        "output": list(node.outputs),
+        "output_is_list": [False] * len(node.outputs),
+        "output_name": list(node.outputs),
+        "name": name,
+        "display_name": name,
+        "description": node.description,
+        "python_module": "nodes",
+        "category": node.category,
+        "output_node": node.output_node,
+    }

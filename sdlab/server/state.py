@@ -1,0 +1,124 @@
+"""What the routes of both APIs share: folders, models, the job queue and its worker, WebSocket events."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdlab.server.jobs import PENDING, RUNNING, Job, JobStore, Live, Outcome, Worker, log
+from sdlab.server.library import Library, ModelCache
+from sdlab.server.nodes import Env
+from sdlab.server.paths import Folders
+
+Message = dict[str, Any] | bytes
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a server is set up (from `sdlab serve`'s options)."""
+
+    folders: Folders
+    api_key: str | None = None
+    max_queue: int = 100  # pending jobs; more get HTTP 429
+
+
+class Events:
+    """WebSocket messages published from any thread, delivered on each subscriber's event loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: list[tuple[str, asyncio.Queue[Message], asyncio.AbstractEventLoop]] = []
+
+    def subscribe(self, client_id: str) -> asyncio.Queue[Message]:
+        """A queue of the messages for client_id (call on the event loop)."""
+        queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=1024)
+        with self._lock:
+            self._subscribers.append((client_id, queue, asyncio.get_running_loop()))
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Message]) -> None:
+        """Stop delivering to a queue from `subscribe`."""
+        with self._lock:
+            self._subscribers = [s for s in self._subscribers if s[1] is not queue]
+
+    def connected(self, client_id: str) -> bool:
+        """Whether a client with this id has a WebSocket open."""
+        with self._lock:
+            return any(s[0] == client_id for s in self._subscribers)
+
+    def publish(self, message: Message, client_id: str | None = None) -> None:
+        """Send to one client, or to all for client_id None; a client too slow to keep up loses messages."""
+        with self._lock:
+            targets = [s for s in self._subscribers if client_id is None or s[0] == client_id]
+        for _, queue, loop in targets:
+            try:
+                loop.call_soon_threadsafe(_offer, queue, message)
+            except RuntimeError:  # its event loop has closed: the server is stopping
+                self.unsubscribe(queue)
+
+
+def _offer(queue: asyncio.Queue[Message], message: Message) -> None:
+    if not queue.full():
+        queue.put_nowait(message)
+
+
+@dataclass
+class Server:
+    """The shared state of one running server."""
+
+    settings: Settings
+    library: Library
+    models: ModelCache
+    store: JobStore
+    events: Events = field(default_factory=Events)
+    options: dict[str, Any] = field(default_factory=dict)  # A1111 options settable over the API
+    worker: Worker = field(init=False)
+
+    @classmethod
+    def open(cls, settings: Settings, runners: dict[str, Callable[[Server, Job, Live], Outcome]]) -> Server:
+        """Create the folders, open the queue (failing jobs a crash left running) and the worker."""
+        folders = settings.folders
+        folders.create()
+        library = Library(folders.models)
+        store = JobStore(folders.database, settings.max_queue)
+        failed = store.recover()
+        if failed:
+            log.warning(
+                "%d job(s) were running when the server stopped; marked failed: %s", len(failed), failed
+            )
+        server = cls(settings, library, ModelCache(library), store)
+        bound = {kind: _bind(run, server) for kind, run in runners.items()}
+        server.worker = Worker(store, bound, server.queue_changed)
+        server.options = {
+            "sd_model_checkpoint": next(iter(library.checkpoints()), None),
+            "CLIP_stop_at_last_layers": 1,
+        }
+        return server
+
+    @property
+    def folders(self) -> Folders:
+        """The server's folders."""
+        return self.settings.folders
+
+    def env(self, live: Live | None = None) -> Env:
+        """What ComfyUI nodes may use, with the running job's live state."""
+        return Env(self.library, self.models, self.folders, live)
+
+    def queue_remaining(self) -> int:
+        """Jobs pending or running."""
+        return self.store.count((PENDING, RUNNING))
+
+    def status(self) -> dict[str, Any]:
+        """ComfyUI's queue status (the `status` WebSocket message's data)."""
+        return {"status": {"exec_info": {"queue_remaining": self.queue_remaining()}}}
+
+    def queue_changed(self) -> None:
+        """Tell every WebSocket client the new queue status."""
+        self.events.publish({"type": "status", "data": self.status()})
+
+
+def _bind(run: Callable[[Server, Job, Live], Outcome], server: Server) -> Callable[[Job, Live], Outcome]:
+    return lambda job, live: run(server, job, live)
