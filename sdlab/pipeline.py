@@ -21,8 +21,8 @@ from sdlab.diffusion.denoiser import Denoiser, cfg_denoiser
 from sdlab.diffusion.samplers import DISCARD_PENULTIMATE_SIGMA, get_sampler, resolve_sampler
 from sdlab.diffusion.schedule import DiscreteSchedule, get_sigmas
 from sdlab.images import prepare_mask, resize_image, to_pil, to_tensor
-from sdlab.vae_tools import decode_pixels, encode_pixels
 from sdlab.text.prompt import chunk_prompt, encode_chunks, pad_chunks
+from sdlab.vae_tools import decode_pixels, encode_pixels
 
 Callback = Callable[[int, int, Tensor], None]  # (step, total, current denoised latent)
 
