@@ -1,4 +1,4 @@
-"""The FastAPI application: both APIs over one queue, the job routes, the web page and the guard.
+"""The FastAPI application: both APIs over one queue, the job routes, the web UI and the guard.
 
 The guard refuses cross-site requests (an `Origin` that is not the `Host`, so a web page elsewhere
 cannot drive a local server) and, when an API key is set, every request without it: HTTP bearer
@@ -18,14 +18,20 @@ from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sdlab.server import a1111, comfy
+from sdlab.server import a1111, comfy, vae_routes
 from sdlab.server.jobs import PENDING
 from sdlab.server.state import Server, Settings
 
 STATIC = Path(__file__).parent / "static"
-RUNNERS = {"a1111": a1111.run, "comfy": comfy.run}
+RUNNERS = {"a1111": a1111.run, "comfy": comfy.run, vae_routes.KIND: vae_routes.run}
+# the web UI loads nothing from elsewhere (no CDN) and talks only to this server
+UI_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -46,10 +52,12 @@ def create_app(settings: Settings) -> FastAPI:
     comfy_routes = comfy.routes(server)
     app.include_router(comfy_routes)
     app.include_router(comfy_routes, prefix="/api")
+    app.include_router(vae_routes.routes(server))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": UI_POLICY})
 
     @app.get("/sdlab/v1/jobs/{job_id}")
     def job_status(job_id: str) -> dict[str, Any]:

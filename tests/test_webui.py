@@ -1,0 +1,304 @@
+"""The web UI at `/` end to end in headless Chromium, against a live server with the tiny model.
+
+txt2img (gallery parameters, live progress preview, interrupt), img2img with a mask painted on the
+canvas, and the VAE page. The browser may only reach 127.0.0.1: any other request is aborted and fails
+the test, as does any console error (a blocked script or style shows up there). Screenshots are kept in
+pytest's tmp dir and copied to $SDLAB_ARTEFACTS when it is set.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_server_api import MODEL, b64png, folders, serving, unb64, write_models
+
+from sdlab.checkpoints.load import load_model
+from sdlab.server.state import Settings
+from sdlab.vae_tools import roundtrip
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:
+    expect = sync_playwright = None
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # no name but loopback resolves
+]
+PROMPT = "a red apple on a wooden table"
+Shoot = Callable[[Any, str], Path]
+
+
+class Traffic:
+    """What the page asked for: requests it tried to send elsewhere, its POST bodies, console errors."""
+
+    def __init__(self) -> None:
+        self.offsite: list[str] = []
+        self.posts: list[tuple[str, Any]] = []
+        self.errors: list[str] = []
+
+    def route(self, route: Any, request: Any) -> None:
+        if urlsplit(request.url).hostname != "127.0.0.1":
+            self.offsite.append(request.url)
+            route.abort()
+            return
+        if request.method == "POST":
+            self.posts.append((urlsplit(request.url).path, request.post_data_json))
+        route.continue_()
+
+    def console(self, message: Any) -> None:
+        if message.type == "error":
+            self.errors.append(message.text)
+
+    def last_post(self, path: str) -> dict[str, Any]:
+        return [body for p, body in self.posts if p == path][-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_models(tmp_path_factory.mktemp("webui-server"))
+
+
+@pytest.fixture(scope="module")
+def url(models: Path) -> Iterator[str]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared
+    with serving(Settings(folders(models.parent, models))) as base:
+        yield base
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    if sync_playwright is None:
+        pytest.skip("the playwright Python package is not installed (pip install playwright)")
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    try:
+        playwright = sync_playwright().start()
+    except Exception as e:  # the package's bundled driver cannot run here
+        pytest.skip(f"the playwright driver does not start: {e}")
+    context = playwright.chromium.launch_persistent_context(
+        tmp_path_factory.mktemp("chromium-profile"),
+        executable_path=str(CHROMIUM),
+        headless=True,
+        args=CHROMIUM_ARGS,
+        viewport={"width": 1280, "height": 800},
+        service_workers="block",
+    )
+    yield context
+    context.close()
+    playwright.stop()
+
+
+@pytest.fixture
+def page(browser: Any, url: str) -> Iterator[tuple[Any, Traffic]]:
+    """A fresh page on the UI; after the test, no request left loopback and the console shows no error."""
+    traffic = Traffic()
+    page = browser.new_page()
+    page.route("**/*", traffic.route)
+    page.on("console", traffic.console)
+    page.on("pageerror", lambda error: traffic.errors.append(str(error)))
+    page.set_default_timeout(30_000)
+    page.goto(url)
+    expect(page.locator("#model option")).not_to_have_count(0)  # the lists are loaded
+    yield page, traffic
+    page.close()
+    assert traffic.offsite == [], "the page tried to reach beyond 127.0.0.1"
+    assert traffic.errors == []
+
+
+@pytest.fixture(scope="module")
+def shoot(tmp_path_factory: pytest.TempPathFactory) -> Shoot:
+    """`shoot(page, name)`: a screenshot in the tmp dir, copied to $SDLAB_ARTEFACTS when set."""
+    folder = tmp_path_factory.mktemp("webui-screenshots")
+
+    def take(page: Any, name: str) -> Path:
+        path = folder / f"webui-{name}.png"
+        page.screenshot(path=path)
+        if os.environ.get("SDLAB_ARTEFACTS"):
+            Path(os.environ["SDLAB_ARTEFACTS"]).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, os.environ["SDLAB_ARTEFACTS"])
+        return path
+
+    return take
+
+
+def picture(path: Path, size: tuple[int, int]) -> Path:
+    """A colourful test picture: a red-green gradient with a blue square."""
+    w, h = size
+    x, y = np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h))
+    rgb = np.stack([x, y, np.full_like(x, 60)], axis=-1).astype(np.uint8)
+    rgb[h // 4 : h // 2, w // 4 : w // 2] = (30, 60, 220)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def decode(data_url: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+
+
+def settings(page: Any, size: int = 64, steps: int = 3, seed: int = 1234) -> None:
+    page.select_option("#model", label=Path(MODEL).stem)
+    for field, value in (("#width", size), ("#height", size), ("#steps", steps), ("#seed", seed)):
+        page.fill(field, str(value))
+
+
+# ---------------------------------------------------------------------------------------------
+# the routes behind the page (no browser)
+
+
+def test_vae_roundtrip_route_answers_what_vae_tools_computes(url: str, models: Path, tmp_path: Path) -> None:
+    image = Image.open(picture(tmp_path / "vae.png", (65, 49)))
+    expected = roundtrip(load_model(models / MODEL), image)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        answer = client.post("/sdlab/v1/vae/roundtrip", json={"image": b64png(image), "model": MODEL})
+        assert answer.status_code == 200, answer.text
+        r = answer.json()
+        assert client.post("/sdlab/v1/vae/roundtrip", json={"image": "not base64!"}).status_code == 422
+        tiny = b64png(Image.new("RGB", (1, 1)))
+        assert client.post("/sdlab/v1/vae/roundtrip", json={"image": tiny}).status_code == 422
+        unknown = client.post("/sdlab/v1/vae/roundtrip", json={"image": tiny, "model": "../tiny.safetensors"})
+        assert unknown.status_code == 404
+        page = client.get("/")
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
+    assert (r["latent_shape"], r["size"], r["compression_ratio"]) == ([4, 24, 32], [64, 48], 3.0)
+    assert r["psnr_db"] == pytest.approx(expected.psnr_db) and "cropped 65x49 to 64x48" in r["note"]
+    assert np.array_equal(np.asarray(unb64(r["reconstruction"])), np.asarray(expected.reconstruction))
+    channels = [np.asarray(unb64(c)) for c in r["channels"]]
+    assert [(c.shape, c.min(), c.max()) for c in channels] == [((24, 32), 0, 255)] * 4  # each normalised
+    assert all(low < high for low, high in r["channel_ranges"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the page in Chromium
+
+
+def test_layout_fits_and_every_control_is_labelled(page: tuple[Any, Traffic], shoot: Shoot) -> None:
+    page, _ = page
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    unlabelled = page.evaluate(
+        """[...document.querySelectorAll('input, select, textarea, canvas')]
+            .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))
+            .map(e => e.id)"""
+    )
+    assert unlabelled == []
+    assert page.get_by_role("tab", name="Generate").get_attribute("aria-selected") == "true"
+    shoot(page, "start")
+
+
+def test_txt2img_shows_the_image_with_its_parameters(page: tuple[Any, Traffic], shoot: Shoot) -> None:
+    page, traffic = page
+    settings(page)
+    page.fill("#prompt", PROMPT)
+    page.get_by_role("button", name="Generate").click()
+    card = page.locator("#gallery .card")
+    expect(card).to_have_count(1)
+    expect(card.locator("pre")).to_contain_text(PROMPT)
+    expect(card.locator("pre")).to_contain_text("Seed: 1234")
+    expect(card.locator("pre")).to_contain_text("Steps: 3")
+    assert card.locator("img").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [64, 64]
+    expect(page.locator("#progress-text")).to_contain_text("1 image in")
+    card.get_by_role("button", name="Reuse seed").click()
+    expect(page.locator("#seed")).to_have_value("1234")
+    card.get_by_role("button", name="To img2img").click()
+    expect(page.locator("#init-box")).to_be_visible()
+    body = traffic.last_post("/sdapi/v1/txt2img")
+    assert body["override_settings"]["sd_model_checkpoint"].startswith(MODEL)
+    assert (body["width"], body["steps"], body["sampler_name"]) == (64, 3, "Euler a")
+    shoot(page, "txt2img")  # with the image sent to img2img
+
+
+def test_progress_shows_a_live_preview_and_interrupt_stops(page: tuple[Any, Traffic], shoot: Shoot) -> None:
+    page, _ = page
+    settings(page, steps=100)
+    page.fill("#prompt", "a slow one")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#preview")).to_be_visible()
+    assert page.locator("#preview").get_attribute("src").startswith("data:image/png;base64,")
+    assert float(page.locator("#progress").evaluate("p => p.value")) > 0
+    expect(page.locator("#progress-text")).to_contain_text("Step ")
+    shoot(page, "progress")
+    page.get_by_role("button", name="Interrupt").click()
+    expect(page.locator("#progress-text")).to_contain_text("Interrupted")
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    expect(page.locator("#gallery .card")).to_have_count(0)
+
+
+def test_img2img_with_a_painted_mask(page: tuple[Any, Traffic], shoot: Shoot, tmp_path: Path) -> None:
+    page, traffic = page
+    settings(page, size=256, seed=77)  # the init image's size replaces these
+    page.set_input_files("#init-file", picture(tmp_path / "init.png", (64, 64)))
+    expect(page.locator("#init-box")).to_be_visible()
+    expect(page.locator("#width")).to_have_value("64")
+    canvas = page.get_by_label("Inpainting mask: paint over the parts to repaint")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.5, steps=8)
+    page.mouse.up()
+    shoot(page, "img2img-mask")
+    page.fill("#prompt", "an apple, repainted")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#gallery .card")).to_have_count(1)
+    params = page.locator("#gallery .card pre")
+    expect(params).to_contain_text("Denoising strength: 0.75")
+    expect(params).to_contain_text("Mask blur")  # A1111 writes it only for inpainting
+    expect(params).to_contain_text("Seed: 77")
+    body = traffic.last_post("/sdapi/v1/img2img")
+    assert decode(body["init_images"][0]).size == (64, 64)
+    mask = np.asarray(decode(body["mask"]).convert("L"))
+    assert mask.shape == (64, 64) and mask[32, 32] == 255 and mask[2, 2] == 0  # the stroke, not elsewhere
+    assert (body["width"], body["height"]) == (64, 64)
+    shoot(page, "img2img")
+
+
+def test_vae_page_shows_reconstruction_channels_and_psnr(
+    page: tuple[Any, Traffic], shoot: Shoot, tmp_path: Path
+) -> None:
+    page, _ = page
+    page.get_by_role("tab", name="VAE").click()
+    expect(page.locator("#page-vae")).to_be_visible()
+    expect(page.locator("#page-generate")).to_be_hidden()
+    page.set_input_files("#vae-file", picture(tmp_path / "vae.png", (65, 49)))
+    expect(page.locator("#vae-results")).to_be_visible()
+    expect(page.locator("#vae-note")).to_contain_text("cropped 65x49 to 64x48")  # the tiny VAE: even sides
+    stats = page.locator("#vae-stats .stat")
+    expect(stats.filter(has_text="Latent")).to_contain_text("4×24×32 = 3,072 numbers")
+    expect(stats.filter(has_text="Compression")).to_contain_text("3.0× fewer")
+    expect(stats.filter(has_text="PSNR")).to_have_text(re.compile(r"PSNR\s*\d+\.\d\d dB"))
+    images = page.locator("#vae-results img")
+    expect(images).to_have_count(6)  # original, reconstruction, 4 channels
+    sizes = images.evaluate_all("imgs => imgs.map(i => i.complete && [i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[65, 49], [64, 48]] + [[32, 24]] * 4
+    expect(page.locator("#vae-channels figcaption")).to_have_count(4)
+    assert page.locator("#vae-difference").evaluate("c => [c.width, c.height]") == [64, 48]
+    shoot(page, "vae")
