@@ -118,7 +118,7 @@ class LoRAModule(nn.Module):
         else:
             self.lora_down = nn.Linear(base.in_features, rank, bias=False)
             self.lora_up = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.zeros_(self.lora_up.weight)  # starts as the identity update; down keeps nn's kaiming init
+        nn.init.zeros_(self.lora_up.weight)  # a zero update at first; down keeps nn default init
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.scale = alpha / rank
         self.multiplier = 1.0
@@ -145,7 +145,7 @@ class LoRANetwork(nn.Module):
         self._hooks = []
         for name, layer in targets.items():
             r, a = (conv_rank, conv_alpha) if _is_conv3x3(layer) and conv_rank else (rank, alpha)
-            lora = LoRAModule(layer, r, rank if a is None else a)
+            lora = LoRAModule(layer, r, r if a is None else a)
             self.add_module(name, lora)
             self._hooks.append(
                 layer.register_forward_hook(lambda m, args, out, lora=lora: out + lora(args[0]))
