@@ -150,6 +150,9 @@ def generate(
         req = replace(req, sampler=sampler_name, scheduler=schedule_name or "normal")
         sigmas = sampling_sigmas(model, sampler_name, req.scheduler, req.steps)
         init, keep, extra = None, None, {}
+        if req.init_image is None and model.config.unet.in_channels == 9:
+            blank = torch.zeros(1, 3, req.height, req.width)
+            extra = _inpaint_conditioning(model, blank, torch.ones_like(blank[:, :1]), req.batch_size)
         if req.init_image is not None:
             init, keep, extra = _image_conditioning(model, req, req.batch_size)
             t_enc = int(min(req.strength, 0.999) * req.steps)
@@ -157,7 +160,7 @@ def generate(
         x = noise * sigmas[0] if init is None else init + noise * sigmas[0]
         guidance = Guidance(cond, uncond, req.cfg_scale, extra)
         samples = sample(model, x, sigmas, guidance, sampler_name, seeds, init, keep, callback)
-        images = decode(model, samples)
+        images = _overlay(decode(model, samples), req)
     return GenerationResult(images, seeds, req, samples)
 
 
@@ -236,19 +239,40 @@ def _image_conditioning(
     image = to_tensor(resize_image(req.init_image, req.width, req.height, req.resize_mode))
     gen = torch.Generator("cpu").manual_seed(req.seed)
     init = _latents_of(model, image, gen).expand(batch, -1, -1, -1)
-    if req.mask is None:
-        if model.config.unet.in_channels == 9:  # inpainting model used for img2img: nothing masked
-            zeros = torch.zeros_like(init[:, :1])
-            return init, None, {"c_concat": torch.cat([zeros, init], dim=1)}
-        return init, None, {}
-    mask = prepare_mask(req.mask, req.width, req.height, req.mask_blur, req.inpainting_mask_invert)
-    latent_mask = F.interpolate(mask, size=init.shape[-2:], mode="bilinear", align_corners=False).to(init)
+    mask = _request_mask(req)
     if model.config.unet.in_channels == 9:
-        hard = mask.round()
-        masked = _latents_of(model, image * (1 - hard), None).expand(batch, -1, -1, -1)
-        c_mask = F.interpolate(hard, size=init.shape[-2:], mode="nearest").to(init).expand(batch, -1, -1, -1)
-        return init, None, {"c_concat": torch.cat([c_mask, masked], dim=1)}
+        hard = torch.ones_like(image[:, :1]) if mask is None else mask.round()
+        return init, None, _inpaint_conditioning(model, image, hard, batch)
+    if mask is None:
+        return init, None, {}
+    latent_mask = F.interpolate(mask, size=init.shape[-2:], mode="bilinear", align_corners=False).to(init)
     return init, 1 - latent_mask, {}
+
+
+def _request_mask(req: GenerationRequest) -> Tensor | None:
+    """The request's repaint mask (1, 1, H, W) in [0, 1], blurred and inverted as asked."""
+    if req.mask is None:
+        return None
+    return prepare_mask(req.mask, req.width, req.height, req.mask_blur, req.inpainting_mask_invert)
+
+
+def _inpaint_conditioning(
+    model: StableDiffusion, image: Tensor, hard: Tensor, batch: int
+) -> dict[str, Tensor]:
+    """c_concat of a 9-channel inpainting U-Net: the repaint mask at latent size and the latents of the
+    image with the repainted part blanked (A1111, diffusers); txt2img passes a blank image, all masked."""
+    masked = _latents_of(model, image * (1 - hard), None)
+    c_mask = F.interpolate(hard, size=masked.shape[-2:], mode="nearest").to(masked)
+    return {"c_concat": torch.cat([c_mask, masked], dim=1).expand(batch, -1, -1, -1)}
+
+
+def _overlay(images: list[Image.Image], req: GenerationRequest) -> list[Image.Image]:
+    """Paste the init image back outside the (blurred) mask, as A1111 does after inpainting."""
+    mask = _request_mask(req)
+    if mask is None or req.init_image is None:
+        return images
+    init = to_tensor(resize_image(req.init_image, req.width, req.height, req.resize_mode))
+    return [to_pil(init * (1 - mask) + to_tensor(im) * mask)[0] for im in images]
 
 
 def _blend_denoised(denoiser: Callable[..., Tensor], init: Tensor, keep: Tensor) -> Callable[..., Tensor]:

@@ -130,3 +130,18 @@ def test_png_parameters_round_trip(models: dict[str, StableDiffusion], tmp_path:
     assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras"
     assert params["Seed"] == "7" and params["Size"] == "32x40" and params["Steps"] == "4"
     assert params["Model"] == "sd1" and len(params["Model hash"]) == 10
+
+
+def test_inpainting_pastes_the_original_outside_the_mask(models: dict[str, StableDiffusion]) -> None:
+    init = Image.new("RGB", (32, 40), (30, 80, 200))
+    mask = Image.new("L", (32, 40), 0)
+    mask.paste(255, (0, 0, 16, 40))
+    out = generate(models["sd1"], _req(init_image=init, mask=mask, mask_blur=0))
+    pixels = out.images[0].load()
+    assert all(pixels[x, y] == (30, 80, 200) for x in range(16, 32) for y in range(40))
+    assert any(pixels[x, y] != (30, 80, 200) for x in range(16) for y in range(40))
+
+
+def test_inpainting_unet_txt2img_gets_a_blank_all_masked_image(models: dict[str, StableDiffusion]) -> None:
+    out = generate(models["inpaint"], _req())
+    assert torch.isfinite(out.latents).all() and out.images[0].size == (32, 40)
