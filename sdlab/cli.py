@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from sdlab.checkpoints.io import CheckpointError
 from sdlab.images import RESIZE_MODES
 from sdlab.server import add_serve_parser
+from sdlab.train.cli import add_train_parser
 from sdlab.train.evaluate import add_eval_parser
 from sdlab.vae_tools import add_vae_parser
 
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_vae_parser(sub)
     add_eval_parser(sub)
+    add_train_parser(sub)
 
     p = sub.add_parser("png-info", help="print the generation parameters stored in a PNG")
     p.add_argument("image")
