@@ -18,6 +18,12 @@ pytestmark = pytest.mark.slow
 TOL = 1e-4
 
 
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def files(request: pytest.FixtureRequest, real_size_files) -> tuple[str, Path, Path]:
+    """(family, single-file checkpoint, diffusers config folder) at the real shapes."""
+    return (request.param, *real_size_files(request.param))
+
+
 def _inputs(model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {
