@@ -1,11 +1,25 @@
 """The VAE as a tool of its own: tiled encode/decode, latent files, and round-trip reports.
 
-Tiling: the image (or latent) is cut into overlapping tiles on the latent grid, each tile runs through
-the VAE alone, and the overlaps are blended with linear (feathered) weights, so there are no seams and
-memory stays bounded (the approach of diffusers' `tiled_decode` and ComfyUI's `tiled_scale`). The outer
-quarter of each overlap is discarded, so where the network is local (its convolutions) tiles match the
-whole image. They still differ because every GroupNorm and the mid-block self-attention see only their
-tile: a smooth per-tile shift, not a seam, whose size depends on the weights (large with random ones).
+Tiling bounds the memory of the full-resolution layers. The image (or latent) is cut into overlapping
+tiles on the latent grid and the outputs are blended with linear (feathered) weights that are 0 over the
+outer quarter of each overlap (the pixels that saw the tile's zero padding), as diffusers' `tiled_decode`
+and ComfyUI's `tiled_scale` do. Unlike them, the tiles do not each run the whole VAE:
+
+- The middle block (its self-attention mixes the whole map) runs once on the whole latent-resolution map:
+  in decode on the latent itself, before the upsampling path; in encode on the stitched output of the
+  downsampling path, followed by the output layers. Only the up- and downsampling paths are tiled.
+- The tiled path runs layer by layer in lockstep over all tiles (as the Tiled VAE of A1111's
+  multidiffusion-upscaler). At each GroupNorm, the per-group mean and variance are those of the union of
+  the tiles' cores (each tile owns the cells nearer its centre, so every pixel counts once), summed in
+  float64; every tile is then normalised with them, overlap included. Between layers the tiles wait on an
+  `offload` device (the CPU by default) and move to the VAE's device one at a time.
+
+So tiles differ from the whole image only through their zero padding, which reaches inwards one pixel per
+3x3 conv: with margins wider than the tiled path's receptive field the result is the untiled one up to
+float32 rounding; with narrower ones a small error remains near tile borders and in the statistics. The
+middle block needs the whole latent-resolution map on the VAE's device (small next to the full-resolution
+layers); the tiles' waiting activations (a layer and the input kept for its residual, overlaps counted
+in every tile) take about as much on `offload` as the untiled VAE's largest layers.
 
 Image sides must be multiples of the VAE's downscale (8 for SD): other sizes are cropped down to the
 nearest multiple, dropping the last rows/columns, so every kept pixel is compared one to one in a round
@@ -18,20 +32,20 @@ import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from sdlab.checkpoints.detect import detect_vae
 from sdlab.checkpoints.io import read_metadata, read_state_dict, write_safetensors
-from sdlab.checkpoints.load import StableDiffusion, build_module, read_checkpoint, read_vae
+from sdlab.checkpoints.load import StableDiffusion, build_module, read_checkpoint, read_vae, resolve_model
 from sdlab.config import VAEConfig
 from sdlab.images import save_png, to_pil, to_tensor
-from sdlab.models.vae import AutoencoderKL, DiagonalGaussian
+from sdlab.models.vae import AutoencoderKL, Decoder, DiagonalGaussian, Encoder, Level, ResnetBlock
 
 TILE_ABOVE_PIXELS = 1024 * 1024  # automatic tiling for images larger than this
 DECODE_TILE, DECODE_OVERLAP = 64, 16  # latent pixels (512 and 128 image pixels for SD)
@@ -63,58 +77,261 @@ def _ramp(length: int, overlap: int, left: bool, right: bool) -> Tensor:
     return w
 
 
-def _run_tiled(fn: Callable[[Tensor], Tensor], x: Tensor, grid: int, tile: int, overlap: int) -> Tensor:
-    """Apply `fn` tile by tile on a latent grid and blend the outputs with feathered weights.
+@dataclass(frozen=True)
+class _Tile:
+    """One tile on the latent grid, in grid cells: `rows`/`cols` are [start, stop) of the tile and
+    `core_rows`/`core_cols` of the part it owns, the cells nearer its centre than any neighbour's (where
+    its blend weight dominates), so the cores of all tiles partition the grid."""
 
-    `x` spans the grid with `grid` input pixels per grid cell (1 for latents, the downscale for images);
-    `fn` maps a tile to `s` output pixels per cell, the same `s` for every tile.
-    """
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    core_rows: tuple[int, int]
+    core_cols: tuple[int, int]
+    shared: tuple[bool, bool, bool, bool]  # top, bottom, left, right edge shared with a neighbour
+
+    def crop(self, x: Tensor, s: int) -> Tensor:
+        """The tile's part of `x`, a map with `s` pixels per grid cell."""
+        (y0, y1), (x0, x1) = self.rows, self.cols
+        return x[..., y0 * s : y1 * s, x0 * s : x1 * s]
+
+    def core(self, piece: Tensor) -> Tensor:
+        """The core of a tile-sized map `piece` (any whole number of pixels per grid cell)."""
+        s = piece.shape[-1] // (self.cols[1] - self.cols[0])
+        (y0, y1), (x0, x1) = self.core_rows, self.core_cols
+        top, left = self.rows[0], self.cols[0]
+        return piece[..., (y0 - top) * s : (y1 - top) * s, (x0 - left) * s : (x1 - left) * s]
+
+
+def _spans(n: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """(start, stop, core start, core stop) of the tiles along one side; cores meet mid-overlap."""
+    starts = _starts(n, tile, overlap)
+    t = min(tile, n)
+    cuts = [0, *((a + t + b) // 2 for a, b in zip(starts, starts[1:], strict=False)), n]
+    return [(a, a + t, cuts[i], cuts[i + 1]) for i, a in enumerate(starts)]
+
+
+def _grid(h: int, w: int, tile: int, overlap: int) -> list[_Tile]:
+    """The tiles covering an `h` x `w` grid, row by row."""
     if not 0 < overlap < tile:
         raise ValueError(f"tile overlap must be in (0, tile): got tile {tile}, overlap {overlap}")
-    h, w = x.shape[-2] // grid, x.shape[-1] // grid
-    th, tw = min(tile, h), min(tile, w)
+    return [
+        _Tile((r0, r1), (c0, c1), (cr0, cr1), (cc0, cc1), (r0 > 0, r1 < h, c0 > 0, c1 < w))
+        for r0, r1, cr0, cr1 in _spans(h, tile, overlap)
+        for c0, c1, cc0, cc1 in _spans(w, tile, overlap)
+    ]
+
+
+def _blend(tiles: list[_Tile], pieces: list[Tensor], overlap: int) -> Tensor:
+    """Stitch the tiles' outputs (each `s` pixels per grid cell) with feathered weights."""
+    h, w = tiles[-1].rows[1], tiles[-1].cols[1]
     out = weights = None
-    for y in _starts(h, th, overlap):
-        for x0 in _starts(w, tw, overlap):
-            piece = fn(x[..., y * grid : (y + th) * grid, x0 * grid : (x0 + tw) * grid])
-            s = piece.shape[-1] // tw  # output pixels per grid cell
-            if out is None:
-                out = piece.new_zeros((*piece.shape[:-2], h * s, w * s))
-                weights = piece.new_zeros((h * s, w * s))
-            mask = torch.outer(
-                _ramp(th * s, overlap * s, y > 0, y + th < h), _ramp(tw * s, overlap * s, x0 > 0, x0 + tw < w)
-            ).to(piece)
-            out[..., y * s : (y + th) * s, x0 * s : (x0 + tw) * s] += piece * mask
-            weights[y * s : (y + th) * s, x0 * s : (x0 + tw) * s] += mask
+    for t, piece in zip(tiles, pieces, strict=True):
+        th, tw = t.rows[1] - t.rows[0], t.cols[1] - t.cols[0]
+        s = piece.shape[-1] // tw  # output pixels per grid cell
+        if out is None:
+            out = piece.new_zeros((*piece.shape[:-2], h * s, w * s))
+            weights = piece.new_zeros((h * s, w * s))
+        top, bottom, left, right = t.shared
+        mask = torch.outer(
+            _ramp(th * s, overlap * s, top, bottom), _ramp(tw * s, overlap * s, left, right)
+        ).to(piece)
+        t.crop(out, s).add_(piece * mask)
+        t.crop(weights, s).add_(mask)
     return out / weights
 
 
-def _moments(vae: AutoencoderKL, x: Tensor) -> Tensor:
-    """Pixels -> posterior mean and log-variance stacked on channels, the form tiles are blended in."""
-    posterior = vae.encode(x)
-    return torch.cat([posterior.mean, posterior.logvar], dim=1)
+# The tiled part of the network as a flat program run in lockstep over the tiles. Each tile's state is a
+# stack of tensors: the top is the running activation, below it inputs kept for a residual. An op is a
+# module or function applied to the top, `_KEEP` (push the top again, for a residual) or a `_Residual`;
+# every `nn.GroupNorm` is a synchronisation point where all tiles share one set of statistics.
+_KEEP = "keep"
+
+
+@dataclass(frozen=True)
+class _Residual:
+    """Pop the branch `h` and the kept input `x`; push `shortcut(x) + h` (as `ResnetBlock.forward`)."""
+
+    shortcut: nn.Module | None
+
+
+_Op = nn.Module | Callable[[Tensor], Tensor] | _Residual | str
+
+
+def _resnet_ops(block: ResnetBlock) -> list[_Op]:
+    shortcut = block.nin_shortcut if hasattr(block, "nin_shortcut") else None
+    return [
+        _KEEP,
+        block.norm1,
+        F.silu,
+        block.conv1,
+        block.norm2,
+        F.silu,
+        block.dropout,
+        block.conv2,
+        _Residual(shortcut),
+    ]
+
+
+def _level_ops(level: Level) -> list[_Op]:
+    """`Level.forward`: its ResNets, then the resampling (its `attn` list is never run)."""
+    ops = [op for block in level.block for op in _resnet_ops(block)]
+    return ops if level.resample_name is None else [*ops, getattr(level, level.resample_name)]
+
+
+def _encoder_ops(encoder: Encoder) -> list[_Op]:
+    """`Encoder.forward` up to the middle block: pixels to the lowest-resolution features."""
+    return [encoder.conv_in, *(op for level in encoder.down for op in _level_ops(level))]
+
+
+def _decoder_ops(decoder: Decoder) -> list[_Op]:
+    """`Decoder.forward` after the middle block: lowest-resolution features to pixels."""
+    ops = [op for level in reversed(decoder.up) for op in _level_ops(level)]
+    return [*ops, decoder.norm_out, F.silu, decoder.conv_out]
+
+
+def _step(op: _Op, stack: list[Tensor]) -> None:
+    if isinstance(op, str):  # _KEEP
+        stack.append(stack[-1])
+    elif isinstance(op, _Residual):
+        h, x = stack.pop(), stack.pop()
+        stack.append((x if op.shortcut is None else op.shortcut(x)) + h)
+    else:
+        stack[-1] = op(stack[-1])
+
+
+def _move(stack: list[Tensor], device: torch.device) -> list[Tensor]:
+    """The stack on `device`, a tensor held twice (kept for a residual) moved once."""
+    moved: dict[int, Tensor] = {}
+    for t in stack:
+        if id(t) not in moved:
+            moved[id(t)] = t.to(device)
+    return [moved[id(t)] for t in stack]
+
+
+def _norm_sums(x: Tensor) -> Tensor:
+    """Per sample and channel: element count, sum and sum of squares of `x`, float64, shape (3, B, C).
+
+    The channel mean and the squares about it are summed in float32 (two passes, so no cancellation),
+    then turned into plain sums in float64, where adding tiles and groups loses nothing.
+    """
+    x = x.float()
+    n = x.shape[-2] * x.shape[-1]
+    mean = x.mean((-2, -1), keepdim=True)
+    centred = torch.linalg.vector_norm(x - mean, dim=(-2, -1)).double().square()
+    mean = mean[..., 0, 0].double()
+    return torch.stack([torch.full_like(mean, n), n * mean, centred + n * mean.square()])
+
+
+def _group_norm(x: Tensor, norm: nn.GroupNorm, sums: Tensor) -> Tensor:
+    """`norm(x)` with the mean and variance of `sums` (added `_norm_sums`) instead of x's own, computed
+    in float32 whatever x's dtype (as `GroupNorm32`)."""
+    b, c = x.shape[:2]
+    count, total, squares = sums.to(x.device).view(3, b, norm.num_groups, -1).sum(-1)
+    mean = total / count
+    rstd = torch.rsqrt((squares / count - mean.square()).clamp_min(0) + norm.eps)  # (B, G)
+    scale = rstd.repeat_interleave(c // norm.num_groups, dim=1)  # (B, C)
+    shift = -mean.repeat_interleave(c // norm.num_groups, dim=1) * scale
+    if norm.affine:
+        scale, shift = scale * norm.weight.double(), shift * norm.weight.double() + norm.bias.double()
+    y = torch.addcmul(shift.float()[..., None, None], x.float(), scale.float()[..., None, None])
+    return y.to(x.dtype)
+
+
+def _lockstep(
+    ops: list[_Op], tiles: list[_Tile], inputs: list[Tensor], device: torch.device, offload: torch.device
+) -> list[Tensor]:
+    """Run `ops` on every tile's input, layer by layer across the tiles, and return the outputs.
+
+    At each GroupNorm every tile is normalised (overlap included) with the statistics of the union of the
+    tiles' cores, a partition of the image, so each pixel is counted once and the statistics are those
+    of the whole image wherever the cores are beyond the reach of the tiles' borders. Between
+    synchronisation points the tiles' states wait on `offload`; one tile at a time is on `device`.
+    """
+    segments: list[list[_Op]] = [[]]
+    for op in ops:
+        if isinstance(op, nn.GroupNorm):
+            segments.append([])
+        segments[-1].append(op)
+    states = [[piece.to(offload)] for piece in inputs]
+    sums = None
+    for i, segment in enumerate(segments):
+        following = segments[i + 1][0] if i + 1 < len(segments) else None  # the next GroupNorm
+        new_sums = None
+        for k, tile in enumerate(tiles):
+            stack = _move(states[k], device)
+            for op in segment:
+                if isinstance(op, nn.GroupNorm):
+                    stack[-1] = _group_norm(stack[-1], op, sums)
+                else:
+                    _step(op, stack)
+            if following is not None:
+                part = _norm_sums(tile.core(stack[-1]))
+                new_sums = part if new_sums is None else new_sums + part
+            states[k] = _move(stack, offload)
+            del stack  # before the next tile comes to `device`
+        sums = new_sums
+    return [state[-1] for state in states]
+
+
+def _offload_device(offload: torch.device | str | None, device: torch.device) -> torch.device:
+    return device if offload is None else torch.device(offload)
 
 
 @torch.no_grad()
 def decode_tiled(
-    vae: AutoencoderKL, z: Tensor, tile: int = DECODE_TILE, overlap: int = DECODE_OVERLAP
+    vae: AutoencoderKL,
+    z: Tensor,
+    tile: int = DECODE_TILE,
+    overlap: int = DECODE_OVERLAP,
+    offload: torch.device | str | None = "cpu",
 ) -> Tensor:
-    """Decode VAE latents (unscaled) to pixels in tiles of `tile` latent pixels overlapping by `overlap`."""
-    return _run_tiled(vae.decode, z, 1, tile, overlap)
+    """Decode VAE latents (unscaled) to pixels in tiles of `tile` latent pixels overlapping by `overlap`.
+
+    The middle block runs on the whole latent; the upsampling path runs tile by tile with shared
+    GroupNorm statistics, the tiles waiting on `offload` (None: the VAE's device) between layers.
+    """
+    param = next(vae.parameters())
+    dec = vae.decoder
+    tiles = _grid(z.shape[-2], z.shape[-1], tile, overlap)
+    h = dec.mid(dec.conv_in(vae.post_quant_conv(z.to(param))))
+    device = param.device
+    pieces = _lockstep(
+        _decoder_ops(dec), tiles, [t.crop(h, 1) for t in tiles], device, _offload_device(offload, device)
+    )
+    del h
+    return _blend(tiles, pieces, overlap).to(device)
 
 
 @torch.no_grad()
 def encode_tiled(
-    vae: AutoencoderKL, x: Tensor, tile: int = ENCODE_TILE, overlap: int = ENCODE_OVERLAP
+    vae: AutoencoderKL,
+    x: Tensor,
+    tile: int = ENCODE_TILE,
+    overlap: int = ENCODE_OVERLAP,
+    offload: torch.device | str | None = "cpu",
 ) -> DiagonalGaussian:
-    """Encode pixels to the posterior in tiles of `tile` image pixels overlapping by `overlap`."""
+    """Encode pixels to the posterior in tiles of `tile` image pixels overlapping by `overlap`.
+
+    The downsampling path runs tile by tile with shared GroupNorm statistics (the tiles waiting on
+    `offload` between layers); the stitched lowest-resolution features go through the middle block and
+    the output layers whole.
+    """
     f = vae.cfg.downscale
     if x.shape[-2] % f or x.shape[-1] % f or tile % f or overlap % f:
         raise ValueError(
             f"tiled encode needs image sides, tile and overlap in multiples of {f}: "
             f"image {x.shape[-1]}x{x.shape[-2]}, tile {tile}, overlap {overlap}"
         )
-    return DiagonalGaussian(_run_tiled(partial(_moments, vae), x, f, tile // f, overlap // f))
+    param = next(vae.parameters())
+    enc, device = vae.encoder, param.device
+    tiles = _grid(x.shape[-2] // f, x.shape[-1] // f, tile // f, overlap // f)
+    x = x.to(param)
+    pieces = _lockstep(
+        _encoder_ops(enc), tiles, [t.crop(x, f) for t in tiles], device, _offload_device(offload, device)
+    )
+    h = enc.mid(_blend(tiles, pieces, overlap // f).to(device))
+    del pieces
+    return DiagonalGaussian(vae.quant_conv(enc.conv_out(F.silu(enc.norm_out(h)))))
 
 
 def _wants_tiles(tiled: bool | None, pixels: int) -> bool:
@@ -300,28 +517,18 @@ def roundtrip(
 # command line (`sdlab vae ...`; registered by sdlab.cli through `add_vae_parser`)
 
 
-def _default_model() -> Path:
-    """The configured default checkpoint, or a ValueError asking for -m."""
-    from sdlab.checkpoints import load
-
-    find = getattr(load, "default_model_path", None)  # not every build of sdlab has a default model yet
-    path = find() if find is not None else None
-    if path is None or not Path(path).exists():
-        raise ValueError("no default model found; pass a checkpoint with -m/--model or a VAE file with --vae")
-    return Path(path)
-
-
 def load_vae(model: str | Path | None = None, vae: str | Path | None = None) -> AutoencoderKL:
     """The VAE of a checkpoint (the default one when neither is given), or of a standalone VAE file.
 
-    A standalone file alone gets the SD1/SD2 scale factor (shapes cannot tell an SDXL VAE apart);
-    with `model` too, it takes that model's scale factor.
+    `model` is anything `sdlab generate -m` takes (a file, a folder, an installed model's name). A
+    standalone file alone gets the SD1/SD2 scale factor (shapes cannot tell an SDXL VAE apart); with
+    `model` too, it takes that model's scale factor.
     """
     if model is None and vae is not None:
         sd, what = read_vae(vae), str(vae)
         cfg = detect_vae(sd, what)
     else:
-        ckpt = read_checkpoint(model if model is not None else _default_model())
+        ckpt = read_checkpoint(resolve_model(model))
         if vae is not None:
             ckpt.vae = read_vae(vae)
         cfg, sd, what = ckpt.detect().vae, ckpt.vae, str(vae or ckpt.source)
