@@ -23,9 +23,9 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from sdlab.checkpoints.load import describe, read_checkpoint
+    from sdlab.checkpoints.load import describe, read_checkpoint, resolve_model
 
-    print(describe(read_checkpoint(args.model)))
+    print(describe(read_checkpoint(resolve_model(args.model))))
     return 0
 
 
@@ -145,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("info", help="describe a checkpoint: family, prediction type, parameters, dtype")
-    p.add_argument("model", help="a .safetensors/.ckpt file or a diffusers folder")
+    p.add_argument(
+        "model", nargs="?", help="a .safetensors/.ckpt file, a diffusers folder or a model name (default: sdlab-mini)"
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="convert between a single-file checkpoint and a diffusers folder")

@@ -160,6 +160,7 @@ __all__ = [
     "transformers_clip",
     "randomize",
     "max_diff",
+    "write_diffusers_config",
 ]
 
 
@@ -168,14 +169,11 @@ def write_real_size_files(family: str, folder: Path) -> tuple[Path, Path]:
     the local diffusers config folder that `from_single_file(config=...)` reads instead of the Hub."""
     from dataclasses import replace
 
-    from sdlab.checkpoints import keymaps
-    from sdlab.checkpoints.io import write_json
     from sdlab.checkpoints.load import Checkpoint, save_single_file
     from sdlab.config import SD1, SD2
     from sdlab.models.clip import CLIPTextModel
     from sdlab.models.unet import UNetModel
     from sdlab.models.vae import AutoencoderKL
-    from sdlab.text.tokenizer import CLIPTokenizer
 
     cfg = SD1 if family == "sd1" else replace(SD2, prediction="v")
     path = folder / "model.safetensors"
@@ -184,8 +182,17 @@ def write_real_size_files(family: str, folder: Path) -> tuple[Path, Path]:
     text = randomize(CLIPTextModel(cfg.text[0]), seed=13).state_dict()
     save_single_file(Checkpoint(path, unet, vae, [text], [cfg.text[0].layout], cfg.prediction), path)
     del unet, vae, text
-    config = folder / "config"
+    return path, write_diffusers_config(cfg, folder / "config")
+
+
+def write_diffusers_config(cfg: ModelConfig, folder: Path) -> Path:
+    """The diffusers config folder (model configs, scheduler, tokenizer) that `from_single_file(config=...)`
+    reads for a model of this configuration instead of the Hub."""
+    from sdlab.checkpoints import keymaps
+    from sdlab.checkpoints.io import write_json
+    from sdlab.text.tokenizer import CLIPTokenizer
+
     for rel, content in keymaps.diffusers_configs(cfg).items():
-        write_json(content, config / rel)
-    CLIPTokenizer.default().save_folder(config / "tokenizer", pad_token=cfg.text[0].pad_token)
-    return path, config
+        write_json(content, folder / rel)
+    CLIPTokenizer.default().save_folder(folder / "tokenizer", pad_token=cfg.text[0].pad_token)
+    return folder

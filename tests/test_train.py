@@ -88,6 +88,18 @@ def test_vae_learns_and_exports_normalised_latents(tmp_path: Path) -> None:
     torch.testing.assert_close(var * TINY_VAE.scale_factor**2, torch.ones(4), atol=1e-4, rtol=0)
 
 
+def test_decoder_fine_tuning_keeps_the_latents(tmp_path: Path, vae_file: Path) -> None:
+    cfg = vae.VAETrainConfig(vae=TINY_VAE, data=DATA, loop=LOOP, init=str(vae_file), train_encoder=False)
+    path = vae.train(cfg, tmp_path)
+    _learned(tmp_path, 0.95, "rec")  # slowly: the frozen random encoder keeps little of the images
+    before, after = read_state_dict(vae_file), read_state_dict(path)
+    fixed = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert fixed and all(torch.equal(before[k], after[k]) for k in fixed)  # not even renormalised
+    assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
+    with pytest.raises(ValueError, match="needs a trained VAE"):
+        vae.train(replace(cfg, init=None), tmp_path / "no-init")
+
+
 def test_normalisation_keeps_reconstructions() -> None:
     torch.manual_seed(0)
     model = AutoencoderKL(TINY_VAE).eval()
@@ -314,17 +326,28 @@ def _cli(argv: list[str]) -> int:
     return args.func(args)
 
 
-@pytest.mark.parametrize("text_steps", ["0", "2"])  # joint text training / a contrastive text stage
+@pytest.mark.parametrize(
+    "text_steps, decoder_steps",
+    [("0", "0"), ("2", "2")],  # joint text training / a contrastive text stage and a decoder stage
+)
 def test_mini_smoke_writes_a_loadable_checkpoint_and_resumes_by_stage(
-    tmp_path: Path, text_steps: str
+    tmp_path: Path, text_steps: str, decoder_steps: str
 ) -> None:
     argv = ["train", "mini", "--out", str(tmp_path), "--smoke", "--text-steps", text_steps, "--no-progress"]
+    argv += ["--decoder-steps", decoder_steps]
     assert _cli(argv) == 0
     final = tmp_path / "sdlab-mini.safetensors"
     model = load_model(final)
     assert model.config.unet == MINI_UNET and final.stat().st_size < 40e6
+    assert (model.native_size, model.default_steps, model.default_cfg) == (64, 20, 3.0)
     assert (tmp_path / "text").is_dir() == (text_steps != "0")
+    assert (tmp_path / "decoder").is_dir() == (decoder_steps != "0")
     stages = [tmp_path / "vae" / "vae.safetensors", *(tmp_path / "text").glob("*.safetensors")]
+    stages += [*(tmp_path / "decoder").glob("*.safetensors")]
+    if decoder_steps != "0":  # the shipped VAE is the fine-tuned one, with the U-Net stage's encoder
+        decoder = read_state_dict(tmp_path / "decoder" / "vae.safetensors")
+        ours = {k: v.float() for k, v in model.vae.state_dict().items()}
+        assert all(torch.equal(ours[k], decoder[k].half().float()) for k in decoder)
     stamps = {p: p.stat().st_mtime_ns for p in stages}
     final.unlink()
     assert _cli(argv) == 0

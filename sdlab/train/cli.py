@@ -193,6 +193,14 @@ def cmd_mini(args: argparse.Namespace) -> int:
         text_loop=_set(cfg.text_loop or LoopConfig(), steps=args.text_steps, progress=args.progress, **stage)
         if args.text_steps
         else None,
+        decoder_loop=_set(
+            cfg.decoder_loop or mini_recipe.DECODER_LOOP,
+            steps=args.decoder_steps,
+            progress=args.progress,
+            **stage,
+        )
+        if args.decoder_steps
+        else cfg.decoder_loop,
     )
     if args.smoke:
         cfg = mini_recipe.smoke(cfg)
@@ -271,6 +279,9 @@ def add_train_parser(subparsers: Any) -> None:
         "--text-steps", type=int, default=0, help="contrastive text stage steps (0 = joint training)"
     )
     p.add_argument("--unet-steps", type=int, default=None)
+    p.add_argument(
+        "--decoder-steps", type=int, default=0, help="decoder fine-tuning steps after the U-Net (0: none)"
+    )
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--device", default=None)

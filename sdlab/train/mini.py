@@ -1,7 +1,9 @@
 """`sdlab train mini`: the sdlab-mini model from nothing, stage by stage — VAE, then optionally a
 contrastive text encoder, then the U-Net (with the text encoder trained jointly when there was no text
-stage) — and the final single-file checkpoint. Each stage is an ordinary recipe run in its own folder
-under `out_dir`, so an interrupted run resumes inside the stage it was in and skips finished ones."""
+stage), then the VAE decoder fine-tuned with its encoder frozen (the latents the U-Net learnt stay
+exactly as they were; Stability's sd-vae-ft-mse did the same) — and the final single-file checkpoint.
+Each stage is an ordinary recipe run in its own folder under `out_dir`, so an interrupted run resumes
+inside the stage it was in and skips finished ones."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from sdlab.checkpoints.load import DTYPES, read_checkpoint, save_single_file
+from sdlab.checkpoints.load import DTYPES, read_checkpoint, read_vae, save_single_file
 from sdlab.config import Prediction, TextConfig, UNetConfig, VAEConfig
 from sdlab.train.data import DataConfig
 from sdlab.train.loop import LoopConfig, setup_ranks
@@ -22,6 +24,9 @@ from sdlab.train.vae import VAETrainConfig
 from sdlab.train.vae import train as train_vae
 
 FINAL = "sdlab-mini.safetensors"
+DECODER_LOOP = LoopConfig(
+    steps=800, batch_size=16, lr=1e-3, lr_schedule="cosine", warmup_steps=50, checkpoint_every=200
+)
 
 
 @dataclass(frozen=True)
@@ -33,15 +38,29 @@ class MiniConfig:
     vae: VAEConfig = MINI_VAE
     text: TextConfig = MINI_TEXT
     unet: UNetConfig = MINI_UNET
-    vae_loop: LoopConfig = LoopConfig(steps=2000, lr=5e-4, warmup_steps=100, checkpoint_every=250)
+    vae_loop: LoopConfig = LoopConfig(
+        steps=1300, batch_size=16, lr=2e-3, lr_schedule="cosine", warmup_steps=100, checkpoint_every=250
+    )
+    vae_reconstruction: Literal["l1", "mse"] = "mse"  # PSNR is what the VAE is judged on
     text_loop: LoopConfig | None = None
+    decoder_loop: LoopConfig | None = None  # e.g. DECODER_LOOP; None = no decoder fine-tuning stage
     unet_loop: LoopConfig = LoopConfig(
-        steps=10000, lr=5e-4, warmup_steps=200, ema_decay=0.999, checkpoint_every=500, sample_every=1000
+        steps=4000, lr=5e-4, warmup_steps=200, ema_decay=0.999, checkpoint_every=500, sample_every=1000
     )
     kl_weight: float = 1e-6
-    prediction: Prediction = "eps"
+    prediction: Prediction = "v"  # weights high-noise steps, where colour and layout are decided
     diffusion: DiffusionConfig = DiffusionConfig()
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # of the final checkpoint
+    steps: int = 20  # generation defaults written into the final file's metadata
+    cfg_scale: float = 3.0
+
+    def metadata(self) -> dict[str, str]:
+        """What `StableDiffusion.native_size`, `default_steps` and `default_cfg` read back."""
+        return {
+            "sdlab.native_size": str(self.data.resolution),
+            "sdlab.steps": str(self.steps),
+            "sdlab.cfg": f"{self.cfg_scale:g}",
+        }
 
 
 def smoke(cfg: MiniConfig = MiniConfig(), steps: int = 2, batch_size: int = 4) -> MiniConfig:
@@ -58,6 +77,7 @@ def smoke(cfg: MiniConfig = MiniConfig(), steps: int = 2, batch_size: int = 4) -
         vae_loop=short(cfg.vae_loop),
         text_loop=short(cfg.text_loop) if cfg.text_loop else None,
         unet_loop=short(cfg.unet_loop),
+        decoder_loop=short(cfg.decoder_loop) if cfg.decoder_loop else None,
     )
 
 
@@ -76,21 +96,53 @@ def unet_stage(cfg: MiniConfig, vae_file: Path, text_file: Path | None) -> UNetT
     )
 
 
+def vae_stage(cfg: MiniConfig) -> VAETrainConfig:
+    """The VAE stage's config."""
+    return VAETrainConfig(
+        vae=cfg.vae,
+        data=cfg.data,
+        loop=cfg.vae_loop,
+        reconstruction=cfg.vae_reconstruction,
+        kl_weight=cfg.kl_weight,
+    )
+
+
+def decoder_stage(cfg: MiniConfig, vae_file: Path) -> VAETrainConfig:
+    """The decoder fine-tuning stage's config: the VAE stage's, from its result, encoder frozen. It needs
+    only the VAE stage, so it may also run beside the U-Net stage (`train_decoder`)."""
+    assert cfg.decoder_loop is not None
+    return replace(vae_stage(cfg), loop=cfg.decoder_loop, init=str(vae_file.resolve()), train_encoder=False)
+
+
+def train_decoder(cfg: MiniConfig, out_dir: str | Path, resume: bool = True) -> Path:
+    """The decoder stage alone (after the VAE stage): `train_mini` then finds it finished."""
+    out = Path(out_dir)
+    return train_vae(
+        decoder_stage(cfg, train_vae(vae_stage(cfg), out / "vae", resume)), out / "decoder", resume
+    )
+
+
 def train_mini(cfg: MiniConfig, out_dir: str | Path, resume: bool = True) -> Path:
     """Run the stages that are not finished (raising a stage's steps continues it), then write
-    `out_dir/sdlab-mini.safetensors` unless it is newer than the U-Net stage's model; returns its path."""
+    `out_dir/sdlab-mini.safetensors` unless it is newer than the stages' results; returns its path."""
     out = Path(out_dir)
-    vae_cfg = VAETrainConfig(vae=cfg.vae, data=cfg.data, loop=cfg.vae_loop, kl_weight=cfg.kl_weight)
-    vae_file = train_vae(vae_cfg, out / "vae", resume)
+    vae_file = train_vae(vae_stage(cfg), out / "vae", resume)
     text_file = None
     if cfg.text_loop is not None:
         text_cfg = TextTrainConfig(text=cfg.text, data=cfg.data, loop=cfg.text_loop)
         text_file = train_text(text_cfg, out / "text", resume)
     model = train_unet(unet_stage(cfg, vae_file, text_file), out / "unet", resume)
+    results = [model]
+    if cfg.decoder_loop is not None:
+        results.append(train_vae(decoder_stage(cfg, vae_file), out / "decoder", resume))
     final = out / FINAL
     ranks = setup_ranks(cfg.unet_loop.device)
-    if ranks.main and not (final.is_file() and final.stat().st_mtime_ns >= model.stat().st_mtime_ns):
+    newest = max(p.stat().st_mtime_ns for p in results)
+    if ranks.main and not (final.is_file() and final.stat().st_mtime_ns >= newest):
         final.unlink(missing_ok=True)
-        save_single_file(read_checkpoint(model), final, DTYPES[cfg.dtype])
+        ckpt = read_checkpoint(model)
+        vae = read_vae(results[-1]) if cfg.decoder_loop is not None else ckpt.vae
+        ckpt = replace(ckpt, vae=vae, metadata=ckpt.metadata | cfg.metadata())
+        save_single_file(ckpt, final, DTYPES[cfg.dtype])
     ranks.barrier()
     return final

@@ -45,6 +45,7 @@ class VAETrainConfig:
     adversarial_start: int = 0
     normalize_images: int = 512  # images whose latent statistics set the export normalisation; 0 = none
     init: str | None = None  # start from this VAE (any checkpoint or VAE file) instead of random weights
+    train_encoder: bool = True  # False: fine-tune the decoder only; latents (what a U-Net learnt) stay put
 
 
 class PatchDiscriminator(nn.Module):
@@ -75,7 +76,8 @@ class VAETrainer(nn.Module):
 
     def forward(self, batch: Batch) -> Loss:
         x = batch["image"]
-        post = self.vae.encode(x)
+        with torch.set_grad_enabled(self.cfg.train_encoder and torch.is_grad_enabled()):
+            post = self.vae.encode(x)
         rec = self.vae.decode(post.mean + post.std * batch.randn(*post.mean.shape[1:]))
         error = (rec - x).abs() if self.cfg.reconstruction == "l1" else (rec - x) ** 2
         rec_loss, kl = error.mean(), post.kl().mean() / x[0].numel()
@@ -130,11 +132,16 @@ def build(cfg: VAETrainConfig, ranks: Ranks) -> Task:
     vae = AutoencoderKL(cfg.vae)
     if cfg.init:
         vae.load_state_dict(read_vae(cfg.init))
+    if not cfg.train_encoder:
+        if not cfg.init:
+            raise ValueError("fine-tuning the decoder alone needs a trained VAE to start from (init)")
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
     dataset = build_dataset(cfg.data, captions=False)
 
     def export(path: Path) -> Path:
         sd = {k: v.detach().cpu() for k, v in vae.state_dict().items()}
-        if cfg.normalize_images:
+        if cfg.normalize_images and cfg.train_encoder:  # a frozen encoder keeps its latent coordinates
             n = min(cfg.normalize_images, len(dataset))
             images = collate([dataset[i] for i in range(n)])["image"]
             sd = normalized_state(vae, *latent_stats(vae, images))
