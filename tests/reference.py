@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from sdlab.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
@@ -149,6 +151,13 @@ def randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.
     return module.eval()
 
 
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    """PSNR in dB between two 8-bit images."""
+    x, y = (np.asarray(i, dtype=np.float64) for i in (a, b))
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
 def max_diff(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
@@ -160,6 +169,7 @@ __all__ = [
     "transformers_clip",
     "randomize",
     "max_diff",
+    "psnr",
     "write_diffusers_config",
 ]
 

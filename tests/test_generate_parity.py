@@ -10,16 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference import psnr
 
 from sdlab.cli import main
 
 pytestmark = pytest.mark.slow
-
-
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    x, y = (np.asarray(i, dtype=np.float64) for i in (a, b))
-    mse = float(((x - y) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def test_generate_matches_diffusers_euler_karras(real_size_files, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sdlab.train import mini_data as md
+from sdlab.train.data import MiniData, collate
 from sdlab.train.mini_data import (
     ANCHORS,
     CAMOUFLAGED,
@@ -21,7 +22,6 @@ from sdlab.train.mini_data import (
     PALETTE,
     SIZES,
     MiniDataConfig,
-    MiniDataset,
     Scene,
     caption,
     parse_prompt,
@@ -175,10 +175,10 @@ def test_sample_is_deterministic():
 
 @needs_font
 def test_dataset_batches():
-    dataset = MiniDataset(MiniDataConfig(epoch_size=10))
-    images, texts = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
-    assert len(dataset) == 10 and images.shape == (4, 3, 64, 64) and len(texts) == 4
-    assert torch.equal(images[1], sample(1)[0])
+    dataset = MiniData(MiniDataConfig(epoch_size=10))
+    batch = collate([dataset[i] for i in range(4)])
+    assert len(dataset) == 10 and batch["image"].shape == (4, 3, 64, 64) and len(batch["caption"]) == 4
+    assert torch.equal(batch["image"][1], sample(1)[0]) and batch["key"][1] == sample(1)[2]
 
 
 def _contrast(obj: int, colour: str) -> float:

@@ -21,7 +21,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
@@ -307,17 +306,3 @@ def sample(index: int, config: MiniDataConfig = MiniDataConfig()) -> tuple[Tenso
     scene = scenes[rng.randrange(len(scenes))]
     form = rng.choices(FORMS, weights=config.captions.weights())[0]
     return to_tensor(render(scene, config.size, config.font_path))[0], caption(scene, form), scene
-
-
-class MiniDataset(torch.utils.data.Dataset):
-    """Map-style view of `sample`: item i is (image, caption); change `seed` for fresh epochs."""
-
-    def __init__(self, config: MiniDataConfig = MiniDataConfig()) -> None:
-        self.config = config
-
-    def __len__(self) -> int:
-        return self.config.epoch_size
-
-    def __getitem__(self, index: int) -> tuple[Tensor, str]:
-        image, text, _ = sample(index, self.config)
-        return image, text
