@@ -199,7 +199,7 @@ def test_cli_info_tokenize_and_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "family:      sd2" in out and "v-prediction" in out and "fp32" in out and "openclip" in out
     assert main(["info", str(tmp_path / "nope.safetensors")]) != 0
-    assert "no such file" in capsys.readouterr().err
+    assert "no such model file or folder" in capsys.readouterr().err
     assert main(["tokenize", "a photo of a cat"]) == 0
     assert json.loads(capsys.readouterr().out) == [49406, 320, 1125, 539, 320, 2368, 49407]
     # the installed console script

@@ -7,8 +7,11 @@ file's tensors with `load_state_dict(assign=True)`, so the weights are never hel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,6 +209,28 @@ class StableDiffusion:
         return float(self.metadata.get("sdlab.cfg", 7.0))
 
 
+_INIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def empty_modules() -> Iterator[None]:
+    """Build modules on the meta device without running their `torch.nn.init` initialisers: there is
+    nothing to fill, and on meta tensors torch routes some of them (`normal_`) through its compiler
+    stack, whose import alone costs a second of every `sdlab generate`."""
+    init = torch.nn.init
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_")]
+    with _INIT_LOCK:
+        saved = {n: getattr(init, n) for n in names}
+        try:
+            for n in names:
+                setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+            with torch.device("meta"):
+                yield
+        finally:
+            for n, f in saved.items():
+                setattr(init, n, f)
+
+
 def build_module(
     module_cls: type[torch.nn.Module],
     cfg: object,
@@ -215,7 +240,7 @@ def build_module(
     device: torch.device | str,
 ) -> torch.nn.Module:
     """Instantiate on the meta device and adopt the tensors (converted only when dtype/device differ)."""
-    with torch.device("meta"):
+    with empty_modules():
         module = module_cls(cfg)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(sd))

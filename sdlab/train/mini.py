@@ -45,7 +45,7 @@ class MiniConfig:
     text_loop: LoopConfig | None = None
     decoder_loop: LoopConfig | None = None  # e.g. DECODER_LOOP; None = no decoder fine-tuning stage
     unet_loop: LoopConfig = LoopConfig(
-        steps=4000, lr=5e-4, warmup_steps=200, ema_decay=0.999, checkpoint_every=500, sample_every=1000
+        steps=2500, lr=5e-4, warmup_steps=200, ema_decay=0.999, checkpoint_every=500, sample_every=1000
     )
     kl_weight: float = 1e-6
     prediction: Prediction = "v"  # weights high-noise steps, where colour and layout are decided

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from sdlab.checkpoints.detect import detect_text, detect_unet, detect_vae
-from sdlab.checkpoints.load import Checkpoint, StableDiffusion, read_vae, save_single_file
+from sdlab.checkpoints.load import Checkpoint, StableDiffusion, empty_modules, read_vae, save_single_file
 from sdlab.config import ModelConfig, Prediction, TextConfig, UNetConfig
 from sdlab.diffusion.denoiser import add_noise
 from sdlab.diffusion.schedule import DiscreteSchedule
@@ -190,7 +190,7 @@ def check_loadable(unet: UNetConfig, text: TextConfig) -> None:
     """Fail early unless the checkpoint this recipe writes will load back with these exact configs."""
     if unet.context_dim != text.width:
         raise ValueError(f"U-Net context_dim {unet.context_dim} must equal the text width {text.width}")
-    with torch.device("meta"):
+    with empty_modules():
         unet_sd, text_sd = UNetModel(unet).state_dict(), CLIPTextModel(text).state_dict()
     for what, got, want in (
         ("U-Net", detect_unet(unet_sd), unet),
