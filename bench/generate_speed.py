@@ -149,9 +149,7 @@ def main() -> None:
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         results[engine] = json.loads(out)
-    print(
-        f"SD1.5 shapes, {args.size}px, {args.steps} steps Euler+Karras CFG 7, {args.threads} thread(s)"
-    )
+    print(f"SD1.5 shapes, {args.size}px, {args.steps} steps Euler+Karras CFG 7, {args.threads} thread(s)")
     for key, label in [("step_s", "s/step"), ("load_s", "load s"), ("peak_rss_gib", "peak RSS GiB")]:
         a, b = results["sdlab"][key], results["diffusers"][key]
         print(f"{label:>13}: sdlab {a:8.3f}   diffusers {b:8.3f}   ratio {a / b:5.2f}")

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a checkpoint: family, prediction type, parameters, dtype")
     p.add_argument(
-        "model", nargs="?", help="a .safetensors/.ckpt file, a diffusers folder or a model name (default: sdlab-mini)"
+        "model", nargs="?", help="a checkpoint file, a diffusers folder or a model name (default: sdlab-mini)"
     )
     p.set_defaults(func=cmd_info)
 

@@ -285,6 +285,7 @@ def test_vae_page_shows_reconstruction_channels_and_psnr(
     page: tuple[Any, Traffic], shoot: Shoot, tmp_path: Path
 ) -> None:
     page, _ = page
+    page.select_option("#model", label=Path(MODEL).stem)  # not the shipped model, listed first
     page.get_by_role("tab", name="VAE").click()
     expect(page.locator("#page-vae")).to_be_visible()
     expect(page.locator("#page-generate")).to_be_hidden()
