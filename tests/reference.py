@@ -164,6 +164,7 @@ def max_diff(a: Tensor, b: Tensor) -> float:
 
 __all__ = [
     "ModelConfig",
+    "diffusers_pipeline",
     "diffusers_unet",
     "diffusers_vae",
     "transformers_clip",
@@ -193,6 +194,23 @@ def write_real_size_files(family: str, folder: Path) -> tuple[Path, Path]:
     save_single_file(Checkpoint(path, unet, vae, [text], [cfg.text[0].layout], cfg.prediction), path)
     del unet, vae, text
     return path, write_diffusers_config(cfg, folder / "config")
+
+
+def diffusers_pipeline(checkpoint: Path, config: Path):
+    """diffusers' StableDiffusionPipeline from a single file and a local config folder, offline."""
+    import os
+
+    from diffusers import StableDiffusionPipeline
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return StableDiffusionPipeline.from_single_file(
+        str(checkpoint),
+        config=str(config),
+        local_files_only=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+        torch_dtype=torch.float32,
+    )
 
 
 def write_diffusers_config(cfg: ModelConfig, folder: Path) -> Path:

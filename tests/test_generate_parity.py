@@ -3,14 +3,13 @@ weights (seeded random), prompt, seed noise, sampler (Euler, Karras σ) and guid
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference import psnr
+from reference import diffusers_pipeline, psnr
 
 from sdlab.cli import main
 
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_generate_matches_diffusers_euler_karras(real_size_files, tmp_path: Path) -> None:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import EulerDiscreteScheduler
 
     path, config = real_size_files("sd1")
     seed, size, steps, cfg = 1234, 128, 6, 7.0
@@ -52,14 +51,7 @@ def test_generate_matches_diffusers_euler_karras(real_size_files, tmp_path: Path
     assert main(args) == 0
     ours = Image.open(out).convert("RGB")
 
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(path),
-        config=str(config),
-        local_files_only=True,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+    pipe = diffusers_pipeline(path, config)
     pipe.scheduler = EulerDiscreteScheduler.from_config(
         pipe.scheduler.config, use_karras_sigmas=True, timestep_spacing="linspace"
     )

@@ -4,12 +4,11 @@ transformers loading the very same files, both ways (single file written by sdla
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from reference import max_diff
+from reference import diffusers_pipeline, max_diff
 
 from sdlab.checkpoints.load import convert, load_model, read_checkpoint
 from sdlab.config import ModelConfig
@@ -36,20 +35,12 @@ def _inputs(model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def test_single_file_matches_diffusers(files: tuple[str, Path, Path]) -> None:
-    from diffusers import StableDiffusionPipeline
 
     family, path, config = files
     ours = load_model(path)
     assert ours.config.family == family
     assert ours.config.prediction == ("v" if family == "sd2" else "eps")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    ref = StableDiffusionPipeline.from_single_file(
-        str(path),
-        config=str(config),
-        local_files_only=True,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+    ref = diffusers_pipeline(path, config)
     assert ref.scheduler.config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
     inp = _inputs(ours.config)
     with torch.no_grad():
