@@ -4,6 +4,7 @@ transformers loading the very same files, both ways (single file written by sdla
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,7 @@ def test_diffusers_folder_round_trip(files: tuple[str, Path, Path], tmp_path: Pa
     folder = convert(path, tmp_path / "folder")
     back = convert(folder, tmp_path / "back.safetensors")
     a, b, c = read_checkpoint(path), read_checkpoint(folder), read_checkpoint(back)
+    back.unlink()  # read_checkpoint holds the tensors; the disk copy is not needed any more
     for other in (b, c):
         for x, y in [(a.unet, other.unet), (a.vae, other.vae), *zip(a.text, other.text, strict=True)]:
             assert x.keys() == y.keys()
@@ -82,4 +84,5 @@ def test_diffusers_folder_round_trip(files: tuple[str, Path, Path], tmp_path: Pa
     inp = _inputs(ours.config)
     with torch.no_grad():
         d = max_diff(ours.unet(inp["x"], inp["t"], inp["ctx"]), ref(inp["x"], inp["t"], inp["ctx"]).sample)
+    shutil.rmtree(folder)
     assert d <= TOL
