@@ -191,7 +191,7 @@ def cmd_mini(args: argparse.Namespace) -> int:
         vae_loop=_set(cfg.vae_loop, steps=args.vae_steps, progress=args.progress, **stage),
         unet_loop=_set(cfg.unet_loop, steps=args.unet_steps, progress=args.progress, **stage),
         text_loop=_set(cfg.text_loop or LoopConfig(), steps=args.text_steps, progress=args.progress, **stage)
-        if args.text_steps
+        if args.text_steps != 0
         else None,
         decoder_loop=_set(
             cfg.decoder_loop or mini_recipe.DECODER_LOOP,
@@ -199,8 +199,8 @@ def cmd_mini(args: argparse.Namespace) -> int:
             progress=args.progress,
             **stage,
         )
-        if args.decoder_steps
-        else cfg.decoder_loop,
+        if args.decoder_steps != 0
+        else None,
     )
     if args.smoke:
         cfg = mini_recipe.smoke(cfg)
@@ -276,11 +276,11 @@ def add_train_parser(subparsers: Any) -> None:
     p.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
     p.add_argument("--vae-steps", type=int, default=None)
     p.add_argument(
-        "--text-steps", type=int, default=0, help="contrastive text stage steps (0 = joint training)"
+        "--text-steps", type=int, default=None, help="contrastive text stage steps (0: none, joint training)"
     )
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument(
-        "--decoder-steps", type=int, default=0, help="decoder fine-tuning steps after the U-Net (0: none)"
+        "--decoder-steps", type=int, default=None, help="decoder fine-tuning steps after the U-Net (0: none)"
     )
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
