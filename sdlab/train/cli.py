@@ -107,6 +107,7 @@ def cmd_vae(args: argparse.Namespace) -> int:
         adversarial_weight=args.adversarial_weight,
         adversarial_start=args.adversarial_start,
         init=args.init,
+        crop=args.crop,
     )
     return _done(vae_recipe.train(cfg, args.out, args.resume))
 
@@ -234,6 +235,7 @@ def add_train_parser(subparsers: Any) -> None:
     p.add_argument("--adversarial-weight", type=float, default=None, help="patch-GAN weight (0 = none)")
     p.add_argument("--adversarial-start", type=int, default=None, help="step the GAN term starts")
     p.add_argument("--init", default=None, help="start from this VAE or checkpoint")
+    p.add_argument("--crop", type=int, default=None, help="train on random crops of this side (0 = whole)")
     p.set_defaults(func=cmd_vae)
 
     p = recipes.add_parser("text", help="text encoder: CLIP-style contrastive training")

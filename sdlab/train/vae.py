@@ -46,6 +46,7 @@ class VAETrainConfig:
     normalize_images: int = 512  # images whose latent statistics set the export normalisation; 0 = none
     init: str | None = None  # start from this VAE (any checkpoint or VAE file) instead of random weights
     train_encoder: bool = True  # False: fine-tune the decoder only; latents (what a U-Net learnt) stay put
+    crop: int = 0  # train on random square crops of this side (a multiple of the downscale); 0 = whole images
 
 
 class PatchDiscriminator(nn.Module):
@@ -75,7 +76,7 @@ class VAETrainer(nn.Module):
         self.disc = PatchDiscriminator() if cfg.adversarial_weight else None
 
     def forward(self, batch: Batch) -> Loss:
-        x = batch["image"]
+        x = self.crops(batch)
         with torch.set_grad_enabled(self.cfg.train_encoder and torch.is_grad_enabled()):
             post = self.vae.encode(x)
         rec = self.vae.decode(post.mean + post.std * batch.randn(*post.mean.shape[1:]))
@@ -86,6 +87,18 @@ class VAETrainer(nn.Module):
         if self.disc is not None:
             loss = loss + self._adversarial(x, rec, batch.step, logs)
         return loss, logs
+
+    def crops(self, batch: Batch) -> Tensor:
+        """The batch's images, or a random `cfg.crop`-sided crop of each at latent-grid offsets (the VAE is
+        convolutional, so crops cost a fraction of a whole image and teach the same local code)."""
+        x, side, f = batch["image"], self.cfg.crop, self.vae.cfg.downscale
+        if not side:
+            return x
+        cells = torch.tensor([x.shape[-2] - side, x.shape[-1] - side]) // f + 1
+        offsets = ((batch.rand(2) * cells).long() * f).tolist()  # (B, 2): top, left
+        return torch.stack(
+            [im[:, y : y + side, x0 : x0 + side] for im, (y, x0) in zip(x, offsets, strict=True)]
+        )
 
     def _adversarial(self, x: Tensor, rec: Tensor, step: int, logs: dict) -> Tensor:
         """Hinge losses in one backward: the discriminator learns from detached reconstructions, the VAE
@@ -137,6 +150,9 @@ def build(cfg: VAETrainConfig, ranks: Ranks) -> Task:
             raise ValueError("fine-tuning the decoder alone needs a trained VAE to start from (init)")
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
+    f = vae.cfg.downscale
+    if cfg.crop and (cfg.crop % f or cfg.crop > cfg.data.resolution):
+        raise ValueError(f"crop {cfg.crop} must be a multiple of {f} and at most {cfg.data.resolution}")
     dataset = build_dataset(cfg.data, captions=False)
 
     def export(path: Path) -> Path:
