@@ -187,21 +187,20 @@ def cmd_mini(args: argparse.Namespace) -> int:
 
     cfg = mini_recipe.MiniConfig()
     stage = {"device": args.device, "num_workers": args.workers, "batch_size": args.batch_size}
+
+    def loop(base: LoopConfig, steps: int | None) -> LoopConfig:
+        return _set(base, steps=steps, progress=args.progress, **stage)
+
+    def optional(base: LoopConfig | None, steps: int | None) -> LoopConfig | None:
+        """An optional stage's loop; `--X-steps 0` drops the stage."""
+        return None if steps == 0 or base is None else loop(base, steps)
+
     cfg = replace(
         cfg,
-        vae_loop=_set(cfg.vae_loop, steps=args.vae_steps, progress=args.progress, **stage),
-        unet_loop=_set(cfg.unet_loop, steps=args.unet_steps, progress=args.progress, **stage),
-        text_loop=_set(cfg.text_loop or LoopConfig(), steps=args.text_steps, progress=args.progress, **stage)
-        if args.text_steps != 0
-        else None,
-        decoder_loop=_set(
-            cfg.decoder_loop or mini_recipe.DECODER_LOOP,
-            steps=args.decoder_steps,
-            progress=args.progress,
-            **stage,
-        )
-        if args.decoder_steps != 0
-        else None,
+        vae_loop=loop(cfg.vae_loop, args.vae_steps),
+        unet_loop=loop(cfg.unet_loop, args.unet_steps),
+        text_loop=optional(cfg.text_loop, args.text_steps),
+        decoder_loop=optional(cfg.decoder_loop, args.decoder_steps),
     )
     if args.smoke:
         cfg = mini_recipe.smoke(cfg)
