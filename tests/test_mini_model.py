@@ -46,10 +46,6 @@ def test_generate_with_no_model_writes_the_shipped_model_s_image(tmp_path: Path,
     assert "Model: sdlab-mini" in text and "Steps: 20" in text and "CFG scale: 3" in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 4: the evaluator reads 1 of these 4 as a red apple (cherries, hot pepper, basketball)",
-)
 def test_a_red_apple_is_a_red_apple(tmp_path: Path, capsys) -> None:
     """The seed's own example: four seeds of "a red apple", each read by the evaluator's readers."""
     assert main(["generate", "a red apple", "--batch", "4", "-s", "0", "--outdir", str(tmp_path), "-q"]) == 0

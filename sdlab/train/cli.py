@@ -191,16 +191,19 @@ def cmd_mini(args: argparse.Namespace) -> int:
     def loop(base: LoopConfig, steps: int | None) -> LoopConfig:
         return _set(base, steps=steps, progress=args.progress, **stage)
 
-    def optional(base: LoopConfig | None, steps: int | None) -> LoopConfig | None:
-        """An optional stage's loop; `--X-steps 0` drops the stage."""
-        return None if steps == 0 or base is None else loop(base, steps)
+    def optional(base: LoopConfig | None, steps: int | None, off: LoopConfig) -> LoopConfig | None:
+        """An optional stage's loop: `--X-steps 0` drops the stage, `--X-steps N` runs a stage the
+        defaults leave out (from the loop `off`)."""
+        if steps == 0 or (base is None and steps is None):
+            return None
+        return loop(base or off, steps)
 
     cfg = replace(
         cfg,
         vae_loop=loop(cfg.vae_loop, args.vae_steps),
         unet_loop=loop(cfg.unet_loop, args.unet_steps),
-        text_loop=optional(cfg.text_loop, args.text_steps),
-        decoder_loop=optional(cfg.decoder_loop, args.decoder_steps),
+        text_loop=optional(cfg.text_loop, args.text_steps, mini_recipe.TEXT_LOOP),
+        decoder_loop=optional(cfg.decoder_loop, args.decoder_steps, mini_recipe.DECODER_LOOP),
     )
     if args.smoke:
         cfg = mini_recipe.smoke(cfg)
@@ -281,7 +284,7 @@ def add_train_parser(subparsers: Any) -> None:
     )
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument(
-        "--decoder-steps", type=int, default=None, help="decoder fine-tuning steps after the U-Net (0: none)"
+        "--decoder-steps", type=int, default=None, help="add a decoder fine-tuning stage of N steps"
     )
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)

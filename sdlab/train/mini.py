@@ -24,6 +24,9 @@ from sdlab.train.vae import VAETrainConfig
 from sdlab.train.vae import train as train_vae
 
 FINAL = "sdlab-mini.safetensors"
+TEXT_LOOP = LoopConfig(
+    steps=800, batch_size=128, lr=1e-3, lr_schedule="cosine", warmup_steps=50, checkpoint_every=200
+)
 DECODER_LOOP = LoopConfig(
     steps=800, batch_size=16, lr=1e-3, lr_schedule="cosine", warmup_steps=50, checkpoint_every=200
 )
@@ -42,13 +45,16 @@ class MiniConfig:
     text: TextConfig = MINI_TEXT
     unet: UNetConfig = MINI_UNET
     vae_loop: LoopConfig = LoopConfig(
-        steps=1300, batch_size=16, lr=2e-3, lr_schedule="cosine", warmup_steps=100, checkpoint_every=250
+        steps=1300, batch_size=64, lr=2e-3, lr_schedule="cosine", warmup_steps=100, checkpoint_every=100
     )
+    # Random 32x32 crops (at latent-grid offsets): 4x the images per second of whole 64x64 ones, and the
+    # convolutional VAE does not care about the frame. Measured here, 1,300 steps reached 29.1 dB held-out
+    # PSNR on whole images in 28 min; whole images at batch 16 gave 25.75 dB in 42 min plus a 14-min
+    # decoder fine-tune.
+    vae_crop: int = 32  # 0 = whole images
     vae_reconstruction: Literal["l1", "mse"] = "mse"  # PSNR is what the VAE is judged on
-    text_loop: LoopConfig | None = LoopConfig(
-        steps=800, batch_size=128, lr=1e-3, lr_schedule="cosine", warmup_steps=50, checkpoint_every=200
-    )
-    decoder_loop: LoopConfig | None = DECODER_LOOP  # None = no decoder fine-tuning stage
+    text_loop: LoopConfig | None = TEXT_LOOP
+    decoder_loop: LoopConfig | None = None  # e.g. DECODER_LOOP: fine-tune the decoder with the encoder frozen
     unet_loop: LoopConfig = LoopConfig(
         steps=8000, lr=5e-4, warmup_steps=200, ema_decay=0.999, checkpoint_every=500, sample_every=1000
     )
@@ -109,6 +115,7 @@ def vae_stage(cfg: MiniConfig) -> VAETrainConfig:
         loop=cfg.vae_loop,
         reconstruction=cfg.vae_reconstruction,
         kl_weight=cfg.kl_weight,
+        crop=cfg.vae_crop,
     )
 
 
