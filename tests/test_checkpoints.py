@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,14 @@ from safetensors.torch import save_file
 from tiny import TINY, tiny_checkpoint, write_tiny
 
 from sdlab.checkpoints import keymaps
-from sdlab.checkpoints.io import CheckpointError, read_state_dict
+from sdlab.checkpoints.io import CheckpointError, read_metadata, read_state_dict
 from sdlab.checkpoints.load import (
     convert,
     describe,
     load_model,
     read_checkpoint,
     save_single_file,
+    to_single_file,
 )
 from sdlab.cli import main
 from sdlab.config import SD1, SD2, SDXL, ModelConfig
@@ -220,3 +222,21 @@ def test_save_refuses_existing_file(tmp_path: Path) -> None:
     path = write_tiny("sd1", tmp_path / "m.safetensors")
     with pytest.raises(FileExistsError):
         save_single_file(tiny_checkpoint(TINY["sd1"]), path)
+
+
+def test_same_checkpoint_same_bytes(tmp_path: Path) -> None:
+    """safetensors writes its header keys in hash-map order; ours sorts them, so a re-run of the same
+    training or conversion gives the same file hash. The reordered header still reads back whole."""
+    ckpt = tiny_checkpoint(TINY["sd1"])
+    ckpt = replace(ckpt, metadata={f"sdlab.k{i}": "é" * i for i in range(8)})
+    a = save_single_file(ckpt, tmp_path / "a.safetensors").read_bytes()
+    b = save_single_file(ckpt, tmp_path / "b.safetensors").read_bytes()
+    assert a == b
+    size = int.from_bytes(a[:8], "little")
+    keys = list(json.loads(a[8 : 8 + size]))
+    assert keys == sorted(keys)
+    family = {"format": "pt", "sdlab.family": "sd1", "sdlab.prediction": "eps"}
+    assert read_metadata(tmp_path / "a.safetensors") == ckpt.metadata | family
+    back = read_state_dict(tmp_path / "a.safetensors")
+    ours = to_single_file(ckpt, ckpt.detect())
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], v) for k, v in ours.items())

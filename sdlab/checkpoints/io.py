@@ -103,7 +103,8 @@ def _first_line(e: BaseException) -> str:
 def write_safetensors(
     tensors: dict[str, Tensor], path: str | Path, *, metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write tensors to a new .safetensors file atomically; an existing file is never replaced."""
+    """Write tensors to a new .safetensors file atomically; an existing file is never replaced. The same
+    tensors and metadata always give the same bytes (so the same file hash, which A1111 prints)."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path}: already exists; not overwriting it")
@@ -113,10 +114,24 @@ def write_safetensors(
     os.close(fd)
     try:
         save_file(contiguous, tmp, metadata=metadata)
+        _sort_header(Path(tmp))
         _publish(Path(tmp), path)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a .safetensors header in place with its keys sorted: the safetensors writer emits them in
+    hash-map order, which differs from one save to the next. Offsets are relative to the data, so only
+    the order of the JSON changes; it is padded with spaces to its old length as the format allows."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # the same JSON, reordered; never longer than serde_json's compact form
+            f.seek(8)
+            f.write(text.ljust(size, b" "))
 
 
 def write_json(obj: object, path: str | Path) -> Path:

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from sdlab.checkpoints.io import read_metadata
+from sdlab.checkpoints.io import read_metadata, write_safetensors
 from sdlab.train.mini_data import ANCHORS, CORE_OBJECTS, PALETTE, Scene, render, split_scenes
 from sdlab.train.mini_eval import ImageLike, object_crop, read_scene
 
@@ -181,14 +181,11 @@ def train_classifier(
 
 
 def save_classifier(model: ObjectClassifier, path: str | Path, info: dict[str, int]) -> Path:
-    """fp16 weights with the widths (and how they were trained) in the safetensors metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """fp16 weights with the widths (and how they were trained) in the safetensors metadata, in a new file."""
     widths = [m.out_channels for m in model.features if isinstance(m, nn.Conv2d)][1::2]
     metadata = {"sdlab.widths": ",".join(map(str, widths)), **{f"sdlab.{k}": str(v) for k, v in info.items()}}
     tensors = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return write_safetensors(tensors, path, metadata=metadata)
 
 
 @functools.cache
