@@ -20,7 +20,8 @@ needs_font = pytest.mark.skipif(
     not Path(FONT_PATH).is_file(), reason="emoji font missing: apt-get install fonts-noto-color-emoji"
 )
 needs_classifier = pytest.mark.skipif(
-    not mc.CLASSIFIER_PATH.is_file(), reason="no shipped classifier: python -m sdlab.train.mini_classifier"
+    not mc.CLASSIFIER_PATH.is_file(),
+    reason="no shipped classifier: python -m sdlab.train.mini_classifier --out FILE",
 )
 TINY_SAMPLING = {"steps": 2, "cfg": 3.0, "sampler": "euler", "size": 32}  # the readers' minimum side
 
@@ -184,3 +185,5 @@ def test_classifier_training_is_deterministic(tmp_path):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     model = mc.load_classifier(paths[0])
     assert model is mc.load_classifier(paths[0]) and not model.training
+    with pytest.raises(FileExistsError, match="not overwriting"):  # refused before any training
+        mc.train_classifier(paths[0], steps=2, seed=4, pool=16, batch_size=8, log=pytest.fail)

@@ -22,10 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from sdlab.checkpoints.io import read_metadata, write_safetensors
+from sdlab.checkpoints.io import read_metadata, read_state_dict, write_safetensors
 from sdlab.train.mini_data import ANCHORS, CORE_OBJECTS, PALETTE, Scene, render, split_scenes
 from sdlab.train.mini_eval import ImageLike, object_crop, read_scene
 
@@ -159,7 +158,10 @@ def train_classifier(
     lr: float = 3e-3,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Train the classifier from scratch (deterministic given `seed`) and save it as fp16 safetensors."""
+    """Train the classifier from scratch (deterministic given `seed`) and save it as fp16 safetensors to a
+    new file: an existing `out_path` is refused before any training, not after."""
+    if Path(out_path).exists():
+        raise FileExistsError(f"{out_path}: already exists; not overwriting it (choose another --out)")
     torch.manual_seed(seed)
     start = time.time()
     crops, labels = training_crops(pool, seed)
@@ -199,7 +201,7 @@ def load_classifier(path: str | Path = CLASSIFIER_PATH) -> ObjectClassifier:
     widths = tuple(int(w) for w in read_metadata(path)["sdlab.widths"].split(","))
     model = ObjectClassifier(widths)
     model.load_state_dict(
-        {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        {k: v.float() if v.is_floating_point() else v for k, v in read_state_dict(path).items()}
     )
     return model.eval().requires_grad_(False)
 
@@ -242,9 +244,10 @@ def heldout_accuracy(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Retrain the shipped classifier on one thread and print its held-out accuracy."""
+    """Retrain the classifier into a new file on one thread and print its held-out accuracy."""
     parser = argparse.ArgumentParser(prog="python -m sdlab.train.mini_classifier", description=main.__doc__)
-    parser.add_argument("--out", type=Path, default=CLASSIFIER_PATH)
+    shipped = f"a new file (the shipped one: {CLASSIFIER_PATH})"
+    parser.add_argument("--out", type=Path, required=True, help=shipped)
     parser.add_argument("--steps", type=int, default=TRAIN_STEPS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
