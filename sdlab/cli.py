@@ -47,6 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdlab.pipeline import GenerationRequest, generate
 
     model = load_model(resolve_model(args.model), vae=args.vae)
+    refiner = load_model(resolve_model(args.refiner)) if args.refiner else None
     size = model.native_size
     init = Image.open(args.init_image) if args.init_image else None
     mask = Image.open(args.mask) if args.mask else None
@@ -66,6 +67,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         resize_mode=args.resize_mode,
         mask=mask,
+        refiner=refiner.name if refiner else None,
+        refiner_switch_at=args.refiner_switch,
+        refiner_switch_by_steps=args.refiner_switch_by_steps,
     )
     with tqdm(total=None, desc="sampling", unit="step", disable=args.quiet, leave=False) as bar:
 
@@ -73,10 +77,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(step - bar.n)
 
-        result = generate(model, req, callback=progress)
+        result = generate(model, req, callback=progress, refiner=refiner)
     for image, seed in zip(result.images, result.seeds, strict=True):
         target = args.output or next_output_path(args.outdir, seed)
-        print(save_png(image, target, request_infotext(result.request, seed, model)))
+        print(save_png(image, target, request_infotext(result.request, seed, model, refiner)))
     return 0
 
 
@@ -126,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit the init image: stretch, crop or fill",
     )
     p.add_argument("--mask", help="inpainting mask (white = repaint)")
+    p.add_argument("--refiner", help="a second model (SDXL refiner) that finishes the sampling")
+    p.add_argument(
+        "--refiner-switch",
+        type=float,
+        default=0.8,
+        help="share of the run after which the refiner takes over",
+    )
+    p.add_argument(
+        "--refiner-switch-by-steps",
+        action="store_true",
+        help="switch by step count (A1111 < 1.8) instead of by timestep",
+    )
     p.add_argument("-o", "--output", help="output PNG (default: outputs/NNNNN-SEED.png)")
     p.add_argument("--outdir", default="outputs", help="folder for outputs when -o is not given")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Family = Literal["sd1", "sd2", "sdxl", "mini", "custom"]
 Prediction = Literal["eps", "v"]
 
 
@@ -132,12 +131,12 @@ class TextConfig:
 class ModelConfig:
     """A whole Stable Diffusion model: its networks and how to sample it."""
 
-    family: Family
+    family: str  # a record name of `sdlab.families` ("sd1", "sd2-v", "sdxl", "sdxl-refiner", ...)
     unet: UNetConfig
     vae: VAEConfig
     text: tuple[TextConfig, ...]
     prediction: Prediction = "eps"
-    clip_skip_default: int = 1  # 1 = last layer; SD2 uses the penultimate layer
+    clip_skip_default: int = 1  # the layer the text encoders condition on, from the end (1 = last)
     extras: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -174,6 +173,18 @@ SDXL_UNET = unet_config(
     adm_in_channels=2816,
     transformer_depth_middle=10,
 )
+SDXL_REFINER_UNET = unet_config(
+    model_channels=384,
+    channel_mult=(1, 2, 4, 4),
+    num_res_blocks=2,
+    depth_per_level=(0, 4, 4, 0),
+    num_heads=-1,
+    num_head_channels=64,
+    context_dim=1280,
+    use_linear_in_transformer=True,
+    adm_in_channels=2560,
+    transformer_depth_middle=4,
+)
 SD_VAE = VAEConfig()
 SDXL_VAE = VAEConfig(scale_factor=0.13025)
 CLIP_L = TextConfig()
@@ -202,4 +213,7 @@ SD1 = ModelConfig(family="sd1", unet=SD1_UNET, vae=SD_VAE, text=(CLIP_L,))
 SD2 = ModelConfig(family="sd2", unet=SD2_UNET, vae=SD_VAE, text=(OPENCLIP_H,), clip_skip_default=2)
 SDXL = ModelConfig(
     family="sdxl", unet=SDXL_UNET, vae=SDXL_VAE, text=(CLIP_L, OPENCLIP_BIGG), clip_skip_default=2
+)
+SDXL_REFINER = ModelConfig(
+    family="sdxl-refiner", unet=SDXL_REFINER_UNET, vae=SDXL_VAE, text=(OPENCLIP_BIGG,), clip_skip_default=2
 )

@@ -103,9 +103,17 @@ def model_hash(path: str | Path) -> str | None:
     return _file_hash(path.resolve(), st.st_size, st.st_mtime)
 
 
-def request_infotext(req: GenerationRequest, seed: int, model: StableDiffusion) -> str:
+def request_infotext(
+    req: GenerationRequest, seed: int, model: StableDiffusion, refiner: StableDiffusion | None = None
+) -> str:
     """The infotext of image `seed` of a finished request (sampler and schedule already resolved)."""
     extra: dict[str, object] = {}
+    if refiner is not None:
+        digest = model_hash(refiner.source)
+        extra["Refiner"] = refiner.name + (f" [{digest}]" if digest else "")
+        extra["Refiner switch at"] = _number(req.refiner_switch_at)
+        if req.refiner_switch_by_steps:
+            extra["Refiner switch by sampling steps"] = True
     if req.init_image is not None:
         extra["Denoising strength"] = _number(req.strength)
     if req.mask is not None:

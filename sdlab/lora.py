@@ -2,8 +2,9 @@
 
 Names are kohya sd-scripts' (`networks/lora.py`), which AUTOMATIC1111 and ComfyUI read: `lora_unet_` + the
 diffusers module path (SD1/SD2) or the original LDM path (SDXL, whose kohya U-Net keeps LDM names), and
-`lora_te_` (`lora_te1_`/`lora_te2_` for SDXL's two encoders) + the transformers CLIP path, dots as
-underscores. Each module stores `lora_down.weight` (rank, in[, kh, kw]), `lora_up.weight` (out, rank[, 1,
+the family's text prefix (`lora_te_`; `lora_te1_`/`lora_te2_` for SDXL's two encoders) + the
+transformers CLIP path, dots as underscores; the family record (`sdlab.families`) says which.
+Each module stores `lora_down.weight` (rank, in[, kh, kw]), `lora_up.weight` (out, rank[, 1,
 1]) and `alpha`; its update is ΔW = alpha/rank · up @ down. Loading accepts both U-Net namings; saving uses
 the one kohya writes for the family. The diffusers names come from `keymaps.unet_ldm_to_diffusers`, so
 there is one U-Net key map in the project.
@@ -14,27 +15,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from sdlab.checkpoints import keymaps
 from sdlab.checkpoints.io import read_state_dict, write_safetensors
-from sdlab.config import UNetConfig
+from sdlab.families import Family, Naming
 from sdlab.models.blocks import SpatialTransformer
 from sdlab.models.clip import MLP, SelfAttention
 from sdlab.models.unet import Downsample, ResBlock, Upsample
 
 StateDict = dict[str, Tensor]
-Naming = Literal["diffusers", "ldm"]
 Layer = nn.Linear | nn.Conv2d
 PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
-
-
-def default_naming(cfg: UNetConfig) -> Naming:
-    """The U-Net naming kohya writes: LDM paths for SDXL, diffusers paths otherwise."""
-    return "ldm" if cfg.adm_in_channels is not None else "diffusers"
 
 
 def _layers(module: nn.Module) -> dict[str, Layer]:
@@ -52,36 +46,36 @@ def unet_names(unet: nn.Module, naming: Naming) -> dict[str, str]:
     return {p: "lora_unet_" + k.removesuffix(".weight").replace(".", "_") for k, p in renamed.items()}
 
 
-def text_prefix(index: int, count: int) -> str:
-    """`lora_te_` for a model's only text encoder, `lora_te1_`/`lora_te2_` for SDXL's two."""
-    return "lora_te_" if count == 1 else f"lora_te{index + 1}_"
-
-
-def layer_map(unet: nn.Module, encoders: Sequence[nn.Module]) -> dict[str, Layer]:
+def layer_map(unet: nn.Module, encoders: Sequence[nn.Module], family: Family) -> dict[str, Layer]:
     """Every kohya name a file may use for these networks (both U-Net namings) -> its layer."""
     out: dict[str, Layer] = {}
     unet_layers = _layers(unet)
     for naming in ("diffusers", "ldm"):
         out |= {name: unet_layers[p] for p, name in unet_names(unet, naming).items()}
-    for i, encoder in enumerate(encoders):
+    for encoder, spec in zip(encoders, family.text, strict=True):
         for path, layer in _layers(encoder).items():
-            out[text_prefix(i, len(encoders)) + path.replace(".", "_")] = layer
-            if len(encoders) == 1:  # some SD1 files say lora_te1_ for their only encoder
+            out[spec.kohya_prefix + path.replace(".", "_")] = layer
+            if len(encoders) == 1:  # some files say lora_te1_ for a model's only encoder
                 out["lora_te1_" + path.replace(".", "_")] = layer
     return out
 
 
 def training_targets(
-    unet: nn.Module, encoders: Sequence[nn.Module] = (), *, conv: bool = False, naming: Naming | None = None
+    unet: nn.Module,
+    encoders: Sequence[nn.Module],
+    family: Family,
+    *,
+    conv: bool = False,
+    naming: Naming | None = None,
 ) -> dict[str, Layer]:
     """kohya's default LoRA targets by name: Linear and 1x1 convs of the U-Net's transformers, the text
-    encoders' attention and MLP Linears, and with `conv` (LoCon) every layer of ResBlocks and resamplers."""
-    naming = naming or default_naming(unet.cfg)
-    names = unet_names(unet, naming)
+    encoders' attention and MLP Linears, and with `conv` (LoCon) every layer of ResBlocks and resamplers.
+    Names follow the family's kohya naming unless `naming` says otherwise."""
+    names = unet_names(unet, naming or family.kohya_unet)
     kinds = (SpatialTransformer, ResBlock, Downsample, Upsample) if conv else (SpatialTransformer,)
     out = {names[p]: m for p, m in _targets_in(unet, kinds).items()}
-    for i, encoder in enumerate(encoders):
-        prefix = text_prefix(i, len(encoders))
+    for encoder, spec in zip(encoders, family.text, strict=False):
+        prefix = spec.kohya_prefix
         out |= {
             prefix + p.replace(".", "_"): m for p, m in _targets_in(encoder, (SelfAttention, MLP)).items()
         }
@@ -245,14 +239,17 @@ class MergedLoRAs:
 
 
 def merge_loras(
-    unet: nn.Module, encoders: Sequence[nn.Module], loras: Sequence[tuple[Mapping[str, Tensor], float]]
+    unet: nn.Module,
+    encoders: Sequence[nn.Module],
+    family: Family,
+    loras: Sequence[tuple[Mapping[str, Tensor], float]],
 ) -> MergedLoRAs:
     """Merge LoRAs, each with its strength: W' = W + Σ strength·alpha/rank·up@down (computed in float32).
 
     Names that fit no layer are reported in `unmatched`; a file where none fits is an error (a LoRA for
     another model family).
     """
-    layers = layer_map(unet, encoders)
+    layers = layer_map(unet, encoders, family)
     merged = MergedLoRAs()
     for index, (sd, strength) in enumerate(loras):
         parsed = parse_lora(sd, f"LoRA {index}")
@@ -290,7 +287,7 @@ def apply_loras(
 ) -> MergedLoRAs:
     """Merge several LoRAs, each at its own strength, into a `StableDiffusion`'s U-Net and text encoders."""
     sds = [(read_lora(x) if isinstance(x, str | Path) else x, s) for x, s in loras]
-    return merge_loras(model.unet, model.text_encoders, sds)  # type: ignore[attr-defined]
+    return merge_loras(model.unet, model.text_encoders, model.family, sds)  # type: ignore[attr-defined]
 
 
 def extract_lora(base: Mapping[str, Layer], tuned: Mapping[str, Layer], rank: int) -> StateDict:

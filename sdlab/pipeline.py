@@ -17,11 +17,11 @@ from PIL import Image
 from torch import Tensor
 
 from sdlab.checkpoints.load import StableDiffusion
-from sdlab.diffusion.denoiser import Denoiser, cfg_denoiser
+from sdlab.conditioning import Conditioning, encode_prompt_pair
+from sdlab.diffusion.denoiser import Denoiser, DenoiserFn, add_noise, cfg_denoiser
 from sdlab.diffusion.samplers import DISCARD_PENULTIMATE_SIGMA, get_sampler, resolve_sampler
 from sdlab.diffusion.schedule import DiscreteSchedule, get_sigmas
 from sdlab.images import prepare_mask, resize_image, to_pil, to_tensor
-from sdlab.text.prompt import chunk_prompt, encode_chunks, pad_chunks
 from sdlab.vae_tools import decode_pixels, encode_pixels
 
 Callback = Callable[[int, int, Tensor], None]  # (step, total, current denoised latent)
@@ -48,6 +48,9 @@ class GenerationRequest:
     mask: Image.Image | None = field(default=None, compare=False)
     mask_blur: int = 4
     inpainting_mask_invert: bool = False
+    refiner: str | None = None  # a second model that finishes the sampling (SDXL refiner), by name
+    refiner_switch_at: float = 0.8  # share of the run after which the refiner takes over
+    refiner_switch_by_steps: bool = False  # A1111 < 1.8: count steps instead of comparing timesteps
 
     def validate(self, latent_factor: int = 8) -> None:
         """Raise ValueError naming the first bad field."""
@@ -65,6 +68,8 @@ class GenerationRequest:
             raise ValueError(f"clip_skip must be at least 1, got {self.clip_skip}")
         if self.mask is not None and self.init_image is None:
             raise ValueError("a mask needs an init image to inpaint")
+        if not 0.0 < self.refiner_switch_at <= 1.0:
+            raise ValueError(f"refiner_switch_at must be in (0, 1], got {self.refiner_switch_at}")
         resolve_sampler(self.sampler, self.scheduler)
 
 
@@ -88,33 +93,6 @@ def seed_noise(seeds: list[int], shape: tuple[int, int, int]) -> Tensor:
     )
 
 
-def text_conditioning(
-    model: StableDiffusion, prompt: str, negative: str, clip_skip: int
-) -> tuple[Tensor, Tensor]:
-    """(cond, uncond) contexts of equal length, each (1, 77·k, context_dim)."""
-    chunks = [_prompt_chunks(model, p) for p in (prompt, negative)]
-    count = max(len(c) for c in chunks)
-    cond, uncond = (_encode_chunks(model, c, count, clip_skip) for c in chunks)
-    return cond, uncond
-
-
-def encode_prompt(model: StableDiffusion, prompt: str, clip_skip: int = 1) -> Tensor:
-    """One prompt's context (1, 77·k, context_dim), k its own chunk count (ComfyUI's CLIPTextEncode)."""
-    chunks = _prompt_chunks(model, prompt)
-    return _encode_chunks(model, chunks, len(chunks), clip_skip)
-
-
-def _prompt_chunks(model: StableDiffusion, prompt: str) -> list:
-    return chunk_prompt(model.tokenizer, prompt, model.config.text[0].pad_token)
-
-
-def _encode_chunks(model: StableDiffusion, chunks: list, count: int, clip_skip: int) -> Tensor:
-    """Chunks padded to `count` with empty ones, encoded at the layer `clip_skip` selects."""
-    empty = _prompt_chunks(model, "")[0]
-    layer = model.config.clip_skip_default + clip_skip - 1
-    return encode_chunks(model.text_encoders[0], pad_chunks(chunks, count, empty), layer)[0]
-
-
 def _latents_of(model: StableDiffusion, image: Tensor, generator: torch.Generator | None) -> Tensor:
     """VAE-encode pixels in [-1, 1] to scaled latents (posterior sample, as A1111 and diffusers do)."""
     return encode_pixels(model.vae, image, generator)
@@ -134,33 +112,49 @@ def decode(model: StableDiffusion, latents: Tensor) -> list[Image.Image]:
 
 
 def generate(
-    model: StableDiffusion, req: GenerationRequest, callback: Callback | None = None
+    model: StableDiffusion,
+    req: GenerationRequest,
+    callback: Callback | None = None,
+    refiner: StableDiffusion | None = None,
 ) -> GenerationResult:
-    """Run one request end to end and return the images with their seeds."""
+    """Run one request end to end and return the images with their seeds. `refiner`: the loaded model
+    `req.refiner` names, which takes over the sampling at `req.refiner_switch_at` (A1111's refiner)."""
     factor = model.config.vae.downscale
     req.validate(factor)
+    if (req.refiner is None) != (refiner is None):
+        raise ValueError("a refiner needs both its name in the request and the loaded model")
     req = replace(req, seed=resolve_seed(req.seed))
     seeds = [req.seed + i for i in range(req.batch_size)]
     device, dtype = _device(model), _dtype(model)
     shape = (model.config.unet.out_channels, req.height // factor, req.width // factor)
     with torch.inference_mode():
         noise = seed_noise(seeds, shape).to(device, dtype)
-        cond, uncond = text_conditioning(model, req.prompt, req.negative_prompt, req.clip_skip)
+        cond, uncond = encode_prompt_pair(model, req.prompt, req.negative_prompt, req.clip_skip)
         sampler_name, schedule_name = resolve_sampler(req.sampler, req.scheduler)
         req = replace(req, sampler=sampler_name, scheduler=schedule_name or "normal")
         sigmas = sampling_sigmas(model, sampler_name, req.scheduler, req.steps)
         init, keep, extra = None, None, {}
-        if req.init_image is None and model.config.unet.in_channels == 9:
+        if req.init_image is None and model.family.inpaint:
             blank = torch.zeros(1, 3, req.height, req.width)
             extra = _inpaint_conditioning(model, blank, torch.ones_like(blank[:, :1]), req.batch_size)
         if req.init_image is not None:
             init, keep, extra = _image_conditioning(model, req, req.batch_size)
             t_enc = int(min(req.strength, 0.999) * req.steps)
             sigmas = sigmas[req.steps - t_enc - 1 :]
-        x = noise * sigmas[0] if init is None else init + noise * sigmas[0]
+        start = sigmas[:1].expand(len(seeds))
+        x = add_noise(torch.zeros_like(noise) if init is None else init, noise, start)
         guidance = Guidance(cond, uncond, req.cfg_scale, extra)
-        samples = sample(model, x, sigmas, guidance, sampler_name, seeds, init, keep, callback)
-        images = _overlay(decode(model, samples), req)
+        handover = None
+        if refiner is not None:
+            r_cond, r_uncond = encode_prompt_pair(refiner, req.prompt, req.negative_prompt, req.clip_skip)
+            handover = Handover(
+                refiner,
+                Guidance(r_cond, r_uncond, req.cfg_scale),
+                req.refiner_switch_at,
+                req.refiner_switch_by_steps,
+            )
+        samples = sample(model, x, sigmas, guidance, sampler_name, seeds, init, keep, callback, handover)
+        images = _overlay(decode(refiner or model, samples), req)
     return GenerationResult(images, seeds, req, samples)
 
 
@@ -173,12 +167,62 @@ def sampling_sigmas(model: StableDiffusion, sampler: str, scheduler: str, steps:
 
 @dataclass
 class Guidance:
-    """What classifier-free guidance conditions on: contexts (1, T, d), scale, extra model inputs."""
+    """What classifier-free guidance conditions on: the two conditionings, the scale, extra model
+    inputs (c_concat of inpainting U-Nets)."""
 
-    cond: Tensor
-    uncond: Tensor
+    cond: Conditioning
+    uncond: Conditioning
     scale: float
-    extra: dict[str, Tensor] = field(default_factory=dict)  # e.g. c_concat for inpainting U-Nets
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Handover:
+    """A second model that takes over the sampling part-way (A1111's refiner): from the first
+    denoiser call whose nearest DDPM timestep t has (999 − t)/1000 ≥ switch_at (A1111 ≥ 1.8; the
+    `denoising_end` of diffusers), or with `by_steps` whose call count i has i/steps ≥ switch_at."""
+
+    model: StableDiffusion
+    guidance: Guidance
+    switch_at: float
+    by_steps: bool = False
+
+
+def guided_denoiser(model: StableDiffusion, guidance: Guidance, x: Tensor) -> DenoiserFn:
+    """D(x, σ) with classifier-free guidance for latents shaped like x (B, C, h, w)."""
+    b, _, h, w = x.shape
+    f = model.config.vae.downscale
+    denoiser = Denoiser(_unet_fn(model), DiscreteSchedule.for_model(model.config), model.config.prediction)
+    family = model.family
+    return cfg_denoiser(
+        denoiser,
+        {**guidance.cond.model_inputs(family, b, h * f, w * f), **guidance.extra},
+        {**guidance.uncond.model_inputs(family, b, h * f, w * f, negative=True), **guidance.extra},
+        guidance.scale,
+    )
+
+
+def _handing_over(
+    first: DenoiserFn, handover: Handover, schedule: DiscreteSchedule, steps: int
+) -> DenoiserFn:
+    """`first` until the hand-over point, then the second model's guided denoiser for good."""
+    second: DenoiserFn | None = None
+    calls = 0
+
+    def denoise(x: Tensor, sigma: Tensor, **kw: Tensor) -> Tensor:
+        nonlocal second, calls
+        if second is None:
+            if handover.by_steps:
+                done = calls / steps
+            else:
+                t = int((schedule.sigmas.to(sigma) - sigma.max()).abs().argmin())
+                done = (999 - t) / 1000
+            if done >= handover.switch_at:
+                second = guided_denoiser(handover.model, handover.guidance, x)
+        calls += 1
+        return (first if second is None else second)(x, sigma, **kw)
+
+    return denoise
 
 
 def sample(
@@ -191,20 +235,16 @@ def sample(
     init: Tensor | None = None,
     keep: Tensor | None = None,
     callback: Callback | None = None,
+    handover: Handover | None = None,
 ) -> Tensor:
     """Run `sampler` on noisy latents x (B, C, h, w) from σ = sigmas[0] down to sigmas[-1].
 
     Image i draws its sampler noise from a generator seeded with seeds[i]; where `keep` is 1 the
-    latents stay at `init` (latent-blending inpainting).
+    latents stay at `init` (latent-blending inpainting); `handover` switches models part-way.
     """
-    b = x.shape[0]
-    denoiser = Denoiser(_unet_fn(model), DiscreteSchedule.for_model(model.config), model.config.prediction)
-    guided = cfg_denoiser(
-        denoiser,
-        {"context": guidance.cond.expand(b, -1, -1), **guidance.extra},
-        {"context": guidance.uncond.expand(b, -1, -1), **guidance.extra},
-        guidance.scale,
-    )
+    guided = guided_denoiser(model, guidance, x)
+    if handover is not None:
+        guided = _handing_over(guided, handover, DiscreteSchedule.for_model(model.config), len(sigmas) - 1)
     if keep is not None:
         guided = _blend_denoised(guided, init, keep)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -219,7 +259,7 @@ def sample(
 
 
 def _unet_fn(model: StableDiffusion) -> Callable[..., Tensor]:
-    """The U-Net as `model(x_in, t, context=..., c_concat=...)`; c_concat feeds inpainting U-Nets."""
+    """The U-Net as `model(x_in, t, context=..., y=..., c_concat=...)`; c_concat feeds inpainting U-Nets."""
 
     def unet(
         x: Tensor, t: Tensor, context: Tensor, c_concat: Tensor | None = None, y: Tensor | None = None
@@ -240,7 +280,7 @@ def _image_conditioning(
     gen = torch.Generator("cpu").manual_seed(req.seed)
     init = _latents_of(model, image, gen).expand(batch, -1, -1, -1)
     mask = _request_mask(req)
-    if model.config.unet.in_channels == 9:
+    if model.family.inpaint:
         hard = torch.ones_like(image[:, :1]) if mask is None else mask.round()
         return init, None, _inpaint_conditioning(model, image, hard, batch)
     if mask is None:

@@ -39,7 +39,7 @@ TINY = {
         text=(TEXT_OPENAI,),
     ),
     "sd2": ModelConfig(
-        family="sd2",
+        family="sd2-v",
         unet=unet_config(
             model_channels=64,
             channel_mult=(1, 2),
@@ -72,8 +72,26 @@ TINY = {
         text=(TEXT_OPENAI, TEXT_OPENCLIP),
         clip_skip_default=2,
     ),
+    "sdxl-refiner": ModelConfig(
+        family="sdxl-refiner",
+        unet=unet_config(
+            model_channels=64,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            depth_per_level=(0, 2),
+            num_heads=-1,
+            num_head_channels=64,
+            context_dim=128,
+            use_linear_in_transformer=True,
+            adm_in_channels=128 + 5 * 256,
+            transformer_depth_middle=2,
+        ),
+        vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.13025),
+        text=(TEXT_OPENCLIP,),
+        clip_skip_default=2,
+    ),
     "inpaint": ModelConfig(
-        family="sd1",
+        family="sd1-inpaint",
         unet=unet_config(
             model_channels=32,
             channel_mult=(1, 2),

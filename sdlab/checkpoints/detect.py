@@ -12,16 +12,17 @@ import re
 
 from torch import Tensor
 
+from sdlab import families
 from sdlab.checkpoints.io import CheckpointError
 from sdlab.config import (
     SD_VAE,
-    SDXL_VAE,
     ModelConfig,
     Prediction,
     TextConfig,
     UNetConfig,
     VAEConfig,
 )
+from sdlab.families import Family
 
 StateDict = dict[str, Tensor]
 
@@ -129,38 +130,18 @@ def detect_text(sd: StateDict, layout: str, what: str = "text encoder") -> TextC
     )
 
 
-def guess_prediction(unet_sd: StateDict, cfg: UNetConfig, family: str, full_sd: StateDict) -> Prediction:
-    """ε or v: an explicit `v_pred` key, else ComfyUI's SD2 heuristic on a LayerNorm bias spread."""
+def guess_prediction(
+    unet_sd: StateDict, cfg: UNetConfig, found: list[Family], full_sd: StateDict
+) -> Prediction:
+    """ε or v: an explicit `v_pred` key, else ComfyUI's SD2 heuristic on a LayerNorm bias spread for
+    families that ask for it."""
     if "v_pred" in full_sd:
         return "v"
-    if family == "sd2" and cfg.in_channels == 4:
+    if any(f.v_from_weights for f in found) and cfg.in_channels == 4:
         bias = unet_sd.get("output_blocks.11.1.transformer_blocks.0.norm1.bias")
         if bias is not None and bias.device.type != "meta" and float(bias.float().std(unbiased=False)) > 0.09:
             return "v"
     return "eps"
-
-
-def family_of(unet: UNetConfig | None, text: tuple[TextConfig, ...]) -> str:
-    """The model family from the U-Net's conditioning and the text encoders' layouts."""
-    layouts = tuple(t.layout for t in text)
-    if unet is not None and unet.adm_in_channels is not None and layouts == ("openai", "openclip"):
-        return "sdxl"
-    if layouts == ("openclip",) and (unet is None or unet.context_dim == text[0].width):
-        return "sd2"
-    if layouts == ("openai",) and (unet is None or unet.context_dim == text[0].width):
-        return "sd1"
-    return "custom"
-
-
-def _clip_skip_default(family: str, text: tuple[TextConfig, ...], used_layers: int | None) -> int:
-    """The layer the family conditions on, counted from the end: SD2 uses layer 23 of OpenCLIP-H (the
-    penultimate of the 24 in single files; the last in diffusers folders, which drop layer 24), SDXL
-    the penultimate."""
-    if family == "sdxl":
-        return 2
-    if used_layers is not None:
-        return max(1, text[0].layers - used_layers + 1)
-    return max(1, text[0].layers - 22) if family == "sd2" else 1
 
 
 def detect_model(
@@ -172,29 +153,37 @@ def detect_model(
     prediction: Prediction | None = None,
     text_used_layers: int | None = None,
 ) -> ModelConfig:
-    """The whole model's configuration. `text_used_layers`: how many text layers the model conditions on
-    when a diffusers config says so (SD2 folders cut the encoder after layer 23)."""
-    unet = detect_unet(unet_sd, f"{what} (U-Net)") if unet_sd else None
-    text = tuple(
-        detect_text(sd, layout, f"{what} (text encoder {i})") for i, (layout, sd) in enumerate(text_sds)
-    )
-    family = family_of(unet, text)
-    scale = SDXL_VAE.scale_factor if family == "sdxl" else SD_VAE.scale_factor
-    vae = detect_vae(vae_sd, f"{what} (VAE)", scale) if vae_sd else None
-    if unet is None:
+    """The whole model's configuration, its family recognised by `sdlab.families`. `text_used_layers`:
+    how many text layers the model conditions on when a diffusers config says so (SD2 folders cut the
+    encoder after layer 23)."""
+    if unet_sd is None:
         raise CheckpointError(f"{what}: no U-Net weights found (keys model.diffusion_model.* or unet/)")
-    if vae is None:
+    if vae_sd is None:
         raise CheckpointError(f"{what}: no VAE weights found (keys first_stage_model.* or vae/)")
-    if not text:
+    if not text_sds:
         raise CheckpointError(
             f"{what}: no text encoder weights found (keys cond_stage_model.* / conditioner.*)"
         )
-    pred = prediction or guess_prediction(unet_sd or {}, unet, family, full_sd)
+    unet = detect_unet(unet_sd, f"{what} (U-Net)")
+    text = tuple(
+        detect_text(sd, layout, f"{what} (text encoder {i})") for i, (layout, sd) in enumerate(text_sds)
+    )
+    found = families.candidates(unet, text)
+    if not found:
+        raise CheckpointError(
+            f"{what}: no known model family has {families.describe_structure(unet, text)}; "
+            f"known: {', '.join(families.FAMILIES)}"
+        )
+    pred = prediction or guess_prediction(unet_sd, unet, found, full_sd)
+    try:
+        family = families.choose(found, pred)
+    except ValueError as e:
+        raise CheckpointError(f"{what}: {e}") from e
     return ModelConfig(
-        family=family,  # type: ignore[arg-type]
+        family=family.name,
         unet=unet,
-        vae=vae,
+        vae=detect_vae(vae_sd, f"{what} (VAE)", family.latent.scale_factor),
         text=text,
         prediction=pred,
-        clip_skip_default=_clip_skip_default(family, text, text_used_layers),
+        clip_skip_default=family.clip_skip_default(text, text_used_layers),
     )

@@ -20,7 +20,9 @@ from itertools import islice
 import torch
 from torch import Tensor
 
+from sdlab import families
 from sdlab.config import ModelConfig, UNetConfig, VAEConfig
+from sdlab.families import Family
 
 StateDict = dict[str, Tensor]
 Prefixes = dict[str, str]
@@ -313,7 +315,6 @@ IGNORED_KEYS = frozenset(
     " log_one_minus_alphas_cumprod sqrt_recip_alphas_cumprod sqrt_recipm1_alphas_cumprod posterior_variance"
     " posterior_log_variance_clipped posterior_mean_coef1 posterior_mean_coef2 logvar lvlb_weights".split()
 )
-_LAYOUT_PART = {"openai": "transformer", "openclip": "model"}
 
 
 @dataclass
@@ -352,23 +353,16 @@ def split_single_file(sd: StateDict) -> SingleFileParts:
     )
 
 
-def text_prefix(family: str, index: int, layout: str) -> str:
-    """Single-file prefix of text encoder `index`: `conditioner.embedders.N.` (SDXL), `cond_stage_model.`."""
-    if family == "sdxl":
-        return f"conditioner.embedders.{index}.{_LAYOUT_PART[layout]}."
-    if index:
-        raise ValueError(f"a {family} single file holds one text encoder, not {index + 1}")
-    return f"cond_stage_model.{_LAYOUT_PART[layout]}."
-
-
-def join_single_file(
-    family: str, unet: StateDict, vae: StateDict, text: Sequence[StateDict], text_layouts: Sequence[str]
-) -> StateDict:
-    """Inverse of `split_single_file`: components (text in its original layout) under their prefixes."""
+def join_single_file(family: Family, unet: StateDict, vae: StateDict, text: Sequence[StateDict]) -> StateDict:
+    """Inverse of `split_single_file`: the components (text in its original layout) under the family's
+    prefixes."""
+    if len(text) != len(family.text):
+        raise ValueError(
+            f"a {family.label} single file holds {len(family.text)} text encoders, not {len(text)}"
+        )
     sd = {UNET_PREFIX + k: v for k, v in unet.items()} | {VAE_PREFIX + k: v for k, v in vae.items()}
-    for i, (part, layout) in enumerate(zip(text, text_layouts, strict=True)):
-        prefix = text_prefix(family, i, layout)
-        sd |= {prefix + k: v for k, v in part.items()}
+    for part, spec in zip(text, family.text, strict=True):
+        sd |= {spec.single_file_prefix + k: v for k, v in part.items()}
     return sd
 
 
@@ -376,49 +370,32 @@ def join_single_file(
 # diffusers folder configs
 
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers these configs are checked against
-TEXT_FOLDERS = ("text_encoder", "text_encoder_2")
-TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
+TEXT_FOLDERS = ("text_encoder", "text_encoder_2")  # every text folder a diffusers pipeline may have
 SDXL_TIME_EMBED_DIM = 256  # SDXL's sinusoidal size/crop embedding width (6 of them in adm_in_channels)
 BOS_TOKEN = 49406
 
 
 def diffusers_configs(model: ModelConfig) -> dict[str, dict]:
     """The JSON files of a diffusers folder holding `model`, keyed by their path inside the folder."""
-    if len(model.text) != (2 if _is_xl(model) else 1):
-        raise ValueError(
-            f"diffusers pipelines take 2 text encoders with SDXL U-Nets, else 1, not {len(model.text)}"
-        )
+    family = families.get(model.family)
     files = {
-        "model_index.json": _model_index(model),
-        "unet/config.json": _unet_config(model),
-        "vae/config.json": _vae_config(model),
+        "model_index.json": _model_index(model, family),
+        "unet/config.json": _unet_config(model, family),
+        "vae/config.json": _vae_config(model, family),
         "scheduler/scheduler_config.json": _scheduler_config(model),
     }
-    for i, folder in enumerate(TEXT_FOLDERS[: len(model.text)]):
-        files[f"{folder}/config.json"] = _clip_config(model, i)
+    for i, spec in enumerate(family.text):
+        files[f"{spec.diffusers_folder}/config.json"] = _clip_config(model, family, i)
     return files
 
 
-def _is_xl(model: ModelConfig) -> bool:
-    return model.unet.adm_in_channels is not None
+def _clip_class(family: Family, index: int) -> str:
+    return "CLIPTextModelWithProjection" if family.text[index].pooled else "CLIPTextModel"
 
 
-def _image_size(model: ModelConfig) -> int:
-    """Training resolution, as diffusers' single-file loader assumes it (v1 512, v2 768, XL 1024)."""
-    if _is_xl(model):
-        return 1024
-    return 768 if model.family == "sd2" and model.prediction == "v" else 512
-
-
-def _clip_class(model: ModelConfig, index: int) -> str:
-    return "CLIPTextModelWithProjection" if _is_xl(model) and index == 1 else "CLIPTextModel"
-
-
-def _model_index(model: ModelConfig) -> dict:
-    xl = _is_xl(model)
-    inpaint = model.unet.in_channels == 9
+def _model_index(model: ModelConfig, family: Family) -> dict:
     index: dict = {
-        "_class_name": f"StableDiffusion{'XL' if xl else ''}{'Inpaint' if inpaint else ''}Pipeline",
+        "_class_name": family.diffusers_pipeline,
         "_diffusers_version": DIFFUSERS_VERSION,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
@@ -426,11 +403,19 @@ def _model_index(model: ModelConfig) -> dict:
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
     }
-    for i in range(len(model.text)):
-        index[TEXT_FOLDERS[i]] = ["transformers", _clip_class(model, i)]
-        index[TOKENIZER_FOLDERS[i]] = ["transformers", "CLIPTokenizer"]
-    if xl:
-        index["force_zeros_for_empty_prompt"] = True
+    if family.vector:  # SDXL pipelines name both encoders, a refiner leaves the first empty
+        index |= {
+            name: [None, None] for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+        }
+    for i, spec in enumerate(family.text):
+        index[spec.diffusers_folder] = ["transformers", _clip_class(family, i)]
+        index[spec.tokenizer_folder] = ["transformers", "CLIPTokenizer"]
+    if family.vector:
+        index["force_zeros_for_empty_prompt"] = (
+            family.zero_empty_negative and "aesthetic_score" not in family.vector
+        )
+        if "aesthetic_score" in family.vector:
+            index["requires_aesthetics_score"] = True
     else:
         index |= {"safety_checker": [None, None], "requires_safety_checker": False}
     return index
@@ -473,7 +458,7 @@ def _transformer_layers(u: UNetConfig, down: list[list[int]], up: list[list[int]
     return {"transformer_layers_per_block": down, "reverse_transformer_layers_per_block": up}
 
 
-def _unet_config(model: ModelConfig) -> dict:
+def _unet_config(model: ModelConfig, family: Family) -> dict:
     """UNet2DConditionModel config; mirrors diffusers' `create_unet_diffusers_config_from_ldm`."""
     u = model.unet
     down = _per_level(u.transformer_depth, u.num_res_blocks)
@@ -482,7 +467,7 @@ def _unet_config(model: ModelConfig) -> dict:
     config = {
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": DIFFUSERS_VERSION,
-        "sample_size": _image_size(model) // model.vae.downscale,
+        "sample_size": family.native_size // model.vae.downscale,
         "in_channels": u.in_channels,
         "out_channels": u.out_channels,
         "down_block_types": [_block_type(d, "CrossAttnDownBlock2D", "DownBlock2D") for d in down],
@@ -496,7 +481,7 @@ def _unet_config(model: ModelConfig) -> dict:
         else [u.model_channels * m // u.num_head_channels for m in u.channel_mult],
         "use_linear_projection": u.use_linear_in_transformer,
         # SD2.1 overflows fp16 attention scores; its published config upcasts them
-        "upcast_attention": model.family == "sd2",
+        "upcast_attention": family.upcast_attention,
         **_transformer_layers(u, down, up),
     }
     if u.adm_in_channels is not None:
@@ -508,7 +493,7 @@ def _unet_config(model: ModelConfig) -> dict:
     return config
 
 
-def _vae_config(model: ModelConfig) -> dict:
+def _vae_config(model: ModelConfig, family: Family) -> dict:
     """AutoencoderKL config; mirrors diffusers' `create_vae_diffusers_config_from_ldm`."""
     v = model.vae
     if v.embed_dim != v.z_channels:
@@ -519,7 +504,7 @@ def _vae_config(model: ModelConfig) -> dict:
     return {
         "_class_name": "AutoencoderKL",
         "_diffusers_version": DIFFUSERS_VERSION,
-        "sample_size": _image_size(model),
+        "sample_size": family.native_size,
         "in_channels": v.in_channels,
         "out_channels": v.out_ch,
         "down_block_types": ["DownEncoderBlock2D"] * levels,
@@ -534,14 +519,14 @@ def _vae_config(model: ModelConfig) -> dict:
     }
 
 
-def _clip_config(model: ModelConfig, index: int) -> dict:
+def _clip_config(model: ModelConfig, family: Family, index: int) -> dict:
     """CLIPTextConfig. Non-XL diffusers pipelines condition on `last_hidden_state`, so for a model whose
     default is a clip skip (SD2: penultimate layer) the config stops that many layers early, as diffusers'
     SD2 folders do; the file keeps the unused last layer and `text_projection`, which transformers skips."""
     t = model.text[index]
-    skipped = 0 if _is_xl(model) else model.clip_skip_default - 1
+    skipped = model.clip_skip_default - 1 if family.diffusers_cuts_text else 0
     return {
-        "architectures": [_clip_class(model, index)],
+        "architectures": [_clip_class(family, index)],
         "model_type": "clip_text_model",
         "vocab_size": t.vocab_size,
         "max_position_embeddings": t.max_positions,

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sdlab import families
 from sdlab.checkpoints import keymaps
 from sdlab.checkpoints.detect import detect_model, detect_vae
 from sdlab.checkpoints.io import (
@@ -29,6 +30,7 @@ from sdlab.checkpoints.io import (
     write_safetensors,
 )
 from sdlab.config import ModelConfig, Prediction
+from sdlab.families import Family
 from sdlab.models.clip import CLIPTextModel
 from sdlab.models.unet import UNetModel
 from sdlab.models.vae import AutoencoderKL
@@ -132,20 +134,23 @@ def _read_json(path: Path) -> dict:
 def _read_diffusers(folder: Path) -> Checkpoint:
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder}: not a diffusers folder (no model_index.json)")
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "vae"):
         if not (folder / part).is_dir():
             raise CheckpointError(f"{folder}: diffusers folder without {part}/")
-    text, layouts, used = [], [], None
-    for name in TEXT_FOLDERS:
-        if (folder / name).is_dir():
-            sd = _folder_weights(
-                folder / name, "model" if _has_stem(folder / name, "model") else "pytorch_model"
-            )
-            text.append(keymaps.text_from_transformers(sd))
-            config = _read_json(folder / name / "config.json")
-            layouts.append("openclip" if config.get("hidden_act") == "gelu" else "openai")
-            if name == TEXT_FOLDERS[0]:
-                used = config.get("num_hidden_layers")
+    text, layouts, used, tokenizer_dir = [], [], None, None
+    for name, tokenizer in zip(TEXT_FOLDERS, ("tokenizer", "tokenizer_2"), strict=True):
+        if not (folder / name).is_dir():
+            continue
+        sd = _folder_weights(folder / name, "model" if _has_stem(folder / name, "model") else "pytorch_model")
+        text.append(keymaps.text_from_transformers(sd))
+        config = _read_json(folder / name / "config.json")
+        layouts.append("openclip" if config.get("hidden_act") == "gelu" else "openai")
+        if len(text) == 1:
+            used = config.get("num_hidden_layers")
+        if tokenizer_dir is None and (folder / tokenizer / "vocab.json").is_file():
+            tokenizer_dir = folder / tokenizer
+    if not text:
+        raise CheckpointError(f"{folder}: diffusers folder without text_encoder/ or text_encoder_2/")
     prediction = None
     sched = folder / "scheduler" / "scheduler_config.json"
     if sched.is_file():
@@ -160,7 +165,7 @@ def _read_diffusers(folder: Path) -> Checkpoint:
         text_layouts=layouts,
         prediction=prediction,  # type: ignore[arg-type]
         text_used_layers=used,
-        tokenizer_dir=folder / "tokenizer" if (folder / "tokenizer" / "vocab.json").is_file() else None,
+        tokenizer_dir=tokenizer_dir,
     )
 
 
@@ -193,20 +198,26 @@ class StableDiffusion:
         return self.source.stem if self.source.is_file() else self.source.name
 
     @property
+    def family(self) -> Family:
+        """The model family's record: conditioning, latent format, defaults, naming."""
+        return families.get(self.config.family)
+
+    @property
     def native_size(self) -> int:
         """The image side the model was trained at (file metadata `sdlab.native_size`, else the family's)."""
-        if "sdlab.native_size" in self.metadata:
-            return int(self.metadata["sdlab.native_size"])
-        family = self.config.family
-        return 1024 if family == "sdxl" else 768 if family == "sd2" and self.config.prediction == "v" else 512
+        return int(self.metadata.get("sdlab.native_size", self.family.native_size))
 
     @property
     def default_steps(self) -> int:
-        return int(self.metadata.get("sdlab.steps", 20))
+        return int(self.metadata.get("sdlab.steps", self.family.steps))
 
     @property
     def default_cfg(self) -> float:
-        return float(self.metadata.get("sdlab.cfg", 7.0))
+        return float(self.metadata.get("sdlab.cfg", self.family.cfg))
+
+    def text_layer(self, clip_skip: int = 1) -> int:
+        """The text layer (from the end) that A1111's clip skip selects: 1 = the family's own layer."""
+        return self.config.clip_skip_default + clip_skip - 1
 
 
 _INIT_LOCK = threading.Lock()
@@ -337,7 +348,7 @@ def describe(ckpt: Checkpoint) -> str:
     u = cfg.unet
     lines = [
         f"model:       {ckpt.source}",
-        f"family:      {cfg.family}{' (inpainting)' if u.in_channels == 9 else ''}",
+        f"family:      {cfg.family} ({families.get(cfg.family).label})",
         f"prediction:  {'v-prediction' if cfg.prediction == 'v' else 'epsilon'}"
         + ("" if ckpt.prediction else " (detected from weights)"),
         f"unet:        {_summary(ckpt.unet)}  channels {u.model_channels}x{list(u.channel_mult)}, "
@@ -364,7 +375,7 @@ def to_single_file(ckpt: Checkpoint, cfg: ModelConfig) -> StateDict:
         keymaps.text_openai_to_openclip(sd) if layout == "openclip" else sd
         for layout, sd in zip(ckpt.text_layouts, ckpt.text, strict=True)
     ]
-    sd = keymaps.join_single_file(cfg.family, ckpt.unet, ckpt.vae, text, ckpt.text_layouts)
+    sd = keymaps.join_single_file(families.get(cfg.family), ckpt.unet, ckpt.vae, text)
     if cfg.prediction == "v":
         sd["v_pred"] = torch.tensor([])  # the marker ComfyUI and others read
     return sd
@@ -388,8 +399,9 @@ def save_diffusers(ckpt: Checkpoint, folder: str | Path, dtype: torch.dtype | No
         "unet/diffusion_pytorch_model.safetensors": keymaps.unet_ldm_to_diffusers(ckpt.unet, cfg.unet),
         "vae/diffusion_pytorch_model.safetensors": keymaps.vae_ldm_to_diffusers(ckpt.vae, cfg.vae),
     }
-    for name, sd in zip(TEXT_FOLDERS, ckpt.text, strict=False):
-        weights[f"{name}/model.safetensors"] = sd
+    family = families.get(cfg.family)
+    for spec, sd in zip(family.text, ckpt.text, strict=True):
+        weights[f"{spec.diffusers_folder}/model.safetensors"] = sd
     tmp = folder.with_name(f".{folder.name}.partial")
     if tmp.exists():
         raise FileExistsError(f"{tmp}: left over from an interrupted conversion; remove it first")
@@ -400,8 +412,8 @@ def save_diffusers(ckpt: Checkpoint, folder: str | Path, dtype: torch.dtype | No
     tokenizer = (
         CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer.default()
     )
-    for name in ("tokenizer", "tokenizer_2")[: len(ckpt.text)]:
-        tokenizer.save_folder(tmp / name, pad_token=cfg.text[0 if name == "tokenizer" else 1].pad_token)
+    for spec, tcfg in zip(family.text, cfg.text, strict=True):
+        tokenizer.save_folder(tmp / spec.tokenizer_folder, pad_token=tcfg.pad_token)
     tmp.rename(folder)
     return folder
 

@@ -47,6 +47,15 @@ class Denoiser:
             return (x - out * s).to(x.dtype)
         return (x * c_in**2 - out * s * c_in).to(x.dtype)
 
+    def training_pair(self, x0: Tensor, noise: Tensor, t: Tensor, **cond: Any) -> tuple[Tensor, Tensor]:
+        """(model output, its target) at the DDPM timesteps t (B,) (integers): the model sees
+        x_σ = x_0 + σε scaled by c_in and learns ε, or v = c_in·(ε − σ·x_0) (Salimans & Ho 2022)."""
+        sigma = self.schedule.sigmas.to(x0.device)[t]
+        s = _per_sample(sigma, x0)
+        c_in = (s**2 + 1) ** -0.5
+        out = self.model(add_noise(x0, noise, sigma) * c_in, t.float(), **cond)
+        return out, noise if self.prediction == "eps" else c_in * (noise - s * x0)
+
 
 def cfg_denoiser(
     denoiser: DenoiserFn, cond: Mapping[str, Any], uncond: Mapping[str, Any], scale: float

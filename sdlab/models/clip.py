@@ -123,6 +123,17 @@ class CLIPTextModel(nn.Module):
             pooled = self.text_projection(pooled)
         return TextOutput(hidden_states=hidden, last=last, pooled=pooled)
 
+    def encode(self, ids: Tensor, layer: int = 1, final_norm: bool = True) -> tuple[Tensor, Tensor]:
+        """(hidden states of layer `layer` from the end (1 = last, final-normed), pooled output).
+
+        A skipped layer (layer > 1) goes through the final layer norm when `final_norm` (SD1/SD2 do,
+        SDXL's encoders do not); the pooled output always comes from the last layer."""
+        out = self(ids)
+        if layer <= 1:
+            return out.last, out.pooled
+        z = out.layer(layer)
+        return (self.text_model.final_layer_norm(z) if final_norm else z), out.pooled
+
     def _eos_positions(self, ids: Tensor) -> Tensor:
         """Index of the first EOS token of each row (the highest id when the vocab's EOS is last)."""
         is_eos = (ids == self.cfg.eos_token).int()

@@ -72,6 +72,8 @@ class _Request(BaseModel):
     override_settings: dict[str, Any] = {}
     send_images: bool = True
     save_images: bool = False
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -218,6 +220,9 @@ def _job_request(server: Server, mode: str, body: _Request, job_id: str) -> dict
     """The job's stored request: the generation fields (seed resolved), model names, image files."""
     overrides = body.override_settings
     generation = _generation(server, body)
+    refiner = _refiner(server, body)
+    if refiner is not None:
+        generation |= {"refiner": refiner, "refiner_switch_at": body.refiner_switch_at}
     images: dict[str, Image.Image | None] = {"init_image": None, "mask": None}
     parameters = body.model_dump()
     if isinstance(body, Img2ImgRequest):
@@ -306,6 +311,16 @@ def _checkpoint(server: Server, name: str | None) -> str:
         raise HTTPException(404, f"Model not found: {e}") from e
 
 
+def _refiner(server: Server, body: _Request) -> str | None:
+    """The refiner checkpoint's name; A1111 runs no refiner for "None" or without a switch point."""
+    name = body.refiner_checkpoint
+    if name in (None, "", "None") or body.refiner_switch_at is None:
+        return None
+    if not 0 < body.refiner_switch_at <= 1:
+        raise HTTPException(422, f"refiner_switch_at must be in (0, 1], got {body.refiner_switch_at}")
+    return _checkpoint(server, name)
+
+
 def _vae(server: Server, name: str | None) -> str | None:
     if name in (None, "", "Automatic", "None"):
         return None
@@ -354,6 +369,8 @@ def run(server: Server, job: Job, live: Live) -> Outcome:
     model = server.models.model(req["checkpoint"], req["vae"])
     images = {key: _open_input(server, req[key]) for key in ("init_image", "mask")}
     base = GenerationRequest(**req["generation"], **images)
+    refiner = server.models.model(base.refiner) if base.refiner else None
+    live.latent_format = model.family.latent
     folder, kind = _output_folder(server, req)
     live.job_count = req["n_iter"]
     saved: list[dict[str, str]] = []
@@ -363,11 +380,11 @@ def run(server: Server, job: Job, live: Live) -> Outcome:
             live.job_no = n
             request = replace(base, seed=base.seed + n * base.batch_size)
             try:
-                result = generate(model, request, callback=live.step_done)
+                result = generate(model, request, callback=live.step_done, refiner=refiner)
             except Skipped:
                 continue
             for image, seed in zip(result.images, result.seeds, strict=True):
-                infotexts.append(request_infotext(result.request, seed, model))
+                infotexts.append(request_infotext(result.request, seed, model, refiner))
                 path = save_png(image, next_output_path(folder, seed), infotexts[-1])
                 saved.append({"filename": path.name, "subfolder": folder.name, "type": kind})
     except Interrupted:
@@ -434,7 +451,7 @@ def _info(
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
         "clip_skip": req.clip_skip,
-        "is_using_inpainting_conditioning": model.config.unet.in_channels == 9,
+        "is_using_inpainting_conditioning": model.family.inpaint,
         "version": f"sdlab {version('sdlab')}",
     }
 
@@ -459,7 +476,7 @@ def _progress(live: Live | None, skip_image: bool) -> dict[str, Any]:
     if live.total:
         progress += live.step / live.total / live.job_count
     elapsed = time.time() - live.started
-    preview = None if skip_image or live.latent is None else latent_preview(live.latent)
+    preview = None if skip_image else latent_preview(live.latent, live.latent_format)
     state = {
         "skipped": live.skipped,
         "interrupted": live.interrupted,

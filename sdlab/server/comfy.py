@@ -244,7 +244,7 @@ def run(server: Server, job: Job, live: Live) -> Outcome:
             return
         progress = {"value": current.step, "max": current.total, "prompt_id": prompt_id, "node": current.node}
         send("progress", progress)
-        preview = None if current.latent is None else latent_preview(current.latent)
+        preview = latent_preview(current.latent, current.latent_format)
         if preview is not None:
             server.events.publish(preview_frame(preview), client)
 

@@ -24,6 +24,8 @@ from typing import Any
 
 from torch import Tensor
 
+from sdlab.families import LatentFormat
+
 PENDING, RUNNING, DONE, FAILED, CANCELLED = "pending", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
 RESTART_ERROR = "interrupted by server restart"
@@ -207,6 +209,7 @@ class Live:
     job_count: int = 1
     node: str | None = None  # ComfyUI: the node executing
     latent: Tensor | None = None  # the latest denoised latents, for previews
+    latent_format: LatentFormat | None = None  # how to preview them: the sampling model's family's
     interrupted: bool = False
     skipped: bool = False
     on_step: Callable[[Live], None] | None = None  # the runner's per-step reporting (previews)

@@ -109,12 +109,13 @@ def _scan(
 
 
 class ModelCache:
-    """The one loaded model, swapped when a job names another checkpoint or VAE (worker thread only)."""
+    """The loaded models, at most `keep` of them (a base model and its refiner), the least recently used
+    dropped when a job names another checkpoint or VAE (worker thread only)."""
 
-    def __init__(self, library: Library) -> None:
+    def __init__(self, library: Library, keep: int = 2) -> None:
         self.library = library
-        self._key: tuple[Path, Path | None] | None = None
-        self._model: StableDiffusion | None = None
+        self.keep = keep
+        self._models: dict[tuple[Path, Path | None], StableDiffusion] = {}  # oldest first
         self.hashes: dict[Path, str] = {}  # short hashes of models loaded so far (A1111 titles)
         self._vaes: dict[Path, AutoencoderKL] = {}
 
@@ -122,14 +123,17 @@ class ModelCache:
         """The model of a listed checkpoint, optionally with a listed VAE instead of its own."""
         _, path = self.library.checkpoint(checkpoint)
         vae_path = self.library.find(self.library.vaes(), vae, "VAE") if vae else None
-        if self._key != (path, vae_path) or self._model is None:
-            self._model = None  # drop the old weights before loading the new ones
-            self._model = load_model(path, vae=vae_path)
-            self._key = (path, vae_path)
+        key = (path, vae_path)
+        model = self._models.pop(key, None)
+        if model is None:
+            while len(self._models) >= self.keep:  # drop old weights before loading new ones
+                self._models.pop(next(iter(self._models)))
+            model = load_model(path, vae=vae_path)
             digest = model_hash(path)
             if digest is not None:
                 self.hashes[path] = digest
-        return self._model
+        self._models[key] = model
+        return model
 
     def vae(self, name: str) -> AutoencoderKL:
         """A listed standalone VAE (SD1/SD2 latent scale), kept once loaded."""

@@ -1,8 +1,9 @@
 """ComfyUI's core nodes on sdlab's pipeline: inputs named and bounded as ComfyUI declares them.
 
 Values passed between nodes: MODEL is a `Model`, CLIP a `Clip`, VAE an `AutoencoderKL`,
-CONDITIONING a context tensor (1, 77·k, d), LATENT a `Latent` (scaled latents, as the U-Net sees
-them), IMAGE pixels (B, 3, H, W) in [-1, 1] and MASK (B, 1, H, W) in [0, 1] (1 = repaint).
+CONDITIONING a `Conditioning` (context, and SDXL's pooled text and size / aesthetic values),
+LATENT a `Latent` (scaled latents, as the U-Net sees them), IMAGE pixels (B, 3, H, W) in [-1, 1]
+and MASK (B, 1, H, W) in [0, 1] (1 = repaint).
 Seeds follow sdlab's convention: image i of a batch draws its noise from seed + i. LoRAs are merged
 into the shared loaded model only while a node uses it, and taken out again right after.
 """
@@ -24,6 +25,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from sdlab.checkpoints.load import StableDiffusion
+from sdlab.conditioning import Conditioning, encode_text
+from sdlab.diffusion import denoiser
 from sdlab.diffusion.samplers import SAMPLERS
 from sdlab.diffusion.schedule import SCHEDULES
 from sdlab.images import prepare_mask, save_png, to_pil, to_tensor
@@ -33,7 +36,6 @@ from sdlab.pipeline import (
     Guidance,
     decode_pixels,
     encode_pixels,
-    encode_prompt,
     sample,
     sampling_sigmas,
     seed_noise,
@@ -71,7 +73,7 @@ class Clip:
     """CLIP: the model's text encoder, the layer to stop at and LoRAs for it."""
 
     model: StableDiffusion
-    skip: int = 1  # A1111's clip skip: 1 = the last layer (ComfyUI stop_at_clip_layer = -skip)
+    layer: int | None = None  # the layer to stop at, from the end (-stop_at_clip_layer); None: the family's
     loras: LoRAs = ()  # merged into the text encoder while encoding
 
 
@@ -165,13 +167,59 @@ def lora_loader(
 
 def clip_set_last_layer(env: Env, clip: Clip, stop_at_clip_layer: int) -> tuple[Clip]:
     """Stop the text encoder -stop_at_clip_layer layers from its end (-1: the last)."""
-    return (replace(clip, skip=-stop_at_clip_layer),)
+    return (replace(clip, layer=-stop_at_clip_layer),)
 
 
-def clip_text_encode(env: Env, text: str, clip: Clip) -> tuple[Tensor]:
-    """A prompt's context, A1111 prompt syntax included."""
+def clip_text_encode(env: Env, text: str, clip: Clip) -> tuple[Conditioning]:
+    """A prompt's conditioning, A1111 prompt syntax included; SDXL sizes follow the sampled latent."""
+    return (_encode(clip, text),)
+
+
+def clip_text_encode_sdxl(
+    env: Env,
+    clip: Clip,
+    width: int,
+    height: int,
+    crop_w: int,
+    crop_h: int,
+    target_width: int,
+    target_height: int,
+    text_g: str,
+    text_l: str,
+) -> tuple[Conditioning]:
+    """SDXL base conditioning with its own prompt per encoder and explicit size conditioning."""
+    _need_vector(clip, "original_size", "CLIPTextEncodeSDXL")
+    cond = _encode(clip, [text_l, text_g])
+    return (
+        replace(
+            cond,
+            original_size=(height, width),
+            crop=(crop_h, crop_w),
+            target_size=(target_height, target_width),
+        ),
+    )
+
+
+def clip_text_encode_sdxl_refiner(
+    env: Env, clip: Clip, ascore: float, width: int, height: int, text: str
+) -> tuple[Conditioning]:
+    """SDXL refiner conditioning with an aesthetic score and the original size."""
+    _need_vector(clip, "aesthetic_score", "CLIPTextEncodeSDXLRefiner")
+    return (replace(_encode(clip, text), original_size=(height, width), aesthetic_score=ascore),)
+
+
+def _encode(clip: Clip, text: str | list[str]) -> Conditioning:
+    family = clip.model.family
+    if isinstance(text, list) and len(family.text) != len(text):
+        text = text[-1]  # text_g alone for a model with one encoder
     with _merged(clip.model, clip.loras):
-        return (encode_prompt(clip.model, text, clip.skip),)
+        return encode_text(clip.model, text, clip.layer)
+
+
+def _need_vector(clip: Clip, field: str, node: str) -> None:
+    family = clip.model.family
+    if field not in family.vector:
+        raise NodeError(f"{node} needs a model whose conditioning has {field} ({family.label} has not)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +239,8 @@ def ksampler(
     cfg: float,
     sampler_name: str,
     scheduler: str,
-    positive: Tensor,
-    negative: Tensor,
+    positive: Conditioning,
+    negative: Conditioning,
     latent_image: Latent,
     denoise: float,
 ) -> tuple[Latent]:
@@ -216,8 +264,8 @@ def ksampler_advanced(
     cfg: float,
     sampler_name: str,
     scheduler: str,
-    positive: Tensor,
-    negative: Tensor,
+    positive: Conditioning,
+    negative: Conditioning,
     latent_image: Latent,
     start_at_step: int,
     end_at_step: int,
@@ -255,8 +303,11 @@ def _sample(
     mask = None if latent.noise_mask is None else _fit_mask(latent.noise_mask, init)
     guidance = replace(guidance, extra=_inpaint_inputs(sd, latent, init, mask))
     keep = None if mask is None else 1 - mask
+    x = denoiser.add_noise(init, noise, sigmas[:1].expand(init.shape[0]))
+    if env.live is not None:
+        env.live.latent_format = sd.family.latent
     with _merged(sd, model.loras):
-        samples = sample(sd, init + noise * sigmas[0], sigmas, guidance, sampler, seeds, init, keep, env.step)
+        samples = sample(sd, x, sigmas, guidance, sampler, seeds, init, keep, env.step)
     return replace(latent, samples=samples)
 
 
@@ -280,7 +331,7 @@ def _inpaint_inputs(
     model: StableDiffusion, latent: Latent, init: Tensor, mask: Tensor | None
 ) -> dict[str, Tensor]:
     """c_concat for 9-channel inpainting U-Nets: the mask and the (masked) image latents."""
-    if model.config.unet.in_channels != 9:
+    if not model.family.inpaint:
         return {}
     if mask is None:  # nothing masked: repaint everything of an empty latent, keep an encoded image
         mask = torch.full_like(init[:, :1], 1.0 if latent.samples is None else 0.0)
@@ -476,6 +527,36 @@ NODE_TYPES: dict[str, NodeType] = {
         clip_text_encode,
         "conditioning",
         "Encodes a text prompt (A1111 prompt syntax).",
+    ),
+    "CLIPTextEncodeSDXL": NodeType(
+        {
+            "clip": ("CLIP",),
+            "width": _int(1024, 0, MAX_RESOLUTION),
+            "height": _int(1024, 0, MAX_RESOLUTION),
+            "crop_w": _int(0, 0, MAX_RESOLUTION),
+            "crop_h": _int(0, 0, MAX_RESOLUTION),
+            "target_width": _int(1024, 0, MAX_RESOLUTION),
+            "target_height": _int(1024, 0, MAX_RESOLUTION),
+            "text_g": ("STRING", {"multiline": True, "dynamicPrompts": True}),
+            "text_l": ("STRING", {"multiline": True, "dynamicPrompts": True}),
+        },
+        ("CONDITIONING",),
+        clip_text_encode_sdxl,
+        "advanced/conditioning",
+        "Encodes SDXL prompts (one per text encoder) with size conditioning.",
+    ),
+    "CLIPTextEncodeSDXLRefiner": NodeType(
+        {
+            "ascore": _float(6.0, 0.0, 1000.0),
+            "width": _int(1024, 0, MAX_RESOLUTION),
+            "height": _int(1024, 0, MAX_RESOLUTION),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True}),
+            "clip": ("CLIP",),
+        },
+        ("CONDITIONING",),
+        clip_text_encode_sdxl_refiner,
+        "advanced/conditioning",
+        "Encodes an SDXL refiner prompt with an aesthetic score.",
     ),
     "EmptyLatentImage": NodeType(
         {**_LATENT_SIZE, "batch_size": _int(1, 1, 4096)},

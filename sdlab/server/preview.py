@@ -1,7 +1,7 @@
 """Cheap live previews: denoised latents -> RGB by a fixed linear map, no VAE decode.
 
-The factors are the SD1.x latent->RGB matrix ComfyUI uses for its "latent2rgb" previews (SD2 shares
-the latent space). The preview has the latent's size (1/8 of the image for SD).
+The factors are the family's (`sdlab.families.LatentFormat`, ComfyUI's "latent2rgb" matrices). The
+preview has the latent's size (1/8 of the image for SD).
 """
 
 from __future__ import annotations
@@ -14,22 +14,19 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-SD_LATENT_RGB = torch.tensor(
-    [  # R, G, B per latent channel
-        [0.3512, 0.2297, 0.3227],
-        [0.3250, 0.4974, 0.2350],
-        [-0.2829, 0.1762, 0.2721],
-        [-0.2120, -0.2616, -0.7177],
-    ]
-)
+from sdlab.families import LatentFormat
+
 PREVIEW_IMAGE, PNG = 1, 2  # ComfyUI's binary WebSocket event type and image type
 
 
-def latent_preview(latents: Tensor) -> Image.Image | None:
-    """The first image of scaled latents (B, 4, h, w) as h x w RGB (None for other channel counts)."""
-    if latents.ndim != 4 or latents.shape[1] != SD_LATENT_RGB.shape[0]:
+def latent_preview(latents: Tensor | None, latent_format: LatentFormat | None) -> Image.Image | None:
+    """The first image of scaled latents (B, C, h, w) as h x w RGB by the family's factors (None without
+    latents or format, or when the channels are not the format's)."""
+    if latents is None or latent_format is None:
         return None
-    rgb = torch.einsum("chw,cr->hwr", latents[0].detach().float().cpu(), SD_LATENT_RGB)
+    if latents.ndim != 4 or latents.shape[1] != len(latent_format.rgb_factors):
+        return None
+    rgb = latent_format.preview(latents[0].detach())
     pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
     return Image.fromarray(pixels.numpy())
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sdlab.models.clip import CLIPTextModel
 from sdlab.text.tokenizer import CLIPTokenizer
 
 CHUNK = 75  # tokens per chunk between BOS and EOS
@@ -120,26 +121,19 @@ def pad_chunks(chunks: list[Chunk], count: int, empty: Chunk) -> list[Chunk]:
 
 
 def encode_chunks(
-    encoder: torch.nn.Module, chunks: list[Chunk], clip_skip: int = 1, final_norm: bool = True
+    encoder: CLIPTextModel, chunks: list[Chunk], layer: int = 1, final_norm: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Context (1, 77·k, width) and the first chunk's pooled vector (1, dim).
 
-    `clip_skip` picks the layer (1 = last); `final_norm` applies the final layer norm to a skipped
-    layer's output (SD1/SD2 do, SDXL does not). Weights scale each token's vector, then the chunk's
-    mean is restored (A1111's emphasis).
+    `layer` picks the hidden states (1 = last; see `CLIPTextModel.encode`). Weights scale each token's
+    vector, then the chunk's mean is restored (A1111's emphasis).
     """
     device = next(encoder.parameters()).device
     ids = torch.tensor([c.ids for c in chunks], device=device)
-    out = encoder(ids)
-    if clip_skip <= 1:
-        z = out.last
-    else:
-        z = out.layer(clip_skip)
-        if final_norm:
-            z = encoder.text_model.final_layer_norm(z)
+    z, pooled = encoder.encode(ids, layer, final_norm)
     weights = torch.tensor([c.weights for c in chunks], dtype=z.dtype, device=device)
     if bool((weights != 1.0).any()):
         mean = z.mean(dim=(1, 2), keepdim=True)
         z = z * weights[..., None]
         z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
-    return z.reshape(1, -1, z.shape[-1]), out.pooled[:1]
+    return z.reshape(1, -1, z.shape[-1]), pooled[:1]

@@ -36,17 +36,15 @@ class LoRATrainConfig:
 def build(cfg: LoRATrainConfig, ranks: Ranks) -> Task:
     """The LoRA task: the frozen model with a LoRANetwork hooked into its layers."""
     model = load_model(cfg.model)
-    u = model.config.unet
-    if len(model.text_encoders) != 1 or u.adm_in_channels is not None or u.in_channels != u.out_channels:
+    if model.family.inpaint:
         raise ValueError(
-            f"{cfg.model}: LoRA training supports text-to-image models with one text encoder (SD1, SD2), "
-            f"not {model.config.family} ({len(model.text_encoders)} encoders, {u.in_channels} input channels)"
+            f"{cfg.model}: LoRA training takes text-to-image models, not a {model.family.label} model"
         )
     encoders = model.text_encoders if cfg.train_text_encoder else []
-    targets = lora.training_targets(model.unet, encoders, conv=cfg.conv_rank > 0)
+    targets = lora.training_targets(model.unet, encoders, model.family, conv=cfg.conv_rank > 0)
     network = lora.LoRANetwork(targets, cfg.rank, cfg.alpha, cfg.conv_rank or None, cfg.conv_alpha or None)
     trainer = DiffusionTrainer(
-        model.unet, model.text_encoders[0], model.vae, model.config, cfg.diffusion, cfg.train_text_encoder
+        model.unet, model.text_encoders, model.vae, model.config, cfg.diffusion, cfg.train_text_encoder
     )
     trainer.network = network
 

@@ -17,10 +17,12 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from sdlab import families
 from sdlab.checkpoints.detect import detect_text, detect_unet, detect_vae
 from sdlab.checkpoints.load import Checkpoint, StableDiffusion, empty_modules, read_vae, save_single_file
+from sdlab.conditioning import Conditioning, encode_captions
 from sdlab.config import ModelConfig, Prediction, TextConfig, UNetConfig
-from sdlab.diffusion.denoiser import add_noise
+from sdlab.diffusion.denoiser import Denoiser
 from sdlab.diffusion.schedule import DiscreteSchedule
 from sdlab.models.clip import CLIPTextModel
 from sdlab.models.unet import UNetModel
@@ -78,42 +80,42 @@ class UNetTrainConfig:
 
 
 class DiffusionTrainer(nn.Module):
-    """The denoising loss of `unet` on VAE latents of a batch's images, conditioned on its captions.
+    """The denoising loss of `unet` on VAE latents of a batch's images, conditioned on its captions
+    through the model family's text encoders (SDXL: both, with pooled and size conditioning).
 
-    `text_grad`: gradients flow through the text encoder (it, or a LoRA on it, is trained).
+    `text_grad`: gradients flow through the text encoders (they, or a LoRA on them, are trained).
     """
 
     def __init__(
         self,
         unet: UNetModel,
-        text: CLIPTextModel,
+        texts: list[CLIPTextModel],
         vae: AutoencoderKL,
         model_config: ModelConfig,
         diffusion: DiffusionConfig,
         text_grad: bool,
     ) -> None:
         super().__init__()
-        self.unet, self.text, self.vae = unet, text, vae
+        self.unet, self.vae = unet, vae
+        self.texts = nn.ModuleList(texts)
         self.model_config, self.diffusion = model_config, diffusion
+        self.family = families.get(model_config.family)
         self.vae.requires_grad_(False).eval()
         self.text_grad = text_grad
-        self.tokens = Tokens(text.cfg)
-        self.sigmas = DiscreteSchedule.for_model(model_config).sigmas
+        self.tokens = [Tokens(t.cfg) for t in texts]
+        self.denoiser = Denoiser(self.unet, DiscreteSchedule.for_model(model_config), model_config.prediction)
+        self.sigmas = self.denoiser.schedule.sigmas
         self.moments: dict[Any, Tensor] = {}  # image key -> posterior moments (2C, h, w)
 
     def forward(self, batch: Batch) -> Loss:
         x0 = self.latents(batch)
-        context = self.context(batch)
+        cond = self.conditioning(batch)
         t = batch.randint(len(self.sigmas))
         sigma = self.sigmas.to(x0.device)[t]
         noise = batch.randn(*x0.shape[1:])
-        c_in = ((sigma**2 + 1) ** -0.5)[:, None, None, None]
-        out = self.unet(add_noise(x0, noise, sigma) * c_in, t.float(), context)
-        target = (
-            noise
-            if self.model_config.prediction == "eps"
-            else c_in * (noise - sigma[:, None, None, None] * x0)
-        )
+        f = self.model_config.vae.downscale
+        inputs = cond.model_inputs(self.family, x0.shape[0], x0.shape[2] * f, x0.shape[3] * f)
+        out, target = self.denoiser.training_pair(x0, noise, t, **inputs)
         per_sample = ((out.float() - target) ** 2).mean(dim=(1, 2, 3))
         weight = self._snr_weight(sigma) if self.diffusion.min_snr_gamma else torch.ones_like(sigma)
         return (weight * per_sample).mean(), {}
@@ -145,15 +147,13 @@ class DiffusionTrainer(nn.Module):
                 self.moments[key] = torch.cat([post.mean, post.logvar], dim=1)[0]
         return torch.stack([self.moments[k] for k in batch["key"]])
 
-    def context(self, batch: Batch) -> Tensor:
-        """Text context of the captions, each replaced by "" with probability caption_dropout."""
+    def conditioning(self, batch: Batch) -> Conditioning:
+        """Conditioning of the captions, each replaced by "" with probability caption_dropout."""
         keep = batch.rand() >= self.diffusion.caption_dropout
         captions = [c if k else "" for c, k in zip(batch["caption"], keep.tolist(), strict=True)]
-        ids = self.tokens(captions, batch["image"].device)
+        ids = [tokens(captions, batch["image"].device) for tokens in self.tokens]
         with torch.set_grad_enabled(self.text_grad and torch.is_grad_enabled()):
-            out = self.text(ids)
-        skip = self.model_config.clip_skip_default
-        return out.last if skip <= 1 else self.text.text_model.final_layer_norm(out.layer(skip))
+            return encode_captions(self.family, list(self.texts), ids, self.model_config.clip_skip_default)
 
 
 def sample_grid(model: StableDiffusion, cfg: SampleConfig, size: int) -> Image.Image:
@@ -215,10 +215,16 @@ def build(cfg: UNetTrainConfig, ranks: Ranks) -> Task:
     text, layout = load_text_encoder(cfg.text) if cfg.text else (CLIPTextModel(cfg.text_config), "openai")
     text.requires_grad_(cfg.train_text_encoder)
     check_loadable(cfg.unet, text.cfg)
-    model_cfg = ModelConfig("custom", cfg.unet, vae.cfg, (text.cfg,), cfg.prediction)
+    found = families.candidates(cfg.unet, (text.cfg,))
+    if not found:
+        raise ValueError(f"no model family has {families.describe_structure(cfg.unet, (text.cfg,))}")
+    family = families.choose(found, cfg.prediction)
+    model_cfg = ModelConfig(
+        family.name, cfg.unet, vae.cfg, (text.cfg,), cfg.prediction, family.clip_skip_default((text.cfg,))
+    )
     unet = UNetModel(cfg.unet)
-    trainer = DiffusionTrainer(unet, text, vae, model_cfg, cfg.diffusion, cfg.train_text_encoder)
-    model = StableDiffusion(model_cfg, unet, vae, [text], trainer.tokens.tokenizer, Path("training"))
+    trainer = DiffusionTrainer(unet, [text], vae, model_cfg, cfg.diffusion, cfg.train_text_encoder)
+    model = StableDiffusion(model_cfg, unet, vae, [text], trainer.tokens[0].tokenizer, Path("training"))
 
     def export(path: Path) -> Path:
         ckpt = Checkpoint(

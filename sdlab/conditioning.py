@@ -1,0 +1,133 @@
+"""Conditioning as a record, and prompts turned into it by a model's own text encoders.
+
+A `Conditioning` holds what the U-Net sees besides the noisy latents and the timestep: the
+cross-attention context, and for families with a vector input (SDXL) the pooled text embedding and the
+size / crop / aesthetic-score values that become `y`. Sizes left unset follow the image being sampled
+(ComfyUI's `encode_adm`, A1111's and diffusers' defaults), so one record serves any resolution. It is
+also ComfyUI's CONDITIONING value. Later features (control residuals, masks, areas, timestep ranges)
+add fields here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from sdlab.families import VECTOR_EMBED_DIM, Family
+from sdlab.models.unet import timestep_embedding
+from sdlab.text.prompt import Chunk, chunk_prompt, encode_chunks, pad_chunks
+
+if TYPE_CHECKING:
+    from sdlab.checkpoints.load import StableDiffusion
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Cross-attention context (1, T, d) and, for SDXL families, what the vector input y is made of."""
+
+    context: Tensor
+    pooled: Tensor | None = None  # (1, P): the pooled, projected output of the family's pooled encoder
+    original_size: tuple[int, int] | None = None  # (height, width); None: the sampled image's size
+    crop: tuple[int, int] = (0, 0)  # crop_coords_top_left (top, left)
+    target_size: tuple[int, int] | None = None  # (height, width); None: the sampled image's size
+    aesthetic_score: float | None = None  # refiner; None: the family's score for a positive/negative prompt
+
+    def model_inputs(
+        self, family: Family, batch: int, height: int, width: int, negative: bool = False
+    ) -> dict[str, Tensor]:
+        """Keyword inputs of the U-Net for a batch of `height` x `width` images: context, and y when the
+        family has a vector input. `negative`: this is the unconditional side (refiner aesthetic score)."""
+        inputs = {"context": self.context.expand(batch, -1, -1)}
+        if family.vector:
+            inputs["y"] = self.vector(family, height, width, negative).expand(batch, -1)
+        return inputs
+
+    def vector(self, family: Family, height: int, width: int, negative: bool = False) -> Tensor:
+        """y (N, adm) = pooled (N, P) ‖ sinusoidal embeddings (256 each) of the family's size/score fields."""
+        if self.pooled is None:
+            raise ValueError(
+                f"a {family.label} model needs a pooled text embedding; encode with its own CLIP"
+            )
+        score = self.aesthetic_score
+        if score is None:
+            score = family.aesthetic_scores[1 if negative else 0]
+        values = {
+            "original_size": self.original_size or (height, width),
+            "crop_coords_top_left": self.crop,
+            "target_size": self.target_size or (height, width),
+            "aesthetic_score": (score,),
+        }
+        scalars = torch.tensor([float(v) for field in family.vector for v in values[field]])
+        emb = timestep_embedding(scalars, VECTOR_EMBED_DIM).reshape(1, -1)
+        return torch.cat([self.pooled, emb.to(self.pooled).expand(self.pooled.shape[0], -1)], dim=1)
+
+    def zeroed(self) -> Conditioning:
+        """The same record with context and pooled embedding zeroed (A1111's empty negative for SDXL)."""
+        pooled = None if self.pooled is None else torch.zeros_like(self.pooled)
+        return replace(self, context=torch.zeros_like(self.context), pooled=pooled)
+
+
+def encode_text(model: StableDiffusion, texts: str | Sequence[str], layer: int | None = None) -> Conditioning:
+    """One prompt's conditioning, k = its own chunk count (ComfyUI's CLIPTextEncode). `texts`: one prompt
+    for all encoders, or one per encoder (SDXL's text_l / text_g); `layer` from the end, default the
+    family's."""
+    chunks = _chunks(model, texts)
+    return _encode(model, chunks, max(len(c) for c in chunks), layer or model.text_layer())
+
+
+def encode_prompt_pair(
+    model: StableDiffusion, prompt: str, negative: str, clip_skip: int = 1
+) -> tuple[Conditioning, Conditioning]:
+    """(cond, uncond) as AUTOMATIC1111 makes them: both padded with empty chunks to one length, and an
+    empty negative prompt zeroed for families where A1111 does (SDXL: `force_zero_negative_prompt`)."""
+    chunks = [_chunks(model, p) for p in (prompt, negative)]
+    count = max(len(c) for per in chunks for c in per)
+    layer = model.text_layer(clip_skip)
+    cond, uncond = (_encode(model, c, count, layer) for c in chunks)
+    if negative == "" and model.family.zero_empty_negative:
+        uncond = uncond.zeroed()
+    return cond, uncond
+
+
+def _chunks(model: StableDiffusion, texts: str | Sequence[str]) -> list[list[Chunk]]:
+    """Each encoder's 77-token chunks of its prompt (encoders differ in their padding token)."""
+    configs = model.config.text
+    per_encoder = [texts] * len(configs) if isinstance(texts, str) else list(texts)
+    if len(per_encoder) != len(configs):
+        raise ValueError(f"{len(per_encoder)} prompts for {len(configs)} text encoders")
+    return [chunk_prompt(model.tokenizer, t, c.pad_token) for t, c in zip(per_encoder, configs, strict=True)]
+
+
+def _encode(model: StableDiffusion, chunks: list[list[Chunk]], count: int, layer: int) -> Conditioning:
+    """Every encoder's chunks padded to `count` with empty ones, encoded at `layer`, contexts joined along
+    the channels (SDXL: CLIP-L 768 ‖ bigG 1280); pooled from the family's pooled encoder."""
+    contexts, pooled = [], None
+    for encoder, spec, cfg, own in zip(
+        model.text_encoders, model.family.text, model.config.text, chunks, strict=True
+    ):
+        empty = chunk_prompt(model.tokenizer, "", cfg.pad_token)[0]
+        z, p = encode_chunks(encoder, pad_chunks(own, count, empty), layer, spec.final_norm)
+        contexts.append(z)
+        if spec.pooled:
+            pooled = p
+    return Conditioning(torch.cat(contexts, dim=-1), pooled)
+
+
+def encode_captions(
+    model_family: Family,
+    encoders: Sequence[torch.nn.Module],
+    ids: Sequence[Tensor],
+    layer: int,
+) -> Conditioning:
+    """A batch's conditioning from each encoder's token ids (B, 77) (training: no prompt syntax)."""
+    contexts, pooled = [], None
+    for encoder, spec, enc_ids in zip(encoders, model_family.text, ids, strict=True):
+        z, p = encoder.encode(enc_ids, layer, spec.final_norm)
+        contexts.append(z)
+        if spec.pooled:
+            pooled = p
+    return Conditioning(torch.cat(contexts, dim=-1), pooled)
