@@ -73,7 +73,7 @@ class Family:
     text_layer: int | None = None  # SD2: layer 23 of OpenCLIP-H, whatever the encoder's depth
     vector: tuple[VectorField, ...] = ()  # y = pooled ‖ embeddings of these fields (SDXL)
     aesthetic_scores: tuple[float, float] = (6.0, 2.5)  # positive, negative (refiner; A1111/diffusers)
-    inpaint: bool = False  # 9-channel U-Net: latents ‖ mask ‖ masked-image latents
+    inpaint: bool = False  # 2C+1-channel U-Net input: latents ‖ mask ‖ masked-image latents
     prediction: Prediction | None = None  # the prediction this record requires (None: any)
     v_from_weights: bool = False  # guess v-prediction from the weights (ComfyUI's SD2 heuristic)
     kohya_unet: Naming = "diffusers"  # U-Net module names kohya's sd-scripts write for the family
@@ -100,7 +100,8 @@ class Family:
             return False
         return (
             unet.adm_in_channels == self.vector_width(text)
-            and (unet.in_channels == 9) == self.inpaint
+            and unet.in_channels == self.latent.channels * (2 if self.inpaint else 1) + self.inpaint
+            and unet.out_channels == self.latent.channels
             and unet.context_dim == sum(t.width for t in text)
         )
 

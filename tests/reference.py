@@ -189,7 +189,7 @@ def write_real_size_files(family: str, folder: Path) -> tuple[Path, Path]:
     from sdlab.models.unet import UNetModel
     from sdlab.models.vae import AutoencoderKL
 
-    cfg = SD1 if family == "sd1" else replace(SD2, prediction="v")
+    cfg = SD1 if family == "sd1" else replace(SD2, family="sd2-v", prediction="v")
     path = folder / "model.safetensors"
     unet = randomize(UNetModel(cfg.unet), seed=11).state_dict()
     vae = randomize(AutoencoderKL(cfg.vae), seed=12).state_dict()

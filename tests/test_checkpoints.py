@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from tiny import TINY, tiny_checkpoint, write_tiny
 
+from sdlab import families
 from sdlab.checkpoints import keymaps
 from sdlab.checkpoints.io import CheckpointError, read_metadata, read_state_dict
 from sdlab.checkpoints.load import (
@@ -25,7 +26,7 @@ from sdlab.checkpoints.load import (
     to_single_file,
 )
 from sdlab.cli import main
-from sdlab.config import SD1, SD2, SDXL, ModelConfig
+from sdlab.config import SD1, SD2, SDXL, SDXL_REFINER, ModelConfig
 from sdlab.models.clip import CLIPTextModel
 from sdlab.models.unet import UNetModel
 from sdlab.models.vae import AutoencoderKL
@@ -40,10 +41,10 @@ def _meta_single_file(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     text = [
         keymaps.text_openai_to_openclip(sd) if t.layout == "openclip" else sd for t, sd in zip(cfg.text, text)
     ]
-    return keymaps.join_single_file(cfg.family, unet, vae, text, [t.layout for t in cfg.text])
+    return keymaps.join_single_file(families.get(cfg.family), unet, vae, text)
 
 
-@pytest.mark.parametrize("cfg", [SD1, SD2, SDXL], ids=["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("cfg", [SD1, SD2, SDXL, SDXL_REFINER], ids=["sd1", "sd2", "sdxl", "sdxl-refiner"])
 def test_detects_the_real_architectures_from_shapes(cfg: ModelConfig) -> None:
     sd = _meta_single_file(cfg)
     parts = keymaps.split_single_file(sd)
@@ -65,7 +66,17 @@ def test_detects_v_prediction_marker_and_inpainting() -> None:
     sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.empty(320, 9, 3, 3, device="meta")
     parts = keymaps.split_single_file(sd)
     got = detect_model(parts.unet, parts.vae, list(zip(parts.text_layouts, parts.text)), parts.extras, "meta")
-    assert got.prediction == "v" and got.unet.in_channels == 9 and got.family == "sd1"
+    assert got.prediction == "v" and got.unet.in_channels == 9 and got.family == "sd1-inpaint"
+
+
+def test_detection_names_the_structure_no_family_has() -> None:
+    from sdlab.checkpoints.detect import detect_model
+
+    sd = _meta_single_file(SD1)
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.empty(320, 7, 3, 3, device="meta")
+    parts = keymaps.split_single_file(sd)
+    with pytest.raises(CheckpointError, match="no known model family has .* 7 input channels"):
+        detect_model(parts.unet, parts.vae, list(zip(parts.text_layouts, parts.text)), parts.extras, "meta")
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -74,12 +85,13 @@ def test_single_file_round_trip_through_loader(name: str, tmp_path: Path) -> Non
     model = load_model(path)
     assert model.config == TINY[name]
     ckpt = tiny_checkpoint(TINY[name])
-    for ours, ref in [(model.unet, ckpt.unet), (model.vae, ckpt.vae), (model.text_encoders[0], ckpt.text[0])]:
+    pairs = [(model.unet, ckpt.unet), (model.vae, ckpt.vae), *zip(model.text_encoders, ckpt.text)]
+    for ours, ref in pairs:
         sd = ours.state_dict()
         assert all(torch.equal(sd[k], ref[k]) for k in ref)
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl", "sdxl-refiner"])
 def test_convert_to_diffusers_and_back_is_exact(name: str, tmp_path: Path) -> None:
     path = write_tiny(name, tmp_path / "m.safetensors")
     folder = convert(path, tmp_path / "folder")

@@ -17,6 +17,7 @@ from reference import ldm_original_config, max_diff, randomize
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from sdlab import families
 from sdlab.checkpoints import keymaps
 from sdlab.config import SD1, SD2, SDXL, ModelConfig, TextConfig, UNetConfig, VAEConfig, unet_config
 from sdlab.models.clip import CLIPTextModel as OurCLIP
@@ -52,7 +53,7 @@ TINY_MODELS = {
     "sdxl": ModelConfig(
         family="sdxl", unet=TINY_UNETS["sdxl"], vae=TINY_VAE, text=(TINY_CLIP, TINY_OPENCLIP)
     ),
-    "irregular": ModelConfig(family="custom", unet=TINY_UNETS["irregular"], vae=TINY_VAE, text=(TINY_CLIP,)),
+    "irregular": ModelConfig(family="sd1", unet=TINY_UNETS["irregular"], vae=TINY_VAE, text=(TINY_CLIP,)),
 }
 
 
@@ -239,7 +240,7 @@ def test_split_and_join_single_file(model: ModelConfig, prefixes: list[str]) -> 
         keymaps.text_openai_to_openclip(t) if layout == "openclip" else t
         for t, layout in zip(text, layouts, strict=True)
     ]
-    full = keymaps.join_single_file(model.family, unet, vae, original, layouts)
+    full = keymaps.join_single_file(families.get(model.family), unet, vae, original)
     text_keys = [k for k in full if not k.startswith((keymaps.UNET_PREFIX, keymaps.VAE_PREFIX))]
     assert {next(p for p in prefixes if k.startswith(p)) for k in text_keys} == set(prefixes)
     training = {"model_ema.decay": torch.ones(()), "alphas_cumprod": torch.ones(3), "betas": torch.ones(3)}
@@ -254,13 +255,13 @@ def test_split_and_join_single_file(model: ModelConfig, prefixes: list[str]) -> 
     for got, want in zip(parts.text, original, strict=True):
         assert_same(got, want)
     assert_same(parts.extras, extras)
-    assert_same(keymaps.join_single_file(model.family, parts.unet, parts.vae, parts.text, layouts), full)
+    assert_same(keymaps.join_single_file(families.get(model.family), parts.unet, parts.vae, parts.text), full)
 
 
 def test_split_matches_diffusers_prefix_handling() -> None:
     """SD1's openai text encoder: what diffusers' `convert_ldm_clip_checkpoint` strips, we strip."""
     unet, vae, text = _components(TINY_MODELS["sd1"])
-    full = keymaps.join_single_file("sd1", unet, vae, text, ["openai"])
+    full = keymaps.join_single_file(families.SD1, unet, vae, text)
     assert_same(keymaps.split_single_file(full).text[0], sfu.convert_ldm_clip_checkpoint(full))
 
 
@@ -285,7 +286,7 @@ def test_configs_mirror_diffusers_single_file_configs(model: ModelConfig) -> Non
 
 
 def test_config_subtleties() -> None:
-    sd2 = keymaps.diffusers_configs(replace(SD2, prediction="v"))
+    sd2 = keymaps.diffusers_configs(replace(SD2, family="sd2-v", prediction="v"))
     assert sd2["unet/config.json"]["attention_head_dim"] == [5, 10, 20, 20]  # heads per level, not a width
     assert sd2["unet/config.json"]["sample_size"] == 96  # 768-v
     assert sd2["scheduler/scheduler_config.json"]["prediction_type"] == "v_prediction"
@@ -295,7 +296,9 @@ def test_config_subtleties() -> None:
     assert xl["text_encoder/config.json"]["num_hidden_layers"] == 12
     assert xl["text_encoder_2/config.json"]["architectures"] == ["CLIPTextModelWithProjection"]
     assert xl["model_index.json"]["_class_name"] == "StableDiffusionXLPipeline"
-    inpaint = keymaps.diffusers_configs(replace(SD1, unet=replace(SD1.unet, in_channels=9)))
+    inpaint = keymaps.diffusers_configs(
+        replace(SD1, family="sd1-inpaint", unet=replace(SD1.unet, in_channels=9))
+    )
     assert inpaint["model_index.json"]["_class_name"] == "StableDiffusionInpaintPipeline"
     irregular = keymaps.diffusers_configs(TINY_MODELS["irregular"])["unet/config.json"]
     assert irregular["transformer_layers_per_block"] == [[1], [2, 1]]
@@ -325,10 +328,10 @@ def _write_folder(model: ModelConfig, folder: Path) -> tuple[StateDict, StateDic
     weights = "diffusion_pytorch_model.safetensors"
     save_file(keymaps.unet_ldm_to_diffusers(unet, model.unet), folder / "unet" / weights)
     save_file(keymaps.vae_ldm_to_diffusers(vae, model.vae), folder / "vae" / weights)
-    for i, sd in enumerate(text):
-        save_file(sd, folder / keymaps.TEXT_FOLDERS[i] / "model.safetensors")
-        tokenizer = folder / keymaps.TOKENIZER_FOLDERS[i]
-        CLIPTokenizer.default().save_folder(tokenizer, pad_token=model.text[i].pad_token)
+    for spec, sd, cfg in zip(families.get(model.family).text, text, model.text, strict=True):
+        save_file(sd, folder / spec.diffusers_folder / "model.safetensors")
+        tokenizer = folder / spec.tokenizer_folder
+        CLIPTokenizer.default().save_folder(tokenizer, pad_token=cfg.pad_token)
     return unet, vae, text
 
 

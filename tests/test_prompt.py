@@ -82,6 +82,6 @@ def test_weights_scale_tokens_and_restore_mean() -> None:
         assert torch.allclose(weighted.mean(), plain.mean(), atol=1e-6)
         ratio = (weighted[0, 2] / plain[0, 2]) / (weighted[0, 1] / plain[0, 1])
         assert torch.allclose(ratio, torch.full_like(ratio, 1.5), rtol=1e-4)
-        skipped, _ = encode_chunks(enc, chunk_prompt(tok, "a red apple", EOS), clip_skip=2)
+        skipped, _ = encode_chunks(enc, chunk_prompt(tok, "a red apple", EOS), layer=2)
         out = enc(torch.tensor([tok.encode("a red apple")]))
         assert torch.equal(skipped, enc.text_model.final_layer_norm(out.hidden_states[-2]))

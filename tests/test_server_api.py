@@ -65,7 +65,7 @@ def tiny_lora(model: StableDiffusion, rank: int = 2) -> dict[str, torch.Tensor]:
     """A rank-2 kohya LoRA on every Linear layer of the U-Net and text encoder, seeded."""
     gen = torch.Generator().manual_seed(0)
     lora = {}
-    for name, layer in layer_map(model.unet, model.text_encoders).items():
+    for name, layer in layer_map(model.unet, model.text_encoders, model.family).items():
         if isinstance(layer, torch.nn.Linear):
             lora[f"{name}.lora_down.weight"] = torch.randn(rank, layer.in_features, generator=gen) * 0.1
             lora[f"{name}.lora_up.weight"] = torch.randn(layer.out_features, rank, generator=gen) * 0.1
@@ -585,6 +585,8 @@ def test_object_info_describes_the_nodes(client: httpx.Client) -> None:
     expected = {
         "CheckpointLoaderSimple",
         "CLIPTextEncode",
+        "CLIPTextEncodeSDXL",
+        "CLIPTextEncodeSDXLRefiner",
         "CLIPSetLastLayer",
         "EmptyLatentImage",
         "KSampler",
