@@ -145,3 +145,32 @@ def test_inpainting_pastes_the_original_outside_the_mask(models: dict[str, Stabl
 def test_inpainting_unet_txt2img_gets_a_blank_all_masked_image(models: dict[str, StableDiffusion]) -> None:
     out = generate(models["inpaint"], _req())
     assert torch.isfinite(out.latents).all() and out.images[0].size == (32, 40)
+
+
+def test_every_family_loads_and_generates(tmp_path: Path) -> None:
+    """tests/tiny.py builds a model of every family record; each loads as that family and generates
+    txt2img, img2img and (inpainting families) a masked repaint that keeps the unmasked part."""
+    from tiny import TINY
+
+    from sdlab import families
+
+    assert {cfg.family for cfg in TINY.values()} == set(families.FAMILIES)
+    init = Image.new("RGB", (32, 32), (200, 30, 30))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))
+    for name, cfg in TINY.items():
+        model = load_model(write_tiny(name, tmp_path / f"{name}.safetensors"))
+        assert model.config.family == cfg.family and model.family is families.get(cfg.family)
+        txt = generate(model, _req(width=32, height=32, steps=3))
+        img = generate(model, _req(width=32, height=32, steps=3, init_image=init, strength=0.6))
+        pixels = [to_tensor(r.images[0]) for r in (txt, img)]
+        assert all(bool(p.isfinite().all()) and float(p.std()) > 0.01 for p in pixels), name
+        assert not torch.equal(pixels[0], pixels[1]), name
+        if model.family.inpaint:
+            out = to_tensor(
+                generate(
+                    model, _req(width=32, height=32, steps=3, init_image=init, mask=mask, mask_blur=0)
+                ).images[0]
+            )
+            kept = out[..., 24:]  # far from the blurred mask edge: the init image pasted back
+            assert torch.allclose(kept, to_tensor(init)[..., 24:], atol=2 / 255), name

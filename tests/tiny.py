@@ -6,6 +6,7 @@ head with linear `proj_in` and in CLIP), so files written here load back with th
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from reference import randomize
@@ -90,6 +91,21 @@ TINY = {
         text=(TEXT_OPENCLIP,),
         clip_skip_default=2,
     ),
+    "sd2-eps": ModelConfig(
+        family="sd2",
+        unet=unet_config(
+            model_channels=64,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            depth_per_level=(1, 1),
+            num_heads=-1,
+            num_head_channels=64,
+            context_dim=128,
+            use_linear_in_transformer=True,
+        ),
+        vae=TINY_VAE,
+        text=(TEXT_OPENCLIP,),
+    ),
     "inpaint": ModelConfig(
         family="sd1-inpaint",
         unet=unet_config(
@@ -104,6 +120,15 @@ TINY = {
         text=(TEXT_OPENAI,),
     ),
 }
+
+
+# the inpainting variants: the same networks with a 9-channel U-Net input
+TINY["sd2-inpaint"] = replace(
+    TINY["sd2-eps"], family="sd2-inpaint", unet=replace(TINY["sd2-eps"].unet, in_channels=9)
+)
+TINY["sdxl-inpaint"] = replace(
+    TINY["sdxl"], family="sdxl-inpaint", unet=replace(TINY["sdxl"].unet, in_channels=9)
+)
 
 
 def tiny_checkpoint(cfg: ModelConfig, seed: int = 0) -> Checkpoint:
