@@ -86,6 +86,19 @@ class Latent:
     batch: int
     samples: Tensor | None = None  # (B, C, H/f, W/f) scaled; None: zeros of the sampling model's shape
     noise_mask: Tensor | None = None  # (B or 1, 1, H', W') in [0, 1]: where sampling may change the latents
+    scaling: tuple[float, float] = (1.0, 0.0)  # (scale, shift) the samples are in: z' = (z − shift)·scale
+
+
+def _rescaled(samples: Tensor, source: tuple[float, float], target: tuple[float, float]) -> Tensor:
+    """Latents from one (scale, shift) to another, untouched when they agree (a standalone VAE file carries
+    no scale of its own: its latents meet an SDXL model's through the raw VAE space, as in ComfyUI)."""
+    if source == target:
+        return samples
+    return ((samples / source[0] + source[1]) - target[1]) * target[0]
+
+
+def _scaling(vae: AutoencoderKL) -> tuple[float, float]:
+    return vae.cfg.scale_factor, vae.cfg.shift_factor
 
 
 @dataclass
@@ -297,7 +310,10 @@ def _sample(
     if len(sigmas) < 2:
         return latent
     sd = model.sd
-    init = _samples(latent, sd.config.unet.out_channels, sd.config.vae.downscale)
+    scaling = _scaling(sd.vae)
+    init = _rescaled(
+        _samples(latent, sd.config.unet.out_channels, sd.config.vae.downscale), latent.scaling, scaling
+    )
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(init.shape[0])]
     noise = seed_noise(seeds, tuple(init.shape[1:])) if add_noise else torch.zeros_like(init)
     mask = None if latent.noise_mask is None else _fit_mask(latent.noise_mask, init)
@@ -308,7 +324,7 @@ def _sample(
         env.live.latent_format = sd.family.latent
     with _merged(sd, model.loras):
         samples = sample(sd, x, sigmas, guidance, sampler, seeds, init, keep, env.step)
-    return replace(latent, samples=samples)
+    return replace(latent, samples=samples, scaling=scaling)
 
 
 def _merged(model: StableDiffusion, loras: LoRAs) -> AbstractContextManager[object]:
@@ -344,14 +360,17 @@ def _inpaint_inputs(
 
 def vae_decode(env: Env, samples: Latent, vae: AutoencoderKL) -> tuple[Tensor]:
     """Latents to pixels."""
-    return (decode_pixels(vae, _samples(samples, vae.cfg.embed_dim, vae.cfg.downscale)).float(),)
+    latents = _rescaled(
+        _samples(samples, vae.cfg.embed_dim, vae.cfg.downscale), samples.scaling, _scaling(vae)
+    )
+    return (decode_pixels(vae, latents).float(),)
 
 
 def vae_encode(env: Env, pixels: Tensor, vae: AutoencoderKL) -> tuple[Latent]:
     """Pixels (cropped to the VAE's multiple) to latents: the posterior mode."""
     pixels = _crop_to(pixels, vae.cfg.downscale)
     b, _, h, w = pixels.shape
-    return (Latent(w, h, b, encode_pixels(vae, pixels)),)
+    return (Latent(w, h, b, encode_pixels(vae, pixels), scaling=_scaling(vae)),)
 
 
 def vae_encode_for_inpaint(
@@ -363,7 +382,7 @@ def vae_encode_for_inpaint(
     mask = F.interpolate(mask.float(), size=(h, w), mode="bilinear", align_corners=False).round()
     grown = F.max_pool2d(mask, 2 * grow_mask_by + 1, stride=1, padding=grow_mask_by) if grow_mask_by else mask
     latents = encode_pixels(vae, pixels * (1 - mask))  # 0 is mid-grey in [-1, 1]
-    return (Latent(w, h, b, latents, noise_mask=grown),)
+    return (Latent(w, h, b, latents, noise_mask=grown, scaling=_scaling(vae)),)
 
 
 def set_latent_noise_mask(env: Env, samples: Latent, mask: Tensor) -> tuple[Latent]:
