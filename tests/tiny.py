@@ -73,39 +73,6 @@ TINY = {
         text=(TEXT_OPENAI, TEXT_OPENCLIP),
         clip_skip_default=2,
     ),
-    "sdxl-refiner": ModelConfig(
-        family="sdxl-refiner",
-        unet=unet_config(
-            model_channels=64,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            depth_per_level=(0, 2),
-            num_heads=-1,
-            num_head_channels=64,
-            context_dim=128,
-            use_linear_in_transformer=True,
-            adm_in_channels=128 + 5 * 256,
-            transformer_depth_middle=2,
-        ),
-        vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.13025),
-        text=(TEXT_OPENCLIP,),
-        clip_skip_default=2,
-    ),
-    "sd2-eps": ModelConfig(
-        family="sd2",
-        unet=unet_config(
-            model_channels=64,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            depth_per_level=(1, 1),
-            num_heads=-1,
-            num_head_channels=64,
-            context_dim=128,
-            use_linear_in_transformer=True,
-        ),
-        vae=TINY_VAE,
-        text=(TEXT_OPENCLIP,),
-    ),
     "inpaint": ModelConfig(
         family="sd1-inpaint",
         unet=unet_config(
@@ -122,9 +89,16 @@ TINY = {
 }
 
 
-# the inpainting variants: the same networks with a 9-channel U-Net input
+# the other families: variants of the networks above
+TINY["sdxl-refiner"] = replace(
+    TINY["sdxl"],
+    family="sdxl-refiner",
+    unet=replace(TINY["sdxl"].unet, context_dim=128, adm_in_channels=128 + 5 * 256),
+    text=(TEXT_OPENCLIP,),
+)
+TINY["sd2-eps"] = replace(TINY["sd2"], family="sd2", prediction="eps")
 TINY["sd2-inpaint"] = replace(
-    TINY["sd2-eps"], family="sd2-inpaint", unet=replace(TINY["sd2-eps"].unet, in_channels=9)
+    TINY["sd2-eps"], family="sd2-inpaint", unet=replace(TINY["sd2"].unet, in_channels=9)
 )
 TINY["sdxl-inpaint"] = replace(
     TINY["sdxl"], family="sdxl-inpaint", unet=replace(TINY["sdxl"].unet, in_channels=9)
