@@ -59,7 +59,9 @@ def test_sdxl_context_joins_both_encoders_penultimate_and_pools_big_g(
     assert [c.pad_token for c in model.config.text] == [49407, 0]  # CLIP-L pads with EOS, bigG with 0
     assert _ids(model, "a cat", 1)[0, 4:].eq(0).all() and _ids(model, "a cat", 0)[0, 4:].eq(49407).all()
     with torch.no_grad():
-        for layer in (2, 3):  # the family's penultimate layer, and clip skip 2 (one more) on both encoders
+        # the family's penultimate layer, clip skip 2 (one more) on both encoders, and ComfyUI's
+        # CLIPSetLastLayer(-1): the last layer, still without the final layer norm
+        for layer in (2, 3, 1):
             cond = encode_text(model, LONG, layer)
             z_l = clip_l(_ids(model, LONG, 0)).layer(layer)  # no final layer norm for SDXL
             out_g = big_g(_ids(model, LONG, 1))
@@ -67,8 +69,8 @@ def test_sdxl_context_joins_both_encoders_penultimate_and_pools_big_g(
             assert cond.context.shape == (1, 77 * len(z_l), 256) and len(z_l) >= 2
             assert torch.allclose(cond.context, want, atol=1e-6)
             assert torch.allclose(cond.pooled, out_g.pooled[:1], atol=1e-6)  # first chunk, last layer
-        pair = encode_prompt_pair(model, LONG, "blurry", clip_skip=2)[0]
-        assert torch.allclose(pair.context, cond.context, atol=1e-6)
+        pair = encode_prompt_pair(model, LONG, "blurry", clip_skip=2)[0]  # A1111's clip skip 2: layer 3
+        assert torch.allclose(pair.context, encode_text(model, LONG, 3).context, atol=1e-6)
 
 
 def test_weights_apply_to_each_encoder_with_its_own_mean(models: dict[str, StableDiffusion]) -> None:

@@ -124,14 +124,15 @@ class CLIPTextModel(nn.Module):
         return TextOutput(hidden_states=hidden, last=last, pooled=pooled)
 
     def encode(self, ids: Tensor, layer: int = 1, final_norm: bool = True) -> tuple[Tensor, Tensor]:
-        """(hidden states of layer `layer` from the end (1 = last, final-normed), pooled output).
+        """(hidden states of layer `layer` from the end (1 = last), pooled output).
 
-        A skipped layer (layer > 1) goes through the final layer norm when `final_norm` (SD1/SD2 do,
-        SDXL's encoders do not); the pooled output always comes from the last layer."""
+        The layer's output goes through the final layer norm when `final_norm` (SD1/SD2 do; SDXL's
+        encoders do not, even for the last layer, as ComfyUI); the pooled output always comes from the
+        last layer, final-normed and projected."""
         out = self(ids)
-        if layer <= 1:
+        if layer <= 1 and final_norm:
             return out.last, out.pooled
-        z = out.layer(layer)
+        z = out.layer(max(layer, 1))
         return (self.text_model.final_layer_norm(z) if final_norm else z), out.pooled
 
     def _eos_positions(self, ids: Tensor) -> Tensor:

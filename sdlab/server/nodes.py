@@ -201,7 +201,7 @@ def clip_text_encode_sdxl(
     text_l: str,
 ) -> tuple[Conditioning]:
     """SDXL base conditioning with its own prompt per encoder and explicit size conditioning."""
-    _need_vector(clip, "original_size", "CLIPTextEncodeSDXL")
+    _need_vector(clip, "target_size", "CLIPTextEncodeSDXL")
     cond = _encode(clip, [text_l, text_g])
     return (
         replace(
@@ -222,9 +222,6 @@ def clip_text_encode_sdxl_refiner(
 
 
 def _encode(clip: Clip, text: str | list[str]) -> Conditioning:
-    family = clip.model.family
-    if isinstance(text, list) and len(family.text) != len(text):
-        text = text[-1]  # text_g alone for a model with one encoder
     with _merged(clip.model, clip.loras):
         return encode_text(clip.model, text, clip.layer)
 
