@@ -83,7 +83,9 @@ def encode_prompt_pair(
     model: StableDiffusion, prompt: str, negative: str, clip_skip: int = 1
 ) -> tuple[Conditioning, Conditioning]:
     """(cond, uncond) as AUTOMATIC1111 makes them: both padded with empty chunks to one length, and an
-    empty negative prompt zeroed for families where A1111 does (SDXL: `force_zero_negative_prompt`)."""
+    empty negative prompt zeroed for families where A1111 does (SDXL: `force_zero_negative_prompt`).
+    `clip_skip` counts from the family's own layer on every encoder (for SDXL, where A1111 ignores its
+    option by default, this is diffusers' `clip_skip` + 1)."""
     chunks = [_chunks(model, p) for p in (prompt, negative)]
     count = max(len(c) for per in chunks for c in per)
     layer = model.text_layer(clip_skip)
