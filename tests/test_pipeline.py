@@ -174,3 +174,46 @@ def test_every_family_loads_and_generates(tmp_path: Path) -> None:
             )
             kept = out[..., 24:]  # far from the blurred mask edge: the init image pasted back
             assert torch.allclose(kept, to_tensor(init)[..., 24:], atol=2 / 255), name
+
+
+def test_cli_refiner_matches_the_pipeline_and_is_recorded(tmp_path: Path) -> None:
+    from sdlab.cli import main
+
+    base = write_tiny("sdxl", tmp_path / "xl.safetensors")
+    refiner = write_tiny("sdxl-refiner", tmp_path / "xl-refiner.safetensors")
+    out = tmp_path / "out.png"
+    args = ["generate", "a cat", "-n", "blurry", "-m", str(base), "-W", "32", "-H", "32", "--steps", "6"]
+    args += [
+        "-s",
+        "3",
+        "--sampler",
+        "euler",
+        "--refiner",
+        str(refiner),
+        "--refiner-switch",
+        "0.5",
+        "-o",
+        str(out),
+    ]
+    assert main([*args, "-q"]) == 0
+    params = parse_infotext(read_parameters(out))
+    assert params["Refiner switch at"] == "0.5" and params["Refiner"].startswith("xl-refiner [")
+    req = GenerationRequest(
+        "a cat",
+        "blurry",
+        32,
+        32,
+        steps=6,
+        sampler="euler",
+        seed=3,
+        refiner="xl-refiner",
+        refiner_switch_at=0.5,
+    )
+    want = generate(load_model(base), req, refiner=load_model(refiner)).images[0]
+    assert torch.equal(to_tensor(Image.open(out).convert("RGB")), to_tensor(want))
+    alone = generate(
+        load_model(base), GenerationRequest("a cat", "blurry", 32, 32, steps=6, sampler="euler", seed=3)
+    )
+    assert not torch.equal(to_tensor(alone.images[0]), to_tensor(want))
+    with pytest.raises(ValueError, match="refiner"):
+        generate(load_model(base), req)  # named in the request but not loaded
