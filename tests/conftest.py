@@ -4,7 +4,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers (reference.py) import as top-level modules
 
+from collections.abc import Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
 import pytest  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # no name but loopback resolves
+]
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +43,31 @@ def real_size_files(tmp_path_factory: pytest.TempPathFactory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Debian's headless Chromium through playwright (no browser download); skips when either is absent."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None:
+        pytest.skip("the playwright Python package is not installed (pip install playwright)")
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    try:
+        playwright = sync_playwright().start()
+    except Exception as e:  # the package's bundled driver cannot run here
+        pytest.skip(f"the playwright driver does not start: {e}")
+    context = playwright.chromium.launch_persistent_context(
+        tmp_path_factory.mktemp("chromium-profile"),
+        executable_path=str(CHROMIUM),
+        headless=True,
+        args=CHROMIUM_ARGS,
+        viewport={"width": 1280, "height": 800},
+        service_workers="block",
+    )
+    yield context
+    context.close()
+    playwright.stop()

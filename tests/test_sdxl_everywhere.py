@@ -588,33 +588,6 @@ def test_sdlab_train_lora_on_sdxl_writes_ldm_and_two_encoder_names(
 # the web UI
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    try:
-        from test_webui import CHROMIUM, CHROMIUM_ARGS, sync_playwright
-    except ImportError as e:
-        pytest.skip(f"web UI tests unavailable: {e}")
-    if sync_playwright is None:
-        pytest.skip("the playwright Python package is not installed (pip install playwright)")
-    if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    try:
-        playwright = sync_playwright().start()
-    except Exception as e:  # the package's bundled driver cannot run here
-        pytest.skip(f"the playwright driver does not start: {e}")
-    context = playwright.chromium.launch_persistent_context(
-        tmp_path_factory.mktemp("chromium-profile"),
-        executable_path=str(CHROMIUM),
-        headless=True,
-        args=CHROMIUM_ARGS,
-        viewport={"width": 1280, "height": 800},
-        service_workers="block",
-    )
-    yield context
-    context.close()
-    playwright.stop()
-
-
 def test_webui_generates_with_the_sdxl_model(
     browser: Any, url: str, loaded: dict[str, StableDiffusion]
 ) -> None:

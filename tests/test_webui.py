@@ -30,23 +30,10 @@ from sdlab.server.state import Settings
 from sdlab.vae_tools import roundtrip
 
 try:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 except ImportError:
-    expect = sync_playwright = None
+    expect = None
 
-CHROMIUM = Path("/usr/bin/chromium")
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # no name but loopback resolves
-]
 PROMPT = "a red apple on a wooden table"
 Shoot = Callable[[Any, str], Path]
 
@@ -92,29 +79,6 @@ def url(models: Path) -> Iterator[str]:
     with serving(Settings(folders(models.parent, models))) as base:
         yield base
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    if sync_playwright is None:
-        pytest.skip("the playwright Python package is not installed (pip install playwright)")
-    if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    try:
-        playwright = sync_playwright().start()
-    except Exception as e:  # the package's bundled driver cannot run here
-        pytest.skip(f"the playwright driver does not start: {e}")
-    context = playwright.chromium.launch_persistent_context(
-        tmp_path_factory.mktemp("chromium-profile"),
-        executable_path=str(CHROMIUM),
-        headless=True,
-        args=CHROMIUM_ARGS,
-        viewport={"width": 1280, "height": 800},
-        service_workers="block",
-    )
-    yield context
-    context.close()
-    playwright.stop()
 
 
 @pytest.fixture
