@@ -20,6 +20,7 @@ from torch import Tensor
 from sdlab.families import VECTOR_EMBED_DIM, Family
 from sdlab.models.unet import timestep_embedding
 from sdlab.text.prompt import Chunk, chunk_prompt, encode_chunks, pad_chunks
+from sdlab.text.schedule import prompt_schedule, split_and
 
 if TYPE_CHECKING:
     from sdlab.checkpoints.load import StableDiffusion
@@ -79,20 +80,58 @@ def encode_text(model: StableDiffusion, texts: str | Sequence[str], layer: int |
     return _encode(model, chunks, max(len(c) for c in chunks), layer or model.text_layer())
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """An A1111 prompt over a sampling run: composable parts (`AND`) with their weights, each a schedule
+    of conditionings by model call (prompt editing, alternation): `((last_step, Conditioning), …)`."""
+
+    parts: tuple[tuple[tuple[tuple[int, Conditioning], ...], float], ...]
+
+    def at(self, call: int) -> list[tuple[Conditioning, float]]:
+        """The weighted conditionings of model call `call` (0, 1, …), as A1111's denoiser picks them."""
+        return [(next((c for last, c in sched if call <= last), sched[-1][1]), w) for sched, w in self.parts]
+
+    def single(self) -> Conditioning:
+        """The one conditioning of a prompt without `AND`, editing or alternation."""
+        if len(self.parts) != 1 or len(self.parts[0][0]) != 1 or self.parts[0][1] != 1:
+            raise ValueError("this prompt changes during sampling or has AND parts: use Prompt.at(call)")
+        return self.parts[0][0][0][1]
+
+
+def encode_prompts(
+    model: StableDiffusion, prompt: str, negative: str, steps: int, clip_skip: int = 1
+) -> tuple[Prompt, Prompt]:
+    """(prompt, negative) as AUTOMATIC1111 conditions on them over `steps` steps: `AND` parts (the
+    negative has none), prompt editing and alternation (`sdlab.text.schedule`), every distinct text
+    encoded once, all padded with empty chunks to one length; a negative prompt that is empty at every
+    step is zeroed for families where A1111 does so (SDXL: `force_zero_negative_prompt`). `clip_skip`
+    counts from the family's own layer on every encoder (for SDXL, where A1111 ignores its option by
+    default, this is diffusers' `clip_skip` + 1)."""
+    positive = [(prompt_schedule(text, steps), w) for text, w in split_and(prompt)]
+    negative_schedule = prompt_schedule(negative, steps)
+    texts = {t for sched, _ in positive for _, t in sched} | {t for _, t in negative_schedule}
+    chunks = {t: _chunks(model, t) for t in texts}
+    count = max(len(c) for per in chunks.values() for c in per)
+    layer = model.text_layer(clip_skip)
+    encoded = {t: _encode(model, c, count, layer) for t, c in chunks.items()}
+    zero = model.family.zero_empty_negative and all(t == "" for _, t in negative_schedule)
+    negative_table = {**encoded, "": encoded[""].zeroed()} if zero else encoded
+
+    def schedule(entries: list[tuple[int, str]], table: dict[str, Conditioning]) -> tuple:
+        return tuple((last, table[t]) for last, t in entries)
+
+    return (
+        Prompt(tuple((schedule(sched, encoded), w) for sched, w in positive)),
+        Prompt(((schedule(negative_schedule, negative_table), 1.0),)),
+    )
+
+
 def encode_prompt_pair(
     model: StableDiffusion, prompt: str, negative: str, clip_skip: int = 1
 ) -> tuple[Conditioning, Conditioning]:
-    """(cond, uncond) as AUTOMATIC1111 makes them: both padded with empty chunks to one length, and an
-    empty negative prompt zeroed for families where A1111 does (SDXL: `force_zero_negative_prompt`).
-    `clip_skip` counts from the family's own layer on every encoder (for SDXL, where A1111 ignores its
-    option by default, this is diffusers' `clip_skip` + 1)."""
-    chunks = [_chunks(model, p) for p in (prompt, negative)]
-    count = max(len(c) for per in chunks for c in per)
-    layer = model.text_layer(clip_skip)
-    cond, uncond = (_encode(model, c, count, layer) for c in chunks)
-    if negative == "" and model.family.zero_empty_negative:
-        uncond = uncond.zeroed()
-    return cond, uncond
+    """(cond, uncond) of a prompt without `AND`, editing or alternation (`encode_prompts` at one step)."""
+    cond, uncond = encode_prompts(model, prompt, negative, 1, clip_skip)
+    return cond.single(), uncond.single()
 
 
 def _chunks(model: StableDiffusion, texts: str | Sequence[str]) -> list[list[Chunk]]:

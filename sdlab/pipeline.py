@@ -17,8 +17,8 @@ from PIL import Image
 from torch import Tensor
 
 from sdlab.checkpoints.load import StableDiffusion
-from sdlab.conditioning import Conditioning, encode_prompt_pair
-from sdlab.diffusion.denoiser import Denoiser, DenoiserFn, add_noise, cfg_denoiser
+from sdlab.conditioning import Conditioning, Prompt, encode_prompts
+from sdlab.diffusion.denoiser import Denoiser, DenoiserFn, add_noise, guide
 from sdlab.diffusion.samplers import DISCARD_PENULTIMATE_SIGMA, get_sampler, resolve_sampler
 from sdlab.diffusion.schedule import DiscreteSchedule, get_sigmas
 from sdlab.images import prepare_mask, resize_image, to_pil, to_tensor
@@ -129,7 +129,7 @@ def generate(
     shape = (model.config.unet.out_channels, req.height // factor, req.width // factor)
     with torch.inference_mode():
         noise = seed_noise(seeds, shape).to(device, dtype)
-        cond, uncond = encode_prompt_pair(model, req.prompt, req.negative_prompt, req.clip_skip)
+        cond, uncond = encode_prompts(model, req.prompt, req.negative_prompt, req.steps, req.clip_skip)
         sampler_name, schedule_name = resolve_sampler(req.sampler, req.scheduler)
         req = replace(req, sampler=sampler_name, scheduler=schedule_name or "normal")
         sigmas = sampling_sigmas(model, sampler_name, req.scheduler, req.steps)
@@ -146,7 +146,9 @@ def generate(
         guidance = Guidance(cond, uncond, req.cfg_scale, extra)
         handover = None
         if refiner is not None:
-            r_cond, r_uncond = encode_prompt_pair(refiner, req.prompt, req.negative_prompt, req.clip_skip)
+            r_cond, r_uncond = encode_prompts(
+                refiner, req.prompt, req.negative_prompt, req.steps, req.clip_skip
+            )
             handover = Handover(
                 refiner,
                 Guidance(r_cond, r_uncond, req.cfg_scale),
@@ -167,13 +169,25 @@ def sampling_sigmas(model: StableDiffusion, sampler: str, scheduler: str, steps:
 
 @dataclass
 class Guidance:
-    """What classifier-free guidance conditions on: the two conditionings, the scale, extra model
-    inputs (c_concat of inpainting U-Nets)."""
+    """What classifier-free guidance conditions on: the conditionings (fixed, or an A1111 `Prompt` that
+    changes by model call and may have weighted `AND` parts), the scale, extra model inputs (c_concat
+    of inpainting U-Nets)."""
 
-    cond: Conditioning
-    uncond: Conditioning
+    cond: Conditioning | Prompt
+    uncond: Conditioning | Prompt
     scale: float
     extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Calls:
+    """The number of denoiser calls so far in a sampling run (A1111's `CFGDenoiser.step`)."""
+
+    n: int = 0
+
+
+def _at(c: Conditioning | Prompt, call: int) -> list[tuple[Conditioning, float]]:
+    return [(c, 1.0)] if isinstance(c, Conditioning) else c.at(call)
 
 
 @dataclass
@@ -188,38 +202,46 @@ class Handover:
     by_steps: bool = False
 
 
-def guided_denoiser(model: StableDiffusion, guidance: Guidance, x: Tensor) -> DenoiserFn:
-    """D(x, σ) with classifier-free guidance for latents shaped like x (B, C, h, w)."""
+def guided_denoiser(model: StableDiffusion, guidance: Guidance, x: Tensor, calls: Calls) -> DenoiserFn:
+    """D(x, σ) with classifier-free guidance for latents shaped like x (B, C, h, w); the conditionings
+    of call `calls.n` (prompt editing), their U-Net inputs built once each."""
     b, _, h, w = x.shape
     f = model.config.vae.downscale
     denoiser = Denoiser(_unet_fn(model), DiscreteSchedule.for_model(model.config), model.config.prediction)
-    family = model.family
-    return cfg_denoiser(
-        denoiser,
-        {**guidance.cond.model_inputs(family, b, h * f, w * f), **guidance.extra},
-        {**guidance.uncond.model_inputs(family, b, h * f, w * f, negative=True), **guidance.extra},
-        guidance.scale,
-    )
+    built: dict[tuple[int, bool], dict[str, Tensor]] = {}
+
+    def inputs(cond: Conditioning, negative: bool) -> dict[str, Tensor]:
+        key = (id(cond), negative)
+        if key not in built:
+            built[key] = {**cond.model_inputs(model.family, b, h * f, w * f, negative), **guidance.extra}
+        return built[key]
+
+    def guided(x: Tensor, sigma: Tensor, **extra: Tensor) -> Tensor:
+        conds = [(inputs(c, False), weight) for c, weight in _at(guidance.cond, calls.n)]
+        (uncond, _), *more = _at(guidance.uncond, calls.n)
+        if more:
+            raise ValueError("a negative prompt has no AND parts")
+        return guide(denoiser, x, sigma, conds, inputs(uncond, True), guidance.scale, extra)
+
+    return guided
 
 
 def _handing_over(
-    first: DenoiserFn, handover: Handover, schedule: DiscreteSchedule, steps: int
+    first: DenoiserFn, handover: Handover, schedule: DiscreteSchedule, steps: int, calls: Calls
 ) -> DenoiserFn:
     """`first` until the hand-over point, then the second model's guided denoiser for good."""
     second: DenoiserFn | None = None
-    calls = 0
 
     def denoise(x: Tensor, sigma: Tensor, **kw: Tensor) -> Tensor:
-        nonlocal second, calls
+        nonlocal second
         if second is None:
             if handover.by_steps:
-                done = calls / steps
+                done = calls.n / steps
             else:
                 t = int((schedule.sigmas.to(sigma) - sigma.max()).abs().argmin())
                 done = (999 - t) / 1000
             if done >= handover.switch_at:
-                second = guided_denoiser(handover.model, handover.guidance, x)
-        calls += 1
+                second = guided_denoiser(handover.model, handover.guidance, x, calls)
         return (first if second is None else second)(x, sigma, **kw)
 
     return denoise
@@ -242,11 +264,14 @@ def sample(
     Image i draws its sampler noise from a generator seeded with seeds[i]; where `keep` is 1 the
     latents stay at `init` (latent-blending inpainting); `handover` switches models part-way.
     """
-    guided = guided_denoiser(model, guidance, x)
+    calls = Calls()
+    guided = guided_denoiser(model, guidance, x, calls)
     if handover is not None:
-        guided = _handing_over(guided, handover, DiscreteSchedule.for_model(model.config), len(sigmas) - 1)
+        schedule = DiscreteSchedule.for_model(model.config)
+        guided = _handing_over(guided, handover, schedule, len(sigmas) - 1, calls)
     if keep is not None:
         guided = _blend_denoised(guided, init, keep)
+    guided = _counted(guided, calls)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     total = len(sigmas) - 1
 
@@ -313,6 +338,18 @@ def _overlay(images: list[Image.Image], req: GenerationRequest) -> list[Image.Im
         return images
     init = to_tensor(resize_image(req.init_image, req.width, req.height, req.resize_mode))
     return [to_pil(init * (1 - mask) + to_tensor(im) * mask)[0] for im in images]
+
+
+def _counted(denoiser: DenoiserFn, calls: Calls) -> DenoiserFn:
+    """Count the calls of a denoiser (the index prompt schedules and the refiner switch read)."""
+
+    def counted(x: Tensor, sigma: Tensor, **kw: Tensor) -> Tensor:
+        try:
+            return denoiser(x, sigma, **kw)
+        finally:
+            calls.n += 1
+
+    return counted
 
 
 def _blend_denoised(denoiser: Callable[..., Tensor], init: Tensor, keep: Tensor) -> Callable[..., Tensor]:

@@ -12,7 +12,7 @@ from sdlab.checkpoints.load import StableDiffusion, load_model
 from sdlab.conditioning import Conditioning, encode_prompt_pair, encode_text
 from sdlab.diffusion.schedule import DiscreteSchedule, get_sigmas
 from sdlab.models.unet import timestep_embedding
-from sdlab.pipeline import Guidance, Handover, _handing_over
+from sdlab.pipeline import Calls, Guidance, Handover, _handing_over
 from sdlab.text.prompt import chunk_prompt
 
 LONG = ", ".join(f"word{i}" for i in range(40))  # > 75 tokens: several chunks
@@ -120,11 +120,13 @@ def _switch_call(sigmas: torch.Tensor, switch_at: float, by_steps: bool) -> int:
     import sdlab.pipeline as pipeline
 
     original = pipeline.guided_denoiser
-    pipeline.guided_denoiser = lambda model, guidance, x: lambda x, s, **kw: calls.append("refiner") or x
+    pipeline.guided_denoiser = lambda model, guidance, x, n: lambda x, s, **kw: calls.append("refiner") or x
+    counter = Calls()
     try:
-        d = _handing_over(first, handover, DiscreteSchedule.ddpm(), len(sigmas) - 1)
+        d = _handing_over(first, handover, DiscreteSchedule.ddpm(), len(sigmas) - 1, counter)
         for s in sigmas[:-1]:
             d(torch.zeros(1), s[None])
+            counter.n += 1
     finally:
         pipeline.guided_denoiser = original
     return calls.index("refiner") if "refiner" in calls else len(calls)
