@@ -11,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import inspect
 import io
 import json
+import os
+import re
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from sdlab.checkpoints.load import StableDiffusion
-from sdlab.diffusion.samplers import SAMPLERS, display_name, resolve_sampler
+from sdlab.diffusion.samplers import SAMPLERS, display_name, get_sampler, resolve_sampler
 from sdlab.diffusion.schedule import SCHEDULE_DISPLAY, schedule_display_name
 from sdlab.images import next_output_path, save_png
 from sdlab.infotext import parse_infotext, request_infotext
@@ -46,34 +50,66 @@ from sdlab.server.paths import confined, split_name
 from sdlab.server.preview import latent_preview, png_base64
 from sdlab.server.state import Server
 
-A1111_RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill", 3: "resize"}  # 3 (latent upscale) resizes pixels
+A1111_RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill", 3: "resize"}  # 3: see the `resize_mode` row below
 JOB_IMAGES = ".jobs"  # input subfolder holding the images of queued A1111 jobs
-SETTABLE_OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
+SETTABLE_OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae", "eta_noise_seed_delta")
+PATH_OPTION = re.compile(r"dir|path|filename")  # options naming paths (outdir_samples, ...) are never set
+# override_settings keys that change nothing in the image (others than SETTABLE_OPTIONS get a 422)
+HARMLESS_OVERRIDES = frozenset(
+    {"samples_save", "grid_save", "enable_pnginfo", "save_txt", "return_grid", "live_previews_enable"}
+    | {"show_progressbar", "sd_checkpoint_hash", "save_images_before_face_restoration"}
+)
 MAX_CLIP_SKIP = 12
 
 
 class _Request(BaseModel):
-    """Fields both A1111 generation routes take; others are ignored, null means the default."""
+    """The fields both A1111 generation routes take, with A1111's defaults (StableDiffusionProcessing plus
+    the API's own); fields A1111 does not know are ignored, as A1111's models do; null means the default.
+    What sdlab does with each field: `TXT2IMG_FIELDS` / `IMG2IMG_FIELDS`."""
 
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = ""
     negative_prompt: str = ""
+    styles: list[str] = []
     seed: int = -1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
     sampler_name: str | None = None
     sampler_index: str = "Euler"
     scheduler: str | None = None
     batch_size: int = 1
     n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
     override_settings: dict[str, Any] = {}
-    send_images: bool = True
-    save_images: bool = False
+    override_settings_restore_afterwards: bool = True
     refiner_checkpoint: str | None = None
     refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    firstpass_image: str | None = None
+    comments: dict[str, Any] | None = None
+    script_name: str | None = None
+    script_args: list[Any] = []
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = {}
+    force_task_id: str | None = None
+    infotext: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -82,21 +118,224 @@ class _Request(BaseModel):
 
 
 class Txt2ImgRequest(_Request):
-    """A1111's txt2img body (StableDiffusionTxt2ImgProcessingAPI), the fields sdlab uses."""
+    """A1111's txt2img body (StableDiffusionTxt2ImgProcessingAPI)."""
 
-    denoising_strength: float | None = None  # hires fix only; not supported
+    enable_hr: bool = False
+    denoising_strength: float | None = None
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
 
 
 class Img2ImgRequest(_Request):
-    """A1111's img2img body: txt2img's fields plus the init image, mask and strength."""
+    """A1111's img2img body (StableDiffusionImg2ImgProcessingAPI): txt2img's common fields plus the init
+    image, mask and strength."""
 
     init_images: list[str] = []
-    denoising_strength: float = 0.75
-    mask: str | None = None
-    mask_blur: int = 4
-    inpainting_mask_invert: int = 0
     resize_mode: int = 0
+    denoising_strength: float = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
     include_init_images: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# what sdlab does with each field of A1111's request models
+
+HONOURED, HARMLESS, REFUSED = "honoured", "harmless", "refused"
+Accepts = Callable[[Any, _Request], bool]
+
+
+@dataclass(frozen=True)
+class FieldSupport:
+    """How sdlab treats one A1111 request field: HONOURED (sdlab does it), HARMLESS (changes nothing in
+    the image) or REFUSED (HTTP 422 unless `accepts(value, body)`: a value that gives A1111's image)."""
+
+    kind: str
+    note: str = ""
+    accepts: Accepts | None = None
+
+
+def _unset(value: Any, body: _Request) -> bool:
+    """The default: None, False, 0, "", [] or {}."""
+    return not value
+
+
+def _one_of(*values: Any) -> Accepts:
+    return lambda value, body: value is None or value in values
+
+
+def _sampler_of(body: _Request) -> str | None:
+    try:
+        return resolve_sampler(body.sampler_name or body.sampler_index)[0]
+    except ValueError:
+        return None  # the request is refused for its sampler anyway
+
+
+def _sampler_takes(body: _Request, parameter: str) -> bool:
+    sampler = _sampler_of(body)
+    return sampler is not None and parameter in inspect.signature(get_sampler(sampler)).parameters
+
+
+def _eta_accepted(value: Any, body: _Request) -> bool:
+    """sdlab's samplers with an eta run at 1 (A1111's eta_ancestral), DDIM at 0 (eta_ddim); others have
+    none."""
+    if value is None:
+        return True
+    if _sampler_of(body) == "ddim":
+        return value == 0
+    return value == 1 or not _sampler_takes(body, "eta")
+
+
+def _s_noise_accepted(value: Any, body: _Request) -> bool:
+    return value is None or value == 1 or not _sampler_takes(body, "s_noise")
+
+
+def _seed_resize_accepted(value: Any, body: _Request) -> bool:
+    """A1111 draws the noise at another size only when both are positive (the same size: same noise)."""
+    h, w = body.seed_resize_from_h, body.seed_resize_from_w
+    return h <= 0 or w <= 0 or (h, w) == (body.height, body.width)
+
+
+def _mask_blur_xy(name: str) -> Accepts:
+    """A1111 blurs by mask_blur when given, else by mask_blur_x and mask_blur_y; sdlab's blur is round."""
+
+    def accepted(value: Any, body: _Request) -> bool:
+        x, y = getattr(body, "mask_blur_x", 4), getattr(body, "mask_blur_y", 4)
+        return getattr(body, "mask_blur", None) is not None or x == y or name not in body.model_fields_set
+
+    return accepted
+
+
+def _with_mask(name: str, accepted: Accepts) -> Accepts:
+    """Checked only with a mask, and only when sent: A1111's defaults (only-masked, fill) differ from what
+    sdlab makes (whole picture, original), and requests that leave them out get sdlab's."""
+    return lambda value, body: (
+        getattr(body, "mask", None) is None or name not in body.model_fields_set or accepted(value, body)
+    )
+
+
+_HIRES = "read only with enable_hr"
+COMMON_FIELDS: dict[str, FieldSupport] = {
+    "prompt": FieldSupport(HONOURED),
+    "negative_prompt": FieldSupport(HONOURED),
+    "styles": FieldSupport(REFUSED, "prompt styles", _unset),
+    "seed": FieldSupport(HONOURED),
+    "subseed": FieldSupport(HARMLESS, "read only with subseed_strength > 0"),
+    "subseed_strength": FieldSupport(REFUSED, "variation seeds", _unset),
+    "seed_resize_from_h": FieldSupport(
+        REFUSED, "noise drawn at another size (with 'seed_resize_from_w')", _seed_resize_accepted
+    ),
+    "seed_resize_from_w": FieldSupport(
+        REFUSED, "noise drawn at another size (with 'seed_resize_from_h')", _seed_resize_accepted
+    ),
+    "sampler_name": FieldSupport(HONOURED),
+    "sampler_index": FieldSupport(HONOURED, "used when sampler_name is not given"),
+    "scheduler": FieldSupport(HONOURED),
+    "batch_size": FieldSupport(HONOURED),
+    "n_iter": FieldSupport(HONOURED),
+    "steps": FieldSupport(HONOURED),
+    "cfg_scale": FieldSupport(HONOURED),
+    "width": FieldSupport(HONOURED),
+    "height": FieldSupport(HONOURED),
+    "restore_faces": FieldSupport(REFUSED, "face restoration", _unset),
+    "tiling": FieldSupport(REFUSED, "tiling", _unset),
+    "do_not_save_samples": FieldSupport(HARMLESS, "the API sets it from save_images"),
+    "do_not_save_grid": FieldSupport(HARMLESS, "sdlab saves no grids"),
+    "eta": FieldSupport(REFUSED, "another eta than its samplers' (1; DDIM 0)", _eta_accepted),
+    "s_min_uncond": FieldSupport(REFUSED, "s_min_uncond", _unset),
+    "s_churn": FieldSupport(REFUSED, "s_churn", _unset),
+    "s_tmax": FieldSupport(HARMLESS, "read only with s_churn > 0"),
+    "s_tmin": FieldSupport(HARMLESS, "read only with s_churn > 0"),
+    "s_noise": FieldSupport(REFUSED, "s_noise other than 1", _s_noise_accepted),
+    "override_settings": FieldSupport(HONOURED, "keys: see SETTABLE_OPTIONS and HARMLESS_OVERRIDES"),
+    "override_settings_restore_afterwards": FieldSupport(HARMLESS, "overrides never outlive the request"),
+    "refiner_checkpoint": FieldSupport(HONOURED),
+    "refiner_switch_at": FieldSupport(HONOURED),
+    "disable_extra_networks": FieldSupport(HARMLESS, "sdlab applies no extra networks named in prompts"),
+    "firstpass_image": FieldSupport(REFUSED, "a given first pass", _unset),
+    "comments": FieldSupport(HARMLESS, "A1111 resets it"),
+    "script_name": FieldSupport(REFUSED, "scripts", _unset),
+    "script_args": FieldSupport(HARMLESS, "read only with script_name"),
+    "send_images": FieldSupport(HONOURED),
+    "save_images": FieldSupport(HONOURED),
+    "alwayson_scripts": FieldSupport(REFUSED, "always-on scripts (extensions)", _unset),
+    "force_task_id": FieldSupport(HARMLESS, "a progress-tracking id"),
+    "infotext": FieldSupport(REFUSED, "parameters from an infotext", _unset),
+}
+TXT2IMG_FIELDS: dict[str, FieldSupport] = COMMON_FIELDS | {
+    "enable_hr": FieldSupport(REFUSED, "hires fix", _unset),
+    "denoising_strength": FieldSupport(HARMLESS, _HIRES),
+    "firstphase_width": FieldSupport(REFUSED, "a first-phase size", _unset),
+    "firstphase_height": FieldSupport(REFUSED, "a first-phase size", _unset),
+    **{
+        name: FieldSupport(HARMLESS, _HIRES)
+        for name in (
+            "hr_scale",
+            "hr_upscaler",
+            "hr_second_pass_steps",
+            "hr_resize_x",
+            "hr_resize_y",
+            "hr_checkpoint_name",
+            "hr_sampler_name",
+            "hr_scheduler",
+            "hr_prompt",
+            "hr_negative_prompt",
+        )
+    },
+}
+IMG2IMG_FIELDS: dict[str, FieldSupport] = COMMON_FIELDS | {
+    "init_images": FieldSupport(REFUSED, "more than one init image", lambda v, b: len(v) <= 1),
+    "resize_mode": FieldSupport(HONOURED, "3 (latent upscale) resizes pixels before encoding"),
+    "denoising_strength": FieldSupport(HONOURED),
+    "image_cfg_scale": FieldSupport(
+        HARMLESS, "read only by instruct-pix2pix models, which sdlab cannot load"
+    ),
+    "mask": FieldSupport(HONOURED),
+    "mask_blur_x": FieldSupport(REFUSED, "different x and y mask blurs", _mask_blur_xy("mask_blur_x")),
+    "mask_blur_y": FieldSupport(REFUSED, "different x and y mask blurs", _mask_blur_xy("mask_blur_y")),
+    "mask_blur": FieldSupport(HONOURED),
+    "mask_round": FieldSupport(REFUSED, "mask_round false", _with_mask("mask_round", lambda v, b: v)),
+    "inpainting_fill": FieldSupport(
+        REFUSED, "masked content other than original (1)", _with_mask("inpainting_fill", _one_of(1))
+    ),
+    "inpaint_full_res": FieldSupport(
+        REFUSED, "inpainting only the masked area", _with_mask("inpaint_full_res", _unset)
+    ),
+    "inpaint_full_res_padding": FieldSupport(HARMLESS, "read only with inpaint_full_res"),
+    "inpainting_mask_invert": FieldSupport(HONOURED),
+    "initial_noise_multiplier": FieldSupport(REFUSED, "a noise multiplier other than 1", _one_of(1)),
+    "latent_mask": FieldSupport(REFUSED, "a separate latent mask", _unset),
+    "include_init_images": FieldSupport(HARMLESS, "echoes the init images in `parameters`"),
+}
+
+
+def check_fields(body: _Request, fields: dict[str, FieldSupport]) -> None:
+    """HTTP 422 naming the first field whose value sdlab cannot honour."""
+    for name, support in fields.items():
+        value = getattr(body, name)
+        if support.kind == REFUSED and support.accepts is not None and not support.accepts(value, body):
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise HTTPException(422, f"field {name!r} = {shown}: sdlab does not support {support.note} yet")
 
 
 class PngInfoRequest(BaseModel):
@@ -190,6 +429,7 @@ def routes(server: Server) -> APIRouter:
         items = {k: v for k, v in image.info.items() if k != "parameters" and isinstance(v, str)}
         return {"info": info, "items": items, "parameters": parse_infotext(info) if info else {}}
 
+    startup_routes(api, server)
     return api
 
 
@@ -218,8 +458,10 @@ async def _generate(server: Server, mode: str, body: _Request) -> dict[str, Any]
 
 def _job_request(server: Server, mode: str, body: _Request, job_id: str) -> dict[str, Any]:
     """The job's stored request: the generation fields (seed resolved), model names, image files."""
-    overrides = body.override_settings
+    check_fields(body, IMG2IMG_FIELDS if isinstance(body, Img2ImgRequest) else TXT2IMG_FIELDS)
+    overrides = _overrides(body)
     generation = _generation(server, body)
+    _check_noise_seed_delta(server, body)
     refiner = _refiner(server, body)
     if refiner is not None:
         generation |= {"refiner": refiner, "refiner_switch_at": body.refiner_switch_at}
@@ -240,13 +482,30 @@ def _job_request(server: Server, mode: str, body: _Request, job_id: str) -> dict
         "checkpoint": _checkpoint(
             server, overrides.get("sd_model_checkpoint") or server.options["sd_model_checkpoint"]
         ),
-        "vae": _vae(server, overrides.get("sd_vae")),
+        "vae": _vae(server, overrides.get("sd_vae", server.options.get("sd_vae"))),
         "generation": generation,
         "n_iter": body.n_iter,
         "save_images": body.save_images,
         "parameters": parameters,
         **{key: _store_image(server, job_id, key, image) for key, image in images.items()},
     }
+
+
+def _overrides(body: _Request) -> dict[str, Any]:
+    """The request's override_settings; HTTP 422 naming a key sdlab would not honour."""
+    for key in body.override_settings:
+        if key not in SETTABLE_OPTIONS and key not in HARMLESS_OVERRIDES:
+            raise HTTPException(422, f"override_settings {key!r}: sdlab does not support this option yet")
+    return body.override_settings
+
+
+def _check_noise_seed_delta(server: Server, body: _Request) -> None:
+    """A1111 seeds the sampler noise with seed + eta_noise_seed_delta; sdlab's draw it from the seed."""
+    delta = body.override_settings.get("eta_noise_seed_delta", server.options.get("eta_noise_seed_delta", 0))
+    if delta and _sampler_takes(body, "noise_sampler"):
+        raise HTTPException(
+            422, f"eta_noise_seed_delta = {delta!r}: sdlab does not support a noise seed delta yet"
+        )
 
 
 def _generation(server: Server, body: _Request) -> dict[str, Any]:
@@ -284,7 +543,7 @@ def _img2img(body: Img2ImgRequest, generation: dict[str, Any]) -> dict[str, Imag
     generation |= {
         "strength": body.denoising_strength,
         "resize_mode": A1111_RESIZE_MODES[body.resize_mode],
-        "mask_blur": body.mask_blur,
+        "mask_blur": body.mask_blur_x if body.mask_blur is None else body.mask_blur,
         "inpainting_mask_invert": bool(body.inpainting_mask_invert),
     }
     return {"init_image": decode_image(body.init_images[0]), "mask": body.mask and decode_image(body.mask)}
@@ -510,28 +769,134 @@ def _model_item(server: Server, name: str, path: Path | None) -> dict[str, Any]:
 
 
 def _options(server: Server) -> dict[str, Any]:
+    """A1111's options: those sdlab uses, then the ones clients stored (which change nothing)."""
     checkpoint = server.options["sd_model_checkpoint"]
     title = None
     if checkpoint is not None:
         title = _model_item(server, checkpoint, server.library.checkpoints().get(checkpoint))["title"]
     return {
+        **server.options,
         "sd_model_checkpoint": title,
         "CLIP_stop_at_last_layers": server.options["CLIP_stop_at_last_layers"],
-        "sd_vae": "Automatic",
+        "sd_vae": server.options.get("sd_vae") or "Automatic",
+        "eta_noise_seed_delta": server.options.get("eta_noise_seed_delta", 0),
         "samples_format": "png",
     }
 
 
 def _set_options(server: Server, body: dict[str, Any]) -> None:
-    """Set the options the API may change (nothing that names a path); others are refused."""
-    refused = sorted(set(body) - set(SETTABLE_OPTIONS))
+    """Set options: those sdlab uses are checked, others stored as given; none that names a path."""
+    refused = sorted(key for key in body if key not in SETTABLE_OPTIONS and PATH_OPTION.search(key))
     if refused:
-        raise HTTPException(
-            422, f"options {refused} cannot be set over the API (only {list(SETTABLE_OPTIONS)})"
-        )
-    changes = {}
+        raise HTTPException(422, f"options {refused} name paths and cannot be set over the API")
+    changes = dict(body)
     if "sd_model_checkpoint" in body:
         changes["sd_model_checkpoint"] = _checkpoint(server, str(body["sd_model_checkpoint"]))
     if "CLIP_stop_at_last_layers" in body:
         changes["CLIP_stop_at_last_layers"] = _clip_skip(body["CLIP_stop_at_last_layers"])
+    if "sd_vae" in body:
+        changes["sd_vae"] = _vae(server, body["sd_vae"])
+    if "eta_noise_seed_delta" in body:
+        changes["eta_noise_seed_delta"] = _noise_seed_delta(body["eta_noise_seed_delta"])
     server.options.update(changes)
+
+
+def _noise_seed_delta(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HTTPException(422, "eta_noise_seed_delta must be an integer")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# what clients ask at start-up
+
+
+def _memory() -> dict[str, Any]:
+    """A1111's memory report: RAM in bytes (`used` is this process's resident size, as in A1111); no CUDA."""
+    try:
+        total = _meminfo_bytes("MemTotal")
+        used = _resident_bytes()
+        ram: dict[str, Any] = {"free": total - used, "used": used, "total": total}
+    except (OSError, ValueError, KeyError) as e:
+        ram = {"error": str(e)}
+    return {"ram": ram, "cuda": {"error": "unavailable"}}
+
+
+def _meminfo_bytes(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == key:
+            return int(value.split()[0]) * 1024
+    raise KeyError(f"{key} not in /proc/meminfo")
+
+
+def _resident_bytes() -> int:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cmd_flags(server: Server) -> dict[str, Any]:
+    """The A1111 command-line flags a client may look at, as sdlab's server stands (paths not shown)."""
+    return {
+        "api": True,
+        "nowebui": False,
+        "api_auth": None,
+        "api_log": False,
+        "lowvram": False,
+        "medvram": False,
+        "no_half": True,
+        "use_cpu": ["all"],
+        "skip_torch_cuda_test": True,
+        "ckpt": None,
+        "ckpt_dir": None,
+        "vae_dir": None,
+        "lora_dir": None,
+        "embeddings_dir": None,
+        "hide_ui_dir_config": True,
+        "freeze_settings": False,
+        "gradio_auth": None,
+        "disable_extra_extensions": True,
+    }
+
+
+def startup_routes(api: APIRouter, server: Server) -> None:
+    """The listings and refreshes clients call when they connect: A1111's shapes, sdlab's (mostly empty)
+    contents."""
+
+    @api.get("/cmd-flags")
+    def cmd_flags() -> dict[str, Any]:
+        return _cmd_flags(server)
+
+    @api.get("/upscalers")
+    def upscalers() -> list[dict[str, Any]]:
+        none = {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": None}
+        return [none]  # A1111's built-in "no upscaling"; sdlab has no upscaler to offer
+
+    @api.get("/memory")
+    def memory() -> dict[str, Any]:
+        return _memory()
+
+    @api.get("/scripts")
+    def scripts() -> dict[str, list[str]]:
+        return {"txt2img": [], "img2img": []}
+
+    for name in (
+        "latent-upscale-modes",
+        "hypernetworks",
+        "face-restorers",
+        "realesrgan-models",
+        "prompt-styles",
+        "script-info",
+    ):
+        api.add_api_route(f"/{name}", _empty_list, methods=["GET"], name=name)
+    for name in ("refresh-checkpoints", "refresh-vae", "refresh-loras", "refresh-embeddings"):
+        # the library rescans its folders on every listing: nothing is cached to refresh
+        api.add_api_route(f"/{name}", _nothing, methods=["POST"], name=name)
+
+
+def _empty_list() -> list[Any]:
+    return []
+
+
+def _nothing() -> None:
+    return None
