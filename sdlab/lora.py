@@ -8,19 +8,31 @@ Each module stores `lora_down.weight` (rank, in[, kh, kw]), `lora_up.weight` (ou
 1]) and `alpha`; its update is ΔW = alpha/rank · up @ down. Loading accepts both U-Net namings; saving uses
 the one kohya writes for the family. The diffusers names come from `keymaps.unet_ldm_to_diffusers`, so
 there is one U-Net key map in the project.
+
+Files in other formats are read too, into one representation (`Update`, one per module): LyCORIS LoHa,
+LoKr and LoCon-Tucker, DoRA (`dora_scale`, PEFT `lora_magnitude_vector`), diffusers/PEFT `lora_A`/`lora_B`
+under dotted module paths (`unet.down_blocks...`, `text_encoder[_2].[text_model.]encoder...`) with alphas
+from `.alpha` tensors or the `lora_adapter_metadata` header, and the old diffusers attention-processor
+layout. Formulas follow LyCORIS (`lycoris/functional`, `modules/*.apply_weight_decompose`), ComfyUI
+(`comfy/weight_adapter/{lora,loha,lokr,base}.py`) and PEFT (`tuners/lora/layer.py`, `dora.py`); see
+`Update`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from sdlab.checkpoints import keymaps
-from sdlab.checkpoints.io import read_state_dict, write_safetensors
+from sdlab.checkpoints.io import read_metadata, read_state_dict, write_safetensors
 from sdlab.families import Family, Naming
 from sdlab.models.blocks import SpatialTransformer
 from sdlab.models.clip import MLP, SelfAttention
@@ -153,61 +165,377 @@ class LoRANetwork(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# files and merging
+# files: every common format, parsed into one representation (`Update`)
+
+# kohya / LyCORIS tensors of one module (the module name has no dots: `lora_unet_...`, `lora_te1_...`)
+_KOHYA_NAME = re.compile(r"^((?:lora|lycoris)_(?:unet|te\d*)_[^.]+)\.(.+)$")
+_KOHYA_PARTS = {
+    "lora_down.weight": "down",
+    "lora_up.weight": "up",
+    "lora_mid.weight": "mid",
+    "alpha": "alpha",
+    "dora_scale": "dora_scale",
+    **{p: p for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
+    **{p: p for p in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
+}
+_OLD_ATTN = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_OLD_TEXT_ATTN = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+# diffusers / PEFT and old diffusers tensors (dotted module paths): pattern -> (module, part)
+_DOTTED: list[tuple[re.Pattern[str], object]] = [
+    # PEFT: lora_A / lora_B, with or without the adapter name PEFT keeps inside a model ("default")
+    (
+        re.compile(r"^(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$"),
+        lambda m: (m[1], "down" if m[2] == "A" else "up"),
+    ),
+    (re.compile(r"^(.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$"), lambda m: (m[1], "magnitude")),
+    # diffusers attention processors (<= 0.20): attn1.processor.to_q_lora.down.weight
+    (
+        re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$"),
+        lambda m: (f"{m[1]}.{_OLD_ATTN[m[2]]}", m[3]),
+    ),
+    (
+        re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(?:network_)?alpha$"),
+        lambda m: (f"{m[1]}.{_OLD_ATTN[m[2]]}", "alpha"),
+    ),
+    # diffusers text-encoder LoRA (0.14-0.16): self_attn.to_q_lora.down.weight
+    (
+        re.compile(r"^(.+\.self_attn)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$"),
+        lambda m: (f"{m[1]}.{_OLD_TEXT_ATTN[m[2]]}", m[3]),
+    ),
+    # diffusers LoRACompatible layers (0.17-0.24): to_q.lora.down.weight, q_proj.lora_linear_layer.up.weight
+    (re.compile(r"^(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$"), lambda m: (m[1], m[2])),
+    (re.compile(r"^(.+)\.(?:network_)?alpha$"), lambda m: (m[1], "alpha")),
+]
+UNET_FOLDER = "unet"
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry: the LoraConfig(s) as JSON
+DoRAMode = Literal["lycoris", "peft"]
 
 
 @dataclass(frozen=True)
-class LoRAWeights:
-    """One module's update as stored in a kohya file."""
+class Update:
+    """One module's update, whatever format it came in. `kind` says how `tensors` combine:
 
-    down: Tensor
-    up: Tensor
-    alpha: float
+    - "lora" (kohya LoRA/LoCon, PEFT, old diffusers): ΔW = up @ down, or with `mid` (LoCon Tucker)
+      einsum("m n ..., i m, n j -> i j ...", mid, up, down) (ComfyUI `tucker_weight_from_conv`);
+    - "loha": ΔW = (w1a @ w1b) ⊙ (w2a @ w2b), with Tucker cores t1/t2
+      einsum("i j k l, j r, i p -> p r k l", t, wb, wa) per factor (LyCORIS `functional/loha.py`, ComfyUI
+      `comfy/weight_adapter/loha.py`); rank = w1b.shape[0];
+    - "lokr": ΔW = kron(w1, w2), each factor full or a product w_a @ w_b (w2 possibly Tucker as above);
+      rank = the decomposed factor's inner dimension (w2's when both are), none when both are full
+      (ComfyUI `comfy/weight_adapter/lokr.py`).
+
+    All are multiplied by `scale` (alpha/rank; 1 without alpha or rank; alpha/√r for rsLoRA). `magnitude`
+    is a DoRA magnitude: `dora="lycoris"` for kohya/LyCORIS `dora_scale`, "peft" for PEFT's
+    `lora_magnitude_vector` (see `merged`). `keys` are the file's keys for this module, for errors.
+    """
+
+    kind: str
+    tensors: dict[str, Tensor]
+    scale: float
+    rank: int | None = None
+    alpha: float | None = None
+    magnitude: Tensor | None = None
+    dora: DoRAMode | None = None
+    keys: tuple[str, ...] = ()
+
+    # kohya LoRA views, as before
+    @property
+    def down(self) -> Tensor:
+        return self.tensors["down"]
+
+    @property
+    def up(self) -> Tensor:
+        return self.tensors["up"]
 
     def delta(self, shape: torch.Size) -> Tensor:
-        """ΔW = alpha/rank · up @ down in float32, shaped like the layer weight (Linear, 1x1 or kxk conv)."""
-        rank = self.down.shape[0]
-        product = self.up.flatten(1).float() @ self.down.flatten(1).float()
-        if product.numel() != shape.numel():
+        """scale · ΔW in float32, shaped like the layer weight (Linear, 1x1 or kxk conv)."""
+        t = {k: v.float() for k, v in self.tensors.items()}
+        if self.kind == "lora":
+            if "mid" in t:
+                product = torch.einsum(
+                    "m n ..., i m, n j -> i j ...", t["mid"], t["up"].flatten(1), t["down"].flatten(1)
+                )
+            else:
+                product = _mm(t["up"].flatten(1), t["down"].flatten(1))
+        elif self.kind == "loha":
+            product = _factor(t, "hada_w1_a", "hada_w1_b", "hada_t1") * _factor(
+                t, "hada_w2_a", "hada_w2_b", "hada_t2"
+            )
+        else:  # lokr
+            w1 = t["lokr_w1"] if "lokr_w1" in t else _mm(t["lokr_w1_a"], t["lokr_w1_b"])
+            w2 = t["lokr_w2"] if "lokr_w2" in t else _factor(t, "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+            while w1.ndim < w2.ndim:
+                w1 = w1.unsqueeze(-1)
+            product = torch.kron(w1, w2)
+        if product.shape[0] != shape[0] or product.numel() != shape.numel():
             raise ValueError(f"update of shape {tuple(product.shape)} does not fit a weight {tuple(shape)}")
-        return product.reshape(shape) * (self.alpha / rank)
+        if product.ndim > 2 and product.shape != shape:
+            raise ValueError(f"update of shape {tuple(product.shape)} does not fit a weight {tuple(shape)}")
+        return product.reshape(shape) * self.scale
+
+    def merged(self, weight: Tensor, strength: float) -> Tensor:
+        """The new weight for `weight` at `strength`, in float32.
+
+        Without DoRA: W + strength·ΔW. With a LyCORIS/kohya `dora_scale` m: V = W + ΔW, normed per output
+        channel when m has shape (out, 1, ...) and per input channel when (1, in, ...) (LyCORIS
+        `apply_weight_decompose`, `wd_on_out`), W₁ = m·V/(‖V‖ + eps), then W + strength·(W₁ − W) as A1111
+        and ComfyUI apply a strength (`weight_decompose`; LyCORIS' own multiplier keeps (1−s)·ΔW on top,
+        the same at strength 1; ComfyUI's output-axis branch norms W instead of V, we follow LyCORIS).
+        With a PEFT magnitude m (out,): V = W + strength·ΔW, m·V/‖V‖ normed per output channel, as PEFT's
+        `DoraLinearLayer`/`DoraConv2dLayer` merge once the strength is folded into the scaling (diffusers'
+        `set_adapters`/`fuse_lora(lora_scale)`).
+        """
+        w = weight.float()
+        if self.magnitude is None:
+            return w + strength * self.delta(w.shape)
+        m = self.magnitude.float()
+        if self.dora == "peft":
+            if m.numel() != w.shape[0]:
+                raise ValueError(
+                    f"DoRA magnitude of shape {tuple(m.shape)} does not fit a weight {tuple(w.shape)}"
+                )
+            v = w + strength * self.delta(w.shape)
+            norm = torch.linalg.vector_norm(v, dim=tuple(range(1, v.ndim)), keepdim=True)
+            return m.reshape(norm.shape) * v / norm
+        v = w + self.delta(w.shape)
+        if m.shape[0] == w.shape[0] and m.numel() == w.shape[0]:
+            dims = tuple(range(1, v.ndim))  # per output channel
+        elif m.shape[0] == 1 and m.ndim > 1 and m.numel() == w.shape[1] and m.shape[1] == w.shape[1]:
+            dims = (0, *range(2, v.ndim))  # per input channel
+        else:
+            raise ValueError(f"dora_scale of shape {tuple(m.shape)} does not fit a weight {tuple(w.shape)}")
+        norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True) + torch.finfo(torch.float32).eps
+        full = v * (m.reshape(norm.shape) / norm)
+        return w + strength * (full - w)
 
 
-def parse_lora(sd: Mapping[str, Tensor], what: str = "LoRA") -> dict[str, LoRAWeights]:
-    """Group a kohya state dict by module name; alpha defaults to the rank (scale 1) as kohya does."""
+LoRAWeights = Update  # the name this representation had when it held kohya LoRA only
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"factors of shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply")
+    return a @ b
+
+
+def _factor(t: dict[str, Tensor], a: str, b: str, core: str) -> Tensor:
+    """w_a @ w_b, or with a Tucker core einsum("i j k l, j r, i p -> p r k l", t, w_b, w_a) (ComfyUI)."""
+    if core in t:
+        return torch.einsum("i j k l, j r, i p -> p r k l", t[core], t[b].flatten(1), t[a].flatten(1))
+    return _mm(t[a].flatten(1), t[b].flatten(1))
+
+
+def _split_key(key: str) -> tuple[str, str, str] | None:
+    """key -> (module name, part, style) where style is "kohya", "peft" or "diffusers"; None: unknown."""
+    m = _KOHYA_NAME.match(key)
+    if m:
+        part = _KOHYA_PARTS.get(m[2])
+        return (m[1], part, "kohya") if part else None
+    for pattern, result in _DOTTED:
+        m = pattern.match(key)
+        if m:
+            module, part = result(m)  # type: ignore[operator]
+            style = (
+                "peft"
+                if ".lora_A" in key or ".lora_B" in key or "lora_magnitude_vector" in key
+                else "diffusers"
+            )
+            return module, part, style
+    return None
+
+
+_LORA_PARTS = {"down", "up", "mid"}
+_LOHA_PARTS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}
+_LOKR_PARTS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
+
+
+def parse_lora(
+    sd: Mapping[str, Tensor], what: str = "LoRA", metadata: Mapping[str, str] | None = None
+) -> dict[str, Update]:
+    """Group a LoRA state dict of any supported format by module name, one `Update` each.
+
+    Formats: kohya LoRA/LoCon (+ LoCon Tucker `lora_mid`), LyCORIS LoHa and LoKr (Tucker included), DoRA
+    (`dora_scale` beside any of those, PEFT `lora_magnitude_vector`), diffusers/PEFT `lora_A`/`lora_B`
+    (alpha from `.alpha` tensors, else from the `lora_adapter_metadata` header JSON in `metadata`:
+    `lora_alpha`, `r`, `alpha_pattern`, `rank_pattern`, `use_rslora`, else scale 1), and the old diffusers
+    attention-processor layout (`processor.to_q_lora.down.weight`). kohya alpha defaults to the rank
+    (scale 1) as kohya does. Unknown tensors, incomplete modules and mixed formats are a ValueError naming
+    `what` (the file) and the key.
+    """
     groups: dict[str, dict[str, Tensor]] = {}
+    keys: dict[str, list[str]] = {}
+    styles: dict[str, str] = {}
     for key, value in sd.items():
-        name, _, part = key.partition(".")
-        groups.setdefault(name, {})[part] = value
-    unsupported = sorted({p for g in groups.values() for p in g} - set(PARTS))
-    if unsupported:
-        raise ValueError(
-            f"{what}: unsupported LoRA tensors {unsupported[:4]}; sdlab reads kohya LoRA/LoCon files "
-            "(lora_down/lora_up/alpha), not LoHa, LoKr, Tucker, DoRA or diffusers/PEFT layouts"
+        split = _split_key(key)
+        if split is None:
+            raise ValueError(
+                f"{what}: unsupported LoRA tensor {key!r}; sdlab reads kohya LoRA/LoCon, LyCORIS LoHa/LoKr, "
+                "DoRA and diffusers/PEFT layouts"
+            )
+        name, part, style = split
+        group = groups.setdefault(name, {})
+        if part in group:
+            raise ValueError(f"{what}: {key!r} repeats the {part} tensor of {name}")
+        group[part] = value
+        keys.setdefault(name, []).append(key)
+        if style != "diffusers" or name not in styles:
+            styles[name] = style
+    config = _adapter_config(metadata, what)
+    return {n: _update(n, g, tuple(keys[n]), styles[n], config, what) for n, g in groups.items()}
+
+
+def _update(
+    name: str, g: dict[str, Tensor], keys: tuple[str, ...], style: str, config: dict | None, what: str
+) -> Update:
+    def fail(problem: str) -> ValueError:
+        return ValueError(f"{what}: {name} ({', '.join(keys)}): {problem}")
+
+    parts = set(g) - {"alpha", "dora_scale", "magnitude"}
+    kinds = [
+        k for k, ps in (("lora", _LORA_PARTS), ("loha", _LOHA_PARTS), ("lokr", _LOKR_PARTS)) if parts & ps
+    ]
+    if len(kinds) != 1:
+        raise fail(
+            "mixes LoRA, LoHa and LoKr tensors" if kinds else "holds no update (an alpha or DoRA scale alone)"
         )
-    incomplete = [n for n, g in groups.items() if not {"lora_down.weight", "lora_up.weight"} <= set(g)]
-    if incomplete:
-        raise ValueError(f"{what}: {incomplete[0]} lacks lora_down or lora_up")
-    return {
-        n: LoRAWeights(
-            g["lora_down.weight"], g["lora_up.weight"], float(g.get("alpha", g["lora_down.weight"].shape[0]))
-        )
-        for n, g in groups.items()
-    }
+    kind = kinds[0]
+    alpha = float(g["alpha"]) if "alpha" in g else None
+    tensors = {k: v for k, v in g.items() if k in parts}
+    if kind == "lora":
+        if not {"down", "up"} <= parts:
+            raise fail("incomplete LoRA (lacks lora_down/lora_up, lora_A/lora_B or down/up)")
+        rank = tensors["down"].shape[0]
+        if tensors["up"].flatten(1).shape[1] != rank:
+            raise fail(
+                f"up {tuple(tensors['up'].shape)} and down {tuple(tensors['down'].shape)} ranks differ"
+            )
+        if alpha is None and style == "kohya":
+            alpha = float(rank)  # kohya: no alpha means scale 1
+        elif alpha is None and style == "peft" and config is not None:
+            alpha, rank = _config_alpha(name, config, rank, fail)
+    elif kind == "loha":
+        needed = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
+        if not needed <= parts or len(parts & {"hada_t1", "hada_t2"}) == 1:
+            raise fail(f"incomplete LoHa (has {sorted(parts)})")
+        rank = tensors["hada_w1_b"].shape[0]
+    else:
+        w1 = "lokr_w1" in parts or {"lokr_w1_a", "lokr_w1_b"} <= parts
+        w2 = "lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= parts
+        if not (w1 and w2):
+            raise fail(f"incomplete LoKr (has {sorted(parts)})")
+        rank = None  # ComfyUI: the last decomposed factor's inner dimension, none when both are full
+        if "lokr_w1" not in parts:
+            rank = tensors["lokr_w1_b"].shape[0]
+        if "lokr_w2" not in parts:
+            rank = tensors["lokr_w2_b"].shape[0]
+    scale = alpha / rank if alpha is not None and rank else 1.0
+    magnitude, dora = None, None
+    if "dora_scale" in g and "magnitude" in g:
+        raise fail("has both dora_scale and lora_magnitude_vector")
+    if "dora_scale" in g:
+        magnitude, dora = g["dora_scale"], "lycoris"
+    elif "magnitude" in g:
+        magnitude, dora = g["magnitude"], "peft"
+    return Update(kind, tensors, scale, rank, alpha, magnitude, dora, keys)
+
+
+def _adapter_config(metadata: Mapping[str, str] | None, what: str) -> dict | None:
+    """The `lora_adapter_metadata` JSON of a diffusers file, or None."""
+    raw = (metadata or {}).get(METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: unreadable {METADATA_KEY} metadata ({e})") from e
+    return config if isinstance(config, dict) else None
+
+
+def _config_alpha(
+    name: str, config: dict, rank: int, fail: Callable[[str], ValueError]
+) -> tuple[float | None, int]:
+    """PEFT's scale for one module as (alpha, rank), scale = alpha/rank: lora_alpha or its alpha_pattern
+    entry over r or its rank_pattern entry (alpha/√r with use_rslora), the patterns matched as PEFT's
+    `get_pattern_key` does against the module path inside its component; (None, rank) without alpha."""
+    component, _, inner = name.partition(".")
+    if component in config and isinstance(config[component], dict):  # diffusers: {"unet": {...}, ...}
+        cfg = config[component]
+    elif "lora_alpha" in config or "r" in config:  # one LoraConfig for the whole file
+        cfg, inner = config, name
+    else:
+        return None, rank
+    if cfg is None:
+        return None, rank
+    r = int(_pattern(cfg.get("rank_pattern") or {}, inner, cfg.get("r", rank)))
+    if r != rank:
+        raise fail(f"holds rank {rank} but its LoRA config says r={r}")
+    alpha = _pattern(cfg.get("alpha_pattern") or {}, inner, cfg.get("lora_alpha"))
+    if alpha is None:
+        return None, rank
+    if cfg.get("use_rslora"):  # scale alpha/√r, written as an alpha over the rank: (alpha·√r)/r
+        return float(alpha) * math.sqrt(r), rank
+    return float(alpha), rank
+
+
+def _pattern(patterns: Mapping[str, object], path: str, default: object) -> object:
+    """peft.utils.other.get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", path)."""
+    for p, value in patterns.items():
+        if re.match(rf"(.*\.)?({p})$", path):
+            return value
+    return default
+
+
+def split_lora(sd: Mapping[str, Tensor]) -> tuple[StateDict, StateDict]:
+    """(U-Net tensors, text-encoder tensors) of a LoRA of any supported format."""
+    unet, text = {}, {}
+    for key, value in sd.items():
+        (unet if _is_unet_key(key) else text)[key] = value
+    return unet, text
+
+
+_UNET_ROOTS = (
+    "down_blocks.",
+    "mid_block.",
+    "up_blocks.",
+    "conv_in.",
+    "conv_out.",
+    "time_embedding.",
+    "add_embedding.",
+)
+
+
+def _is_unet_key(key: str) -> bool:
+    return key.startswith(("lora_unet_", "lycoris_unet_", f"{UNET_FOLDER}.", *_UNET_ROOTS))
+
+
+class LoRAFile(dict):
+    """A LoRA file's tensors (a plain dict to every reader) with `source` (the path) for messages."""
+
+    source: str = "LoRA"
 
 
 def read_lora(path: str | Path) -> StateDict:
-    """The tensors of a kohya LoRA file (.safetensors, or a weights-only pickle)."""
+    """The tensors of a LoRA file (.safetensors, or a weights-only pickle), checked by `parse_lora`.
+
+    PEFT modules whose alpha only the header's `lora_adapter_metadata` holds get an `<module>.alpha`
+    tensor (alpha for PEFT's scale alpha/r), so the state dict alone carries the scales."""
     sd = read_state_dict(path)
-    parse_lora(sd, str(path))
-    return sd
+    metadata = read_metadata(path)
+    parsed = parse_lora(sd, str(path), metadata)
+    if _adapter_config(metadata, str(path)) is not None:
+        for name, update in parsed.items():
+            if update.kind == "lora" and not any(k.endswith("alpha") for k in update.keys) and update.rank:
+                sd[f"{name}.alpha"] = torch.tensor(update.scale * update.rank)
+    out = LoRAFile(sd)
+    out.source = str(path)
+    return out
 
 
 def save_lora(sd: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
     """Write a kohya LoRA .safetensors (never overwrites), with kohya's `ss_network_*` metadata."""
     lora = parse_lora(sd)
-    ranks = sorted({w.down.shape[0] for w in lora.values()})
-    alphas = sorted({w.alpha for w in lora.values()})
+    ranks = sorted({w.rank for w in lora.values() if w.rank})
+    alphas = sorted({w.alpha for w in lora.values() if w.alpha is not None})
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(ranks[-1]),
@@ -215,6 +543,32 @@ def save_lora(sd: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str,
         **(metadata or {}),
     }
     return write_safetensors(dict(sd), path, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# merging
+
+
+def dotted_layer_map(unet: nn.Module, encoders: Sequence[nn.Module], family: Family) -> dict[str, Layer]:
+    """The dotted module paths diffusers/PEFT files use -> layer: `unet.<diffusers path>` (and the bare
+    path, as `save_attn_procs` writes it), `<text folder>.<transformers path>` with and without the
+    `text_model.` level (transformers 4 and 5 writers)."""
+    out: dict[str, Layer] = {}
+    unet_layers = _layers(unet)
+    renamed = keymaps.unet_ldm_to_diffusers({f"{p}.weight": p for p in unet_layers}, unet.cfg)  # type: ignore[arg-type]
+    for key, path in renamed.items():
+        diffusers_path = key.removesuffix(".weight")
+        out[diffusers_path] = out[f"{UNET_FOLDER}.{diffusers_path}"] = unet_layers[path]  # type: ignore[index]
+    for encoder, spec in zip(encoders, family.text, strict=True):
+        for path, layer in _layers(encoder).items():
+            out[f"{spec.diffusers_folder}.{path}"] = layer
+            out[f"{spec.diffusers_folder}.{path.removeprefix('text_model.')}"] = layer
+    return out
+
+
+def module_layers(unet: nn.Module, encoders: Sequence[nn.Module], family: Family) -> dict[str, Layer]:
+    """Every module name a supported file may use (kohya names of both U-Net namings, dotted paths)."""
+    return layer_map(unet, encoders, family) | dotted_layer_map(unet, encoders, family)
 
 
 @dataclass
@@ -244,36 +598,43 @@ def merge_loras(
     family: Family,
     loras: Sequence[tuple[Mapping[str, Tensor], float]],
 ) -> MergedLoRAs:
-    """Merge LoRAs, each with its strength: W' = W + Σ strength·alpha/rank·up@down (computed in float32).
+    """Merge LoRAs of any supported format, each with its strength, in order (computed in float32):
+    W' = `Update.merged(W, strength)`, W + strength·ΔW without DoRA.
 
     Names that fit no layer are reported in `unmatched`; a file where none fits is an error (a LoRA for
-    another model family).
+    another model family). Any error restores every weight already merged (all or nothing). A state dict
+    from `read_lora` is named by its path in messages, others as "LoRA <index>".
     """
-    layers = layer_map(unet, encoders, family)
+    layers = module_layers(unet, encoders, family)
     merged = MergedLoRAs()
-    for index, (sd, strength) in enumerate(loras):
-        parsed = parse_lora(sd, f"LoRA {index}")
-        found = [n for n in parsed if n in layers]
-        if parsed and not found:
-            raise ValueError(
-                f"LoRA {index}: none of its {len(parsed)} modules fits this model, e.g. {next(iter(parsed))}"
-            )
-        for name in found:
-            try:
-                _merge_one(layers[name], parsed[name], strength, merged)
-            except ValueError as e:
-                merged.restore()  # all or nothing
-                raise ValueError(f"LoRA {index}: {name}: {e} (a LoRA for another model?)") from e
-        merged.applied += found
-        merged.unmatched += [n for n in parsed if n not in layers]
+    try:
+        for index, (sd, strength) in enumerate(loras):
+            what = getattr(sd, "source", None) or f"LoRA {index}"
+            parsed = parse_lora(sd, what)
+            found = [n for n in parsed if n in layers]
+            if parsed and not found:
+                raise ValueError(
+                    f"{what}: none of its {len(parsed)} modules fits this model, e.g. {next(iter(parsed))}"
+                )
+            for name in found:
+                try:
+                    _merge_one(layers[name], parsed[name], strength, merged)
+                except (ValueError, RuntimeError) as e:
+                    keys = ", ".join(parsed[name].keys)
+                    raise ValueError(f"{what}: {name} ({keys}): {e} (a LoRA for another model?)") from e
+            merged.applied += found
+            merged.unmatched += [n for n in parsed if n not in layers]
+    except BaseException:
+        merged.restore()  # all or nothing
+        raise
     return merged
 
 
-def _merge_one(layer: Layer, weights: LoRAWeights, strength: float, merged: MergedLoRAs) -> None:
-    """Replace the layer's weight by a new Parameter holding W + strength·ΔW (the old one is kept)."""
+def _merge_one(layer: Layer, update: Update, strength: float, merged: MergedLoRAs) -> None:
+    """Replace the layer's weight by a new Parameter holding the merged weight (the old one is kept)."""
     w = layer.weight
+    new = update.merged(w.detach(), strength)
     merged.originals.setdefault(layer, w)
-    new = w.detach().float() + strength * weights.delta(w.shape).to(w.device)
     layer.weight = nn.Parameter(new.to(w.dtype), requires_grad=False)
 
 

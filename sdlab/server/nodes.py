@@ -30,7 +30,7 @@ from sdlab.diffusion import denoiser
 from sdlab.diffusion.samplers import SAMPLERS
 from sdlab.diffusion.schedule import SCHEDULES
 from sdlab.images import prepare_mask, save_png, to_pil, to_tensor
-from sdlab.lora import apply_loras, read_lora
+from sdlab.lora import apply_loras, read_lora, split_lora
 from sdlab.models.vae import AutoencoderKL
 from sdlab.pipeline import (
     Guidance,
@@ -50,7 +50,6 @@ LATENT_UPSCALE = ["nearest-exact", "bilinear", "area", "bicubic"]
 IMAGE_UPSCALE = [*LATENT_UPSCALE, "lanczos"]
 CROP = ["disabled", "center"]
 MASK_CHANNELS = {"alpha": "A", "red": "R", "green": "G", "blue": "B"}
-UNET_PREFIX = "lora_unet_"  # kohya names: U-Net modules; the rest are text-encoder modules
 
 
 class NodeError(Exception):
@@ -169,9 +168,7 @@ def lora_loader(
     env: Env, model: Model, clip: Clip, lora_name: str, strength_model: float, strength_clip: float
 ) -> tuple[Model, Clip]:
     """The model and CLIP with a LoRA to merge (its U-Net and text-encoder parts at their own strengths)."""
-    lora = read_lora(env.library.find(env.library.loras(), lora_name, "LoRA"))
-    unet = {k: v for k, v in lora.items() if k.startswith(UNET_PREFIX)}
-    text = {k: v for k, v in lora.items() if not k.startswith(UNET_PREFIX)}
+    unet, text = split_lora(read_lora(env.library.find(env.library.loras(), lora_name, "LoRA")))
     return (
         replace(model, loras=(*model.loras, (unet, strength_model))),
         replace(clip, loras=(*clip.loras, (text, strength_clip))),
