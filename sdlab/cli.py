@@ -67,6 +67,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         resize_mode=args.resize_mode,
         mask=mask,
+        loras=tuple(_lora_arg(a) for a in args.lora),
+        lora_dirs=tuple(args.lora_dir),
         refiner=refiner.name if refiner else None,
         refiner_switch_at=args.refiner_switch,
         refiner_switch_by_steps=args.refiner_switch_by_steps,
@@ -82,6 +84,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         target = args.output or next_output_path(args.outdir, seed)
         print(save_png(image, target, request_infotext(result.request, seed, model, refiner)))
     return 0
+
+
+def _lora_arg(value: str) -> tuple[str, float]:
+    """`PATH[:WEIGHT]` of --lora."""
+    path, _, weight = value.rpartition(":")
+    try:
+        return (path, float(weight)) if path else (value, 1.0)
+    except ValueError:
+        return value, 1.0
 
 
 def cmd_png_info(args: argparse.Namespace) -> int:
@@ -130,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit the init image: stretch, crop or fill",
     )
     p.add_argument("--mask", help="inpainting mask (white = repaint)")
+    p.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:W]", help="merge a LoRA file (repeatable)"
+    )
+    p.add_argument(
+        "--lora-dir",
+        action="append",
+        default=[],
+        help="folder for <lora:NAME:W> prompt tags (repeatable; then $SDLAB_MODELS_DIR/Lora, models/Lora)",
+    )
     p.add_argument("--refiner", help="a second model (SDXL refiner) that finishes the sampling")
     p.add_argument(
         "--refiner-switch",

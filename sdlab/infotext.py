@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from sdlab.diffusion.samplers import display_name
 from sdlab.diffusion.schedule import schedule_display_name
+from sdlab.networks import lora_hash
 
 if TYPE_CHECKING:
     from sdlab.checkpoints.load import StableDiffusion
@@ -120,6 +121,9 @@ def request_infotext(
         extra["Mask blur"] = req.mask_blur
     if req.clip_skip > 1:
         extra["Clip skip"] = req.clip_skip
+    if req.loras:  # A1111's extra network hashes: "name: short hash, ..."
+        hashes = (f"{Path(f).stem.replace(':', '').replace(',', '')}: {lora_hash(f)}" for f, _ in req.loras)
+        extra["Lora hashes"] = ", ".join(hashes)
     return format_infotext(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,

@@ -7,6 +7,7 @@ The CLI, the HTTP APIs and the web UI only parse their input into a `GenerationR
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,8 @@ from sdlab.diffusion.denoiser import Denoiser, DenoiserFn, add_noise, guide
 from sdlab.diffusion.samplers import DISCARD_PENULTIMATE_SIGMA, get_sampler, resolve_sampler
 from sdlab.diffusion.schedule import DiscreteSchedule, get_sigmas
 from sdlab.images import prepare_mask, resize_image, to_pil, to_tensor
+from sdlab.lora import apply_loras
+from sdlab.networks import find_lora, lora_dirs, lora_tags, no_tags
 from sdlab.vae_tools import decode_pixels, encode_pixels
 
 Callback = Callable[[int, int, Tensor], None]  # (step, total, current denoised latent)
@@ -48,9 +51,17 @@ class GenerationRequest:
     mask: Image.Image | None = field(default=None, compare=False)
     mask_blur: int = 4
     inpainting_mask_invert: bool = False
+    loras: tuple[tuple[str, float], ...] = ()  # (file, weight) merged while generating, besides the tags
+    lora_dirs: tuple[
+        str, ...
+    ] = ()  # where `<lora:NAME:W>` tags are looked up (then $SDLAB_MODELS_DIR, models)
     refiner: str | None = None  # a second model that finishes the sampling (SDXL refiner), by name
     refiner_switch_at: float = 0.8  # share of the run after which the refiner takes over
     refiner_switch_by_steps: bool = False  # A1111 < 1.8: count steps instead of comparing timesteps
+
+    def __post_init__(self) -> None:  # lists from JSON job requests become tuples
+        object.__setattr__(self, "loras", tuple((str(f), float(w)) for f, w in self.loras))
+        object.__setattr__(self, "lora_dirs", tuple(str(d) for d in self.lora_dirs))
 
     def validate(self, latent_factor: int = 8) -> None:
         """Raise ValueError naming the first bad field."""
@@ -123,13 +134,17 @@ def generate(
     req.validate(factor)
     if (req.refiner is None) != (refiner is None):
         raise ValueError("a refiner needs both its name in the request and the loaded model")
-    req = replace(req, seed=resolve_seed(req.seed))
+    prompt, tagged = lora_tags(req.prompt)
+    no_tags(req.negative_prompt, "negative prompt")
+    found = [(str(find_lora(name, lora_dirs(req.lora_dirs))), weight) for name, weight in tagged]
+    req = replace(req, seed=resolve_seed(req.seed), loras=(*req.loras, *found))
     seeds = [req.seed + i for i in range(req.batch_size)]
     device, dtype = _device(model), _dtype(model)
     shape = (model.config.unet.out_channels, req.height // factor, req.width // factor)
-    with torch.inference_mode():
+    merged = apply_loras(model, list(req.loras)) if req.loras else contextlib.nullcontext()
+    with torch.inference_mode(), merged:
         noise = seed_noise(seeds, shape).to(device, dtype)
-        cond, uncond = encode_prompts(model, req.prompt, req.negative_prompt, req.steps, req.clip_skip)
+        cond, uncond = encode_prompts(model, prompt, req.negative_prompt, req.steps, req.clip_skip)
         sampler_name, schedule_name = resolve_sampler(req.sampler, req.scheduler)
         req = replace(req, sampler=sampler_name, scheduler=schedule_name or "normal")
         sigmas = sampling_sigmas(model, sampler_name, req.scheduler, req.steps)

@@ -59,7 +59,7 @@ COMMON = {
     "override_settings_restore_afterwards": X,
     "refiner_checkpoint": H,
     "refiner_switch_at": H,
-    "disable_extra_networks": X,
+    "disable_extra_networks": R,
     "firstpass_image": R,
     "comments": X,
     # the API's own
@@ -114,6 +114,7 @@ BASES = {"txt2img": BASE, "img2img": BASE | {"init_images": [INIT]}}
 # a value of each refused field that A1111 would act on (and the other fields that make it count)
 REFUSED_VALUES: dict[str, dict[str, Any]] = {
     "styles": {"styles": ["cinematic"]},
+    "disable_extra_networks": {"disable_extra_networks": True, "prompt": "a cat <lora:style:0.5>"},
     "subseed_strength": {"subseed_strength": 0.5},
     "seed_resize_from_h": {"seed_resize_from_h": 64, "seed_resize_from_w": 64},
     "seed_resize_from_w": {"seed_resize_from_w": 48, "seed_resize_from_h": 32},
@@ -147,7 +148,6 @@ HARMLESS_VALUES: dict[str, Any] = {
     "s_tmax": 10.0,
     "s_tmin": 0.5,
     "override_settings_restore_afterwards": False,
-    "disable_extra_networks": True,
     "comments": {"note": "hello"},
     "script_args": [1, 2],
     "force_task_id": "task-1",
@@ -349,3 +349,23 @@ def test_webuiapi_client_with_default_arguments(url: str, tmp_path: Path) -> Non
     # its inpainting defaults are A1111's only-masked inpainting with "fill": refused, not ignored
     with pytest.raises(RuntimeError, match="inpaint"):
         api.img2img(images=[init], mask_image=Image.new("L", (32, 32), 255), width=32, height=32)
+
+
+def test_prompt_lora_tags_are_applied_and_recorded(client: httpx.Client) -> None:
+    """`<lora:NAME:W>` is looked up in the models folder's Lora/, merged for the job, hashed in the
+    infotext; an unknown name is a 422 naming it (no server paths in the message)."""
+    import numpy as np
+
+    def image(prompt: str) -> tuple[np.ndarray, str]:
+        r = client.post("/sdapi/v1/txt2img", json=BASE | {"prompt": prompt})
+        assert r.status_code == 200, r.text
+        picture = unb64(r.json()["images"][0])
+        return np.asarray(picture, dtype=np.float64), picture.info["parameters"]
+
+    plain, _ = image("a cat")
+    tagged, info = image("<lora:style:0.8> a cat")
+    again, _ = image("a cat")
+    assert np.abs(tagged - plain).mean() > 0.5 and np.array_equal(again, plain)  # merged, then restored
+    assert "<lora:style:0.8> a cat" in info and 'Lora hashes: "style: ' in info
+    r = client.post("/sdapi/v1/txt2img", json=BASE | {"prompt": "a cat <lora:nope:1>"})
+    assert r.status_code == 422 and "<lora:nope>" in r.json()["detail"] and "/tmp" not in r.json()["detail"]

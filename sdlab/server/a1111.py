@@ -32,6 +32,7 @@ from sdlab.diffusion.samplers import SAMPLERS, display_name, get_sampler, resolv
 from sdlab.diffusion.schedule import SCHEDULE_DISPLAY, schedule_display_name
 from sdlab.images import next_output_path, save_png
 from sdlab.infotext import parse_infotext, request_infotext
+from sdlab.networks import TAG
 from sdlab.pipeline import GenerationRequest, generate, resolve_seed
 from sdlab.server.jobs import (
     CANCELLED,
@@ -271,7 +272,11 @@ COMMON_FIELDS: dict[str, FieldSupport] = {
     "override_settings_restore_afterwards": FieldSupport(HARMLESS, "overrides never outlive the request"),
     "refiner_checkpoint": FieldSupport(HONOURED),
     "refiner_switch_at": FieldSupport(HONOURED),
-    "disable_extra_networks": FieldSupport(HARMLESS, "sdlab applies no extra networks named in prompts"),
+    "disable_extra_networks": FieldSupport(
+        REFUSED,
+        "disable_extra_networks with <lora:> tags in the prompt",
+        lambda v, b: not v or not TAG.search(b.prompt),
+    ),
     "firstpass_image": FieldSupport(REFUSED, "a given first pass", _unset),
     "comments": FieldSupport(HARMLESS, "A1111 resets it"),
     "script_name": FieldSupport(REFUSED, "scripts", _unset),
@@ -531,6 +536,7 @@ def _generation(server: Server, body: _Request) -> dict[str, Any]:
         "seed": resolve_seed(body.seed),
         "batch_size": body.batch_size,
         "clip_skip": _clip_skip(clip_skip),
+        "lora_dirs": [str(server.library.lora_folder())] if server.library.root is not None else [],
     }
 
 

@@ -62,6 +62,10 @@ class Library:
         """LoRA name -> file."""
         return self._files(LORA_DIR, LORA_SUFFIXES)
 
+    def lora_folder(self) -> Path | None:
+        """Where `<lora:NAME:W>` prompt tags are looked up."""
+        return None if self.root is None else self.root / LORA_DIR
+
     def embeddings(self) -> dict[str, Path]:
         """Embedding name -> file."""
         return self._files(EMBEDDING_DIR, EMBEDDING_SUFFIXES)
