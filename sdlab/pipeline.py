@@ -22,6 +22,7 @@ from sdlab.conditioning import Conditioning, Prompt, encode_prompts
 from sdlab.diffusion.denoiser import Denoiser, DenoiserFn, add_noise, guide
 from sdlab.diffusion.samplers import DISCARD_PENULTIMATE_SIGMA, get_sampler, resolve_sampler
 from sdlab.diffusion.schedule import DiscreteSchedule, get_sigmas
+from sdlab.embeddings import Embeddings, embedding_dirs
 from sdlab.images import prepare_mask, resize_image, to_pil, to_tensor
 from sdlab.lora import apply_loras
 from sdlab.networks import find_lora, lora_dirs, lora_tags, no_tags
@@ -55,6 +56,8 @@ class GenerationRequest:
     lora_dirs: tuple[
         str, ...
     ] = ()  # where `<lora:NAME:W>` tags are looked up (then $SDLAB_MODELS_DIR, models)
+    embedding_dirs: tuple[str, ...] = ()  # where embedding names are looked up (then $SDLAB_MODELS_DIR, .)
+    embeddings: tuple[tuple[str, str], ...] = ()  # (name, file) of the embeddings used; set by generate
     refiner: str | None = None  # a second model that finishes the sampling (SDXL refiner), by name
     refiner_switch_at: float = 0.8  # share of the run after which the refiner takes over
     refiner_switch_by_steps: bool = False  # A1111 < 1.8: count steps instead of comparing timesteps
@@ -62,6 +65,8 @@ class GenerationRequest:
     def __post_init__(self) -> None:  # lists from JSON job requests become tuples
         object.__setattr__(self, "loras", tuple((str(f), float(w)) for f, w in self.loras))
         object.__setattr__(self, "lora_dirs", tuple(str(d) for d in self.lora_dirs))
+        object.__setattr__(self, "embedding_dirs", tuple(str(d) for d in self.embedding_dirs))
+        object.__setattr__(self, "embeddings", tuple((str(n), str(f)) for n, f in self.embeddings))
 
     def validate(self, latent_factor: int = 8) -> None:
         """Raise ValueError naming the first bad field."""
@@ -84,12 +89,18 @@ class GenerationRequest:
         resolve_sampler(self.sampler, self.scheduler)
 
 
+class StopSampling(Exception):
+    """Raised by a progress callback to end sampling early: `generate` then decodes the last denoised
+    latents, as A1111 does for an interrupted image."""
+
+
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]
     request: GenerationRequest  # with the seed, sampler and schedule resolved
     latents: Tensor  # the final scaled latents (B, C, H/f, W/f)
+    interrupted: bool = False  # stopped early by the callback: the images are the last denoised step
 
 
 def resolve_seed(seed: int) -> int:
@@ -144,7 +155,11 @@ def generate(
     merged = apply_loras(model, list(req.loras)) if req.loras else contextlib.nullcontext()
     with torch.inference_mode(), merged:
         noise = seed_noise(seeds, shape).to(device, dtype)
-        cond, uncond = encode_prompts(model, prompt, req.negative_prompt, req.steps, req.clip_skip)
+        folders = embedding_dirs(req.embedding_dirs)
+        embeddings = Embeddings.a1111(model, folders)
+        cond, uncond = encode_prompts(
+            model, prompt, req.negative_prompt, req.steps, req.clip_skip, embeddings
+        )
         sampler_name, schedule_name = resolve_sampler(req.sampler, req.scheduler)
         req = replace(req, sampler=sampler_name, scheduler=schedule_name or "normal")
         sigmas = sampling_sigmas(model, sampler_name, req.scheduler, req.steps)
@@ -161,18 +176,37 @@ def generate(
         guidance = Guidance(cond, uncond, req.cfg_scale, extra)
         handover = None
         if refiner is not None:
+            r_embeddings = Embeddings.a1111(refiner, folders)
             r_cond, r_uncond = encode_prompts(
-                refiner, req.prompt, req.negative_prompt, req.steps, req.clip_skip
+                refiner, req.prompt, req.negative_prompt, req.steps, req.clip_skip, r_embeddings
             )
+            embeddings.used.update((k, v) for k, v in r_embeddings.used.items() if k not in embeddings.used)
             handover = Handover(
                 refiner,
                 Guidance(r_cond, r_uncond, req.cfg_scale),
                 req.refiner_switch_at,
                 req.refiner_switch_by_steps,
             )
-        samples = sample(model, x, sigmas, guidance, sampler_name, seeds, init, keep, callback, handover)
+        used = tuple((e.name, str(e.path)) for e in embeddings.used.values())
+        req = replace(req, embeddings=used)
+        last: list[Tensor] = []
+
+        def progress(step: int, total: int, denoised: Tensor) -> None:
+            last[:] = [denoised]
+            if callback is not None:
+                callback(step, total, denoised)
+
+        try:
+            samples, interrupted = (
+                sample(model, x, sigmas, guidance, sampler_name, seeds, init, keep, progress, handover),
+                False,
+            )
+        except StopSampling:
+            if not last:
+                raise
+            samples, interrupted = last[0], True
         images = _overlay(decode(refiner or model, samples), req)
-    return GenerationResult(images, seeds, req, samples)
+    return GenerationResult(images, seeds, req, samples, interrupted)
 
 
 def sampling_sigmas(model: StableDiffusion, sampler: str, scheduler: str, steps: int) -> Tensor:

@@ -316,8 +316,9 @@ def test_startup_routes_answer_in_a1111_shape(client: httpx.Client) -> None:
         assert r.status_code == 200 and r.json() is None, name
 
 
-def test_interrupted_job_returns_finished_batches(client: httpx.Client) -> None:
-    """Interrupted in its second batch, a job returns the first batch's images with their infotexts."""
+def test_interrupted_job_returns_finished_and_interrupted_batches(client: httpx.Client) -> None:
+    """Interrupted in its second batch, a job returns the first batch's images and the second batch as
+    far as it got (A1111), each with its infotext, and makes no third batch."""
     responses: list[httpx.Response] = []
     body = BASE | {"steps": 60, "n_iter": 3, "batch_size": 2, "sampler_name": "Euler"}
     worker = threading.Thread(target=lambda: responses.append(client.post("/sdapi/v1/txt2img", json=body)))
@@ -332,7 +333,7 @@ def test_interrupted_job_returns_finished_batches(client: httpx.Client) -> None:
     worker.join(60)
     out = responses[0].json()
     info = json.loads(out["info"])
-    assert len(out["images"]) == 2 and len(info["infotexts"]) == 2
+    assert len(out["images"]) == 4 and len(info["infotexts"]) == 4
     assert [unb64(i).info["parameters"] for i in out["images"]] == info["infotexts"]
 
 

@@ -323,7 +323,13 @@ def test_a1111_progress_preview_and_interrupt(client: httpx.Client) -> None:
     assert job["state"] == "running" and job["progress"]["total"] == 1000 and job["kind"] == "a1111"
     client.post("/sdapi/v1/interrupt")
     worker.join(30)
-    assert responses[0].status_code == 200 and responses[0].json()["images"] == []  # stopped in batch 1
+    # A1111 keeps the interrupted image as far as it got (the last denoised step), with its infotext,
+    # and makes no further batches
+    out = responses[0].json()
+    assert responses[0].status_code == 200 and len(out["images"]) == 1
+    image = unb64(out["images"][0])
+    assert image.size == (64, 64) and "Steps: 1000" in image.info["parameters"]
+    assert json.loads(out["info"])["infotexts"] == [image.info["parameters"]]
     assert client.get("/sdapi/v1/progress").json()["state"]["job"] == ""
 
 

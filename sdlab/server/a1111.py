@@ -394,17 +394,16 @@ def routes(server: Server) -> APIRouter:
 
     @api.get("/embeddings")
     def embeddings() -> dict[str, Any]:
-        skipped = {  # listed, not applied: prompts do not expand textual-inversion embeddings yet
-            stem(name): {
-                "step": None,
-                "sd_checkpoint": None,
-                "sd_checkpoint_name": None,
-                "shape": 0,
-                "vectors": 0,
-            }
-            for name in server.library.embeddings()
-        }
-        return {"loaded": {}, "skipped": skipped}
+        """Embeddings of the models folder that fit the current checkpoint ("loaded"), and the others."""
+        from sdlab.embeddings import a1111_listing, checkpoint_slots
+
+        name = server.options["sd_model_checkpoint"]
+        path = server.library.checkpoints().get(name) if name else None
+        slots = checkpoint_slots(path) if path is not None else None
+        files: dict[str, Path] = {}
+        for path in server.library.embeddings().values():
+            files.setdefault(path.stem, path)  # A1111 names an embedding by its file stem
+        return a1111_listing(files, slots)
 
     @api.get("/samplers")
     def samplers() -> list[dict[str, Any]]:
@@ -652,6 +651,8 @@ def run(server: Server, job: Job, live: Live) -> Outcome:
                 infotexts.append(request_infotext(result.request, seed, model, refiner))
                 path = save_png(image, next_output_path(folder, seed), infotexts[-1])
                 saved.append({"filename": path.name, "subfolder": folder.name, "type": kind})
+            if result.interrupted:  # A1111 keeps the interrupted batch as far as it got, then stops
+                break
     except Interrupted:
         pass
     except ValueError as e:  # a request the model cannot make, e.g. a size not a multiple of its VAE's

@@ -25,6 +25,7 @@ from typing import Any
 from torch import Tensor
 
 from sdlab.families import LatentFormat
+from sdlab.pipeline import StopSampling
 
 PENDING, RUNNING, DONE, FAILED, CANCELLED = "pending", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
@@ -189,8 +190,9 @@ def _job(row: sqlite3.Row) -> Job:
 # the worker
 
 
-class Interrupted(Exception):
-    """The running job was interrupted or cancelled by a client."""
+class Interrupted(StopSampling):
+    """The running job was interrupted or cancelled by a client (sampling stops; A1111 keeps the image
+    as far as it got)."""
 
 
 class Skipped(Exception):
