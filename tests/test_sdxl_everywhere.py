@@ -221,7 +221,7 @@ def test_a1111_progress_previews_a_running_sdxl_job(client: httpx.Client) -> Non
     worker.join(60)
     assert progress["current_image"] is not None and progress["state"]["sampling_steps"] == 1000
     assert unb64(progress["current_image"]).size == (24, 16)  # the latent's size (tiny VAE: /2)
-    assert responses[0].status_code == 200 and responses[0].json()["images"] == []
+    assert responses[0].status_code == 200 and len(responses[0].json()["images"]) == 1  # as far as it got
 
 
 # ---------------------------------------------------------------------------------------------

@@ -211,9 +211,10 @@ def test_progress_shows_a_live_preview_and_interrupt_stops(page: tuple[Any, Traf
     expect(page.locator("#progress-text")).to_contain_text("Step ")
     shoot(page, "progress")
     page.get_by_role("button", name="Interrupt").click()
-    expect(page.locator("#progress-text")).to_contain_text("Interrupted")
+    expect(page.locator("#progress-text")).to_contain_text("Interrupted: 1 image as far as it got")
     expect(page.get_by_role("button", name="Generate")).to_be_enabled()
-    expect(page.locator("#gallery .card")).to_have_count(0)
+    expect(page.locator("#gallery .card")).to_have_count(1)  # A1111 keeps the image as far as it got
+    expect(page.locator("#gallery .card pre")).to_contain_text("Steps: 100")
 
 
 def test_img2img_with_a_painted_mask(page: tuple[Any, Traffic], shoot: Shoot, tmp_path: Path) -> None:

@@ -227,11 +227,14 @@ function setBusy(busy) {
   $("preview").hidden = true;
 }
 
+let currentRun = null; // the generation in progress, marked when the user interrupts it
+
 async function generate(e) {
   e.preventDefault();
   showError(null);
   const [mode, body] = generationBody();
-  const run = { active: true };
+  const run = { active: true, interrupted: false };
+  currentRun = run;
   const started = performance.now();
   setBusy(true);
   $("progress").value = 0;
@@ -243,8 +246,11 @@ async function generate(e) {
     result.images.forEach((image, i) => addToGallery(image, info.infotexts[i], info.all_seeds[i]));
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
     const n = result.images.length;
-    const made = n ? `${n} image${n > 1 ? "s" : ""}` : "Interrupted: no images";
-    $("progress-text").textContent = `${made} in ${seconds} s.`;
+    const made = `${n} image${n === 1 ? "" : "s"}`;
+    // A1111 returns an interrupted image as far as it got
+    const sofar = `${made} as far as ${n === 1 ? "it" : "they"} got`;
+    const prefix = run.interrupted ? `Interrupted: ${n ? sofar : "no images"}` : made;
+    $("progress-text").textContent = `${prefix} in ${seconds} s.`;
     $("progress").value = 1;
   } catch (error) {
     showError(error);
@@ -297,7 +303,10 @@ function setupGenerate() {
   form.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) form.requestSubmit();
   });
-  $("interrupt").addEventListener("click", () => postJSON("/sdapi/v1/interrupt").catch(showError));
+  $("interrupt").addEventListener("click", () => {
+    if (currentRun) currentRun.interrupted = true;
+    postJSON("/sdapi/v1/interrupt").catch(showError);
+  });
   $("seed-random").addEventListener("click", () => ($("seed").value = -1));
 }
 
