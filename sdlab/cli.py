@@ -69,6 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         mask=mask,
         loras=tuple(_lora_arg(a) for a in args.lora),
         lora_dirs=tuple(args.lora_dir),
+        embedding_dirs=tuple(args.embeddings_dir),
         refiner=refiner.name if refiner else None,
         refiner_switch_at=args.refiner_switch,
         refiner_switch_by_steps=args.refiner_switch_by_steps,
@@ -149,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="folder for <lora:NAME:W> prompt tags (repeatable; then $SDLAB_MODELS_DIR/Lora, models/Lora)",
+    )
+    p.add_argument(
+        "--embeddings-dir",
+        action="append",
+        default=[],
+        help="folder of textual-inversion embeddings named in prompts by file stem (repeatable; then "
+        "$SDLAB_MODELS_DIR/embeddings, ./embeddings)",
     )
     p.add_argument("--refiner", help="a second model (SDXL refiner) that finishes the sampling")
     p.add_argument(

@@ -24,6 +24,7 @@ from sdlab.text.schedule import prompt_schedule, split_and
 
 if TYPE_CHECKING:
     from sdlab.checkpoints.load import StableDiffusion
+    from sdlab.embeddings import Embeddings
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,17 @@ class Conditioning:
         return replace(self, context=torch.zeros_like(self.context), pooled=pooled)
 
 
-def encode_text(model: StableDiffusion, texts: str | Sequence[str], layer: int | None = None) -> Conditioning:
+def encode_text(
+    model: StableDiffusion,
+    texts: str | Sequence[str],
+    layer: int | None = None,
+    embeddings: Embeddings | None = None,
+) -> Conditioning:
     """One prompt's conditioning, k = its own chunk count (ComfyUI's CLIPTextEncode). `texts`: one prompt
     for all encoders, or one per encoder (SDXL's text_l / text_g); `layer` from the end, default the
-    family's."""
-    chunks = _chunks(model, texts)
+    family's; `embeddings`: the textual-inversion embeddings the prompts may name (ComfyUI:
+    `Embeddings.comfy`, `embedding:NAME`)."""
+    chunks = _chunks(model, texts, embeddings)
     return _encode(model, chunks, max(len(c) for c in chunks), layer or model.text_layer())
 
 
@@ -99,18 +106,24 @@ class Prompt:
 
 
 def encode_prompts(
-    model: StableDiffusion, prompt: str, negative: str, steps: int, clip_skip: int = 1
+    model: StableDiffusion,
+    prompt: str,
+    negative: str,
+    steps: int,
+    clip_skip: int = 1,
+    embeddings: Embeddings | None = None,
 ) -> tuple[Prompt, Prompt]:
     """(prompt, negative) as AUTOMATIC1111 conditions on them over `steps` steps: `AND` parts (the
     negative has none), prompt editing and alternation (`sdlab.text.schedule`), every distinct text
     encoded once, all padded with empty chunks to one length; a negative prompt that is empty at every
     step is zeroed for families where A1111 does so (SDXL: `force_zero_negative_prompt`). `clip_skip`
     counts from the family's own layer on every encoder (for SDXL, where A1111 ignores its option by
-    default, this is diffusers' `clip_skip` + 1)."""
+    default, this is diffusers' `clip_skip` + 1). `embeddings`: the textual-inversion embeddings both
+    prompts may name (`Embeddings.a1111`: file stems)."""
     positive = [(prompt_schedule(text, steps), w) for text, w in split_and(prompt)]
     negative_schedule = prompt_schedule(negative, steps)
     texts = {t for sched, _ in positive for _, t in sched} | {t for _, t in negative_schedule}
-    chunks = {t: _chunks(model, t) for t in texts}
+    chunks = {t: _chunks(model, t, embeddings) for t in texts}
     count = max(len(c) for per in chunks.values() for c in per)
     layer = model.text_layer(clip_skip)
     encoded = {t: _encode(model, c, count, layer) for t, c in chunks.items()}
@@ -127,20 +140,30 @@ def encode_prompts(
 
 
 def encode_prompt_pair(
-    model: StableDiffusion, prompt: str, negative: str, clip_skip: int = 1
+    model: StableDiffusion,
+    prompt: str,
+    negative: str,
+    clip_skip: int = 1,
+    embeddings: Embeddings | None = None,
 ) -> tuple[Conditioning, Conditioning]:
     """(cond, uncond) of a prompt without `AND`, editing or alternation (`encode_prompts` at one step)."""
-    cond, uncond = encode_prompts(model, prompt, negative, 1, clip_skip)
+    cond, uncond = encode_prompts(model, prompt, negative, 1, clip_skip, embeddings)
     return cond.single(), uncond.single()
 
 
-def _chunks(model: StableDiffusion, texts: str | Sequence[str]) -> list[list[Chunk]]:
-    """Each encoder's 77-token chunks of its prompt (encoders differ in their padding token)."""
+def _chunks(
+    model: StableDiffusion, texts: str | Sequence[str], embeddings: Embeddings | None = None
+) -> list[list[Chunk]]:
+    """Each encoder's 77-token chunks of its prompt (encoders differ in their padding token and in the
+    vectors of an embedding)."""
     configs = model.config.text
     per_encoder = [texts] * len(configs) if isinstance(texts, str) else list(texts)
     if len(per_encoder) != len(configs):
         raise ValueError(f"{len(per_encoder)} prompts for {len(configs)} text encoders")
-    return [chunk_prompt(model.tokenizer, t, c.pad_token) for t, c in zip(per_encoder, configs, strict=True)]
+    return [
+        chunk_prompt(model.tokenizer, t, c.pad_token, None if embeddings is None else embeddings.encoder(i))
+        for i, (t, c) in enumerate(zip(per_encoder, configs, strict=True))
+    ]
 
 
 def _encode(model: StableDiffusion, chunks: list[list[Chunk]], count: int, layer: int) -> Conditioning:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from sdlab.diffusion.samplers import display_name
 from sdlab.diffusion.schedule import schedule_display_name
+from sdlab.embeddings import embedding_hash
 from sdlab.networks import lora_hash
 
 if TYPE_CHECKING:
@@ -124,6 +125,9 @@ def request_infotext(
     if req.loras:  # A1111's extra network hashes: "name: short hash, ..."
         hashes = (f"{Path(f).stem.replace(':', '').replace(',', '')}: {lora_hash(f)}" for f, _ in req.loras)
         extra["Lora hashes"] = ", ".join(hashes)
+    if req.embeddings:  # A1111's `TI hashes`: "name: first 12 hex digits of the file's SHA-256, ..."
+        ti = (f"{n.replace(':', '').replace(',', '')}: {embedding_hash(f)}" for n, f in req.embeddings)
+        extra["TI hashes"] = ", ".join(ti)
     return format_infotext(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,

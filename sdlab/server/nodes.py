@@ -29,6 +29,7 @@ from sdlab.conditioning import Conditioning, encode_text
 from sdlab.diffusion import denoiser
 from sdlab.diffusion.samplers import SAMPLERS
 from sdlab.diffusion.schedule import SCHEDULES
+from sdlab.embeddings import Embeddings, embedding_dirs
 from sdlab.images import prepare_mask, save_png, to_pil, to_tensor
 from sdlab.lora import apply_loras, read_lora, split_lora
 from sdlab.models.vae import AutoencoderKL
@@ -41,7 +42,7 @@ from sdlab.pipeline import (
     seed_noise,
 )
 from sdlab.server.jobs import Live
-from sdlab.server.library import Library, ModelCache
+from sdlab.server.library import EMBEDDING_DIR, Library, ModelCache
 from sdlab.server.paths import Folders, PathError, confined, image_files, relative_parts, split_name
 
 MAX_RESOLUTION = 16384
@@ -182,7 +183,7 @@ def clip_set_last_layer(env: Env, clip: Clip, stop_at_clip_layer: int) -> tuple[
 
 def clip_text_encode(env: Env, text: str, clip: Clip) -> tuple[Conditioning]:
     """A prompt's conditioning, A1111 prompt syntax included; SDXL sizes follow the sampled latent."""
-    return (_encode(clip, text),)
+    return (_encode(env, clip, text),)
 
 
 def clip_text_encode_sdxl(
@@ -199,7 +200,7 @@ def clip_text_encode_sdxl(
 ) -> tuple[Conditioning]:
     """SDXL base conditioning with its own prompt per encoder and explicit size conditioning."""
     _need_vector(clip, "target_size", "CLIPTextEncodeSDXL")
-    cond = _encode(clip, [text_l, text_g])
+    cond = _encode(env, clip, [text_l, text_g])
     return (
         replace(
             cond,
@@ -215,12 +216,15 @@ def clip_text_encode_sdxl_refiner(
 ) -> tuple[Conditioning]:
     """SDXL refiner conditioning with an aesthetic score and the original size."""
     _need_vector(clip, "aesthetic_score", "CLIPTextEncodeSDXLRefiner")
-    return (replace(_encode(clip, text), original_size=(height, width), aesthetic_score=ascore),)
+    return (replace(_encode(env, clip, text), original_size=(height, width), aesthetic_score=ascore),)
 
 
-def _encode(clip: Clip, text: str | list[str]) -> Conditioning:
+def _encode(env: Env, clip: Clip, text: str | list[str]) -> Conditioning:
+    """Encode with ComfyUI's `embedding:NAME` textual inversions from the models folder's embeddings/."""
+    own = [] if env.library.root is None else [env.library.root / EMBEDDING_DIR]
+    embeddings = Embeddings.comfy(clip.model, text, embedding_dirs(own))
     with _merged(clip.model, clip.loras):
-        return encode_text(clip.model, text, clip.layer)
+        return encode_text(clip.model, text, clip.layer, embeddings)
 
 
 def _need_vector(clip: Clip, field: str, node: str) -> None:

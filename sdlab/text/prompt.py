@@ -4,12 +4,17 @@
 literal bracket, `BREAK` starts a new 75-token chunk. Long prompts become several 77-token chunks
 encoded separately and concatenated, so the context has 77·k tokens. A prompt without any syntax and
 at most 75 tokens gives exactly the embedding of plain `tokenizer -> text encoder` (diffusers).
+Textual-inversion embeddings (`sdlab.embeddings`) found in the token stream become placeholder positions
+whose token embeddings are replaced by their vectors, never split across chunks (A1111).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -68,48 +73,87 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     return [(t, w) for t, w in merged]
 
 
+@dataclass(frozen=True, eq=False)
+class Vectors:
+    """A textual-inversion embedding's vectors (n, width) for one text encoder (compared by identity)."""
+
+    name: str
+    tensor: Tensor
+
+
+class EmbeddingFinder(Protocol):
+    """Finds an embedding's name in a fragment's tokens (A1111's `find_embedding_at_position`)."""
+
+    def find(self, tokens: Sequence[int], position: int) -> tuple[Vectors, int] | None:
+        """(vectors, number of prompt tokens the name spans) of the embedding named at `position`."""
+        ...
+
+
+PLACEHOLDER = 0  # the id of an embedding's positions (A1111's); its token embedding is replaced
+
+
 @dataclass(frozen=True)
 class Chunk:
-    """77 token ids (BOS, 75 tokens, EOS, padding) and one attention weight per id."""
+    """77 token ids (BOS, 75 tokens, EOS, padding), one attention weight per id, and the embeddings whose
+    vectors replace the token embeddings from a position on: ((position, vectors), ...)."""
 
     ids: tuple[int, ...]
     weights: tuple[float, ...]
+    fixes: tuple[tuple[int, Vectors], ...] = ()
 
 
-def chunk_prompt(tokenizer: CLIPTokenizer, text: str, pad_token: int) -> list[Chunk]:
-    """Tokenize a prompt with weights into 77-token chunks as AUTOMATIC1111 does."""
+def chunk_prompt(
+    tokenizer: CLIPTokenizer, text: str, pad_token: int, embeddings: EmbeddingFinder | None = None
+) -> list[Chunk]:
+    """Tokenize a prompt with weights into 77-token chunks as AUTOMATIC1111 does (`tokenize_line`);
+    `embeddings`: the textual-inversion embeddings its words may name."""
     chunks: list[Chunk] = []
     ids: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, Vectors]] = []  # positions in `ids`
     last_comma = -1
     comma = tokenizer.token_to_id(",</w>")
 
     def close(keep_from: int | None = None) -> None:
-        nonlocal ids, weights, last_comma
-        head_ids, head_w = ids[:keep_from], weights[:keep_from]
-        tail_ids, tail_w = (ids[keep_from:], weights[keep_from:]) if keep_from is not None else ([], [])
+        nonlocal ids, weights, fixes, last_comma
+        cut = len(ids) if keep_from is None else keep_from
+        head_ids, head_w = ids[:cut], weights[:cut]
         n = CHUNK - len(head_ids)
-        pad = [
-            tokenizer.eos,
-            *[pad_token] * n,
-        ]  # A1111 pads with EOS, then ids after the first EOS become pad
+        pad = [tokenizer.eos, *[pad_token] * n]  # A1111 pads with EOS, then ids after the first EOS are pad
         body = [tokenizer.bos, *head_ids, *pad]
-        chunks.append(Chunk(tuple(body), (1.0, *head_w, *[1.0] * (n + 1))))
-        ids, weights, last_comma = tail_ids, tail_w, -1
+        head_fixes = tuple((p + 1, v) for p, v in fixes if p < cut)  # +1: BOS
+        chunks.append(Chunk(tuple(body), (1.0, *head_w, *[1.0] * (n + 1)), head_fixes))
+        fixes = [(p - cut, v) for p, v in fixes if p >= cut]  # an embedding never spans a comma
+        ids, weights, last_comma = ids[cut:], weights[cut:], -1
 
     for fragment, weight in parse_attention(text):
         if weight == -1.0:
             close()
             continue
-        for tok in tokenizer.tokenize(fragment):
+        tokens = tokenizer.tokenize(fragment)
+        position = 0
+        while position < len(tokens):
+            tok = tokens[position]
             if tok == comma:
                 last_comma = len(ids)
             elif len(ids) == CHUNK and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
                 close(last_comma + 1)
             if len(ids) == CHUNK:
                 close()
-            ids.append(tok)
-            weights.append(weight)
+            found = embeddings.find(tokens, position) if embeddings is not None else None
+            if found is None:
+                ids.append(tok)
+                weights.append(weight)
+                position += 1
+                continue
+            vectors, length = found
+            n = vectors.tensor.shape[0]
+            if len(ids) + n > CHUNK:  # the whole embedding moves to the next chunk
+                close()
+            fixes.append((len(ids), vectors))
+            ids += [PLACEHOLDER] * n
+            weights += [weight] * n
+            position += length
     if ids or not chunks:
         close()
     return chunks
@@ -130,10 +174,34 @@ def encode_chunks(
     """
     device = next(encoder.parameters()).device
     ids = torch.tensor([c.ids for c in chunks], device=device)
-    z, pooled = encoder.encode(ids, layer, final_norm)
+    with _embedding_fixes(encoder, chunks):
+        z, pooled = encoder.encode(ids, layer, final_norm)
     weights = torch.tensor([c.weights for c in chunks], dtype=z.dtype, device=device)
     if bool((weights != 1.0).any()):
         mean = z.mean(dim=(1, 2), keepdim=True)
         z = z * weights[..., None]
         z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
     return z.reshape(1, -1, z.shape[-1]), pooled[:1]
+
+
+@contextmanager
+def _embedding_fixes(encoder: CLIPTextModel, chunks: list[Chunk]) -> Iterator[None]:
+    """While encoding `chunks`, their embeddings' vectors replace the token embeddings at their positions
+    (A1111's `EmbeddingsWithFixes`)."""
+    if not any(c.fixes for c in chunks):
+        yield
+        return
+
+    def fix(module: torch.nn.Module, args: tuple, out: Tensor) -> Tensor:
+        out = out.clone()
+        for row, chunk in enumerate(chunks):
+            for position, vectors in chunk.fixes:
+                vec = vectors.tensor.to(out)
+                out[row, position : position + vec.shape[0]] = vec
+        return out
+
+    handle = encoder.text_model.embeddings.token_embedding.register_forward_hook(fix)
+    try:
+        yield
+    finally:
+        handle.remove()
