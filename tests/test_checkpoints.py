@@ -252,3 +252,25 @@ def test_same_checkpoint_same_bytes(tmp_path: Path) -> None:
     back = read_state_dict(tmp_path / "a.safetensors")
     ours = to_single_file(ckpt, ckpt.detect())
     assert back.keys() == ours.keys() and all(torch.equal(back[k], v) for k, v in ours.items())
+
+
+@pytest.mark.parametrize(
+    ("key", "what"),
+    [
+        ("edm_mean", "EDM latent format"),
+        ("edm_vpred.sigma_max", "EDM v-prediction"),
+        ("ztsnr", "zero-terminal-SNR"),
+    ],
+)
+def test_models_sdlab_would_sample_wrongly_are_refused(key: str, what: str) -> None:
+    from sdlab.checkpoints.detect import detect_model
+
+    sd = _meta_single_file(SDXL)
+    sd[key] = torch.zeros(4)
+    parts = keymaps.split_single_file(sd)
+    text = [
+        keymaps.text_openclip_to_openai(t) if lay == "openclip" else t
+        for lay, t in zip(parts.text_layouts, parts.text)
+    ]
+    with pytest.raises(CheckpointError, match=f"does not support .*{what}"):
+        detect_model(parts.unet, parts.vae, list(zip(parts.text_layouts, text)), parts.extras, "meta")

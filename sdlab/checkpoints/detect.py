@@ -130,6 +130,17 @@ def detect_text(sd: StateDict, layout: str, what: str = "text encoder") -> TextC
     )
 
 
+# Keys outside the networks that mark a model sdlab would sample wrongly (ComfyUI's model_detection reads
+# the same markers): refused with the reason rather than drawn with the wrong maths.
+UNSUPPORTED_MARKERS = {
+    "edm_mean": "Playground v2.5-style EDM latent format (edm_mean/edm_std)",
+    "edm_std": "Playground v2.5-style EDM latent format (edm_mean/edm_std)",
+    "edm_vpred.sigma_max": "EDM v-prediction (CosXL-style edm_vpred.sigma_max)",
+    "edm_vpred.sigma_min": "EDM v-prediction (CosXL-style edm_vpred.sigma_min)",
+    "ztsnr": "a zero-terminal-SNR schedule (ztsnr key)",
+}
+
+
 def guess_prediction(
     unet_sd: StateDict, cfg: UNetConfig, found: list[Family], full_sd: StateDict
 ) -> Prediction:
@@ -164,6 +175,9 @@ def detect_model(
         raise CheckpointError(
             f"{what}: no text encoder weights found (keys cond_stage_model.* / conditioner.*)"
         )
+    marked = sorted(UNSUPPORTED_MARKERS[k] for k in full_sd.keys() & UNSUPPORTED_MARKERS.keys())
+    if marked:
+        raise CheckpointError(f"{what}: sdlab does not support {marked[0]} yet")
     unet = detect_unet(unet_sd, f"{what} (U-Net)")
     text = tuple(
         detect_text(sd, layout, f"{what} (text encoder {i})") for i, (layout, sd) in enumerate(text_sds)
