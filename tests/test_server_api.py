@@ -214,7 +214,7 @@ def test_a1111_lists_models_samplers_and_options(client: httpx.Client) -> None:
         {"model_name": "tiny-vae", "filename": "tiny-vae.safetensors"}
     ]
     assert client.get("/sdapi/v1/loras").json()[0]["name"] == "style"
-    assert "nice" in client.get("/sdapi/v1/embeddings").json()["skipped"]
+    assert "nice" in client.get("/sdapi/v1/embeddings").json()["loaded"]  # (1, 128) fits the tiny CLIP
     assert client.get("/embeddings").json() == ["nice"]
     options = client.get("/sdapi/v1/options").json()
     assert options["sd_model_checkpoint"].startswith(MODEL) and options["CLIP_stop_at_last_layers"] == 1

@@ -535,7 +535,8 @@ def _generation(server: Server, body: _Request) -> dict[str, Any]:
         "seed": resolve_seed(body.seed),
         "batch_size": body.batch_size,
         "clip_skip": _clip_skip(clip_skip),
-        "lora_dirs": [str(server.library.lora_folder())] if server.library.root is not None else [],
+        "lora_dirs": [str(p) for p in (server.library.lora_folder(),) if p is not None],
+        "embedding_dirs": [str(p) for p in (server.library.embedding_folder(),) if p is not None],
     }
 
 

@@ -66,6 +66,10 @@ class Library:
         """Where `<lora:NAME:W>` prompt tags are looked up."""
         return None if self.root is None else self.root / LORA_DIR
 
+    def embedding_folder(self) -> Path | None:
+        """Where embedding names in prompts are looked up."""
+        return None if self.root is None else self.root / EMBEDDING_DIR
+
     def embeddings(self) -> dict[str, Path]:
         """Embedding name -> file."""
         return self._files(EMBEDDING_DIR, EMBEDDING_SUFFIXES)

@@ -42,7 +42,7 @@ from sdlab.pipeline import (
     seed_noise,
 )
 from sdlab.server.jobs import Live
-from sdlab.server.library import EMBEDDING_DIR, Library, ModelCache
+from sdlab.server.library import Library, ModelCache
 from sdlab.server.paths import Folders, PathError, confined, image_files, relative_parts, split_name
 
 MAX_RESOLUTION = 16384
@@ -221,7 +221,7 @@ def clip_text_encode_sdxl_refiner(
 
 def _encode(env: Env, clip: Clip, text: str | list[str]) -> Conditioning:
     """Encode with ComfyUI's `embedding:NAME` textual inversions from the models folder's embeddings/."""
-    own = [] if env.library.root is None else [env.library.root / EMBEDDING_DIR]
+    own = [p for p in (env.library.embedding_folder(),) if p is not None]
     embeddings = Embeddings.comfy(clip.model, text, embedding_dirs(own))
     with _merged(clip.model, clip.loras):
         return encode_text(clip.model, text, clip.layer, embeddings)
