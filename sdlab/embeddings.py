@@ -13,7 +13,6 @@ one 75-token chunk and weights them like any token. Pickled files only ever go t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -27,7 +26,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from sdlab.checkpoints.io import SAFETENSORS_SUFFIXES, CheckpointError, read_state_dict
+from sdlab.checkpoints.io import SAFETENSORS_SUFFIXES, CheckpointError, file_sha256, read_state_dict
 from sdlab.text.prompt import CHUNK, Vectors
 
 if TYPE_CHECKING:
@@ -274,20 +273,9 @@ def find_embedding(name: str, folders: Sequence[Path]) -> Path:
     )
 
 
-@cache
-def _sha256(path: Path, size: int, mtime: float) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def embedding_hash(path: str | Path) -> str:
     """A1111's `TI hashes` short hash: the first 12 hex digits of the file's SHA-256."""
-    path = Path(path).resolve()
-    st = path.stat()
-    return _sha256(path, st.st_size, st.st_mtime)[:12]
+    return file_sha256(path)[:12]
 
 
 # ---------------------------------------------------------------------------------------------

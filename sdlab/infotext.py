@@ -7,12 +7,11 @@ Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, Size:
 
 from __future__ import annotations
 
-import hashlib
 import re
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sdlab.checkpoints.io import file_sha256
 from sdlab.diffusion.samplers import display_name
 from sdlab.diffusion.schedule import schedule_display_name
 from sdlab.embeddings import embedding_hash
@@ -87,22 +86,10 @@ def _quote(v: object) -> str:
     return '"' + s.replace('"', '\\"') + '"' if any(c in s for c in ',:"\n') else s
 
 
-@cache
-def _file_hash(path: Path, size: int, mtime: float) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()[:10]
-
-
 def model_hash(path: str | Path) -> str | None:
     """A1111's short model hash: the first 10 hex digits of the file's SHA-256 (None for folders)."""
     path = Path(path)
-    if not path.is_file():
-        return None
-    st = path.stat()
-    return _file_hash(path.resolve(), st.st_size, st.st_mtime)
+    return file_sha256(path)[:10] if path.is_file() else None
 
 
 def request_infotext(

@@ -9,12 +9,12 @@ that name the tag, never ignored.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Sequence
-from functools import cache
 from pathlib import Path
+
+from sdlab.checkpoints.io import file_sha256
 
 TAG = re.compile(r"<(\w+):([^>]+)>")
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
@@ -78,21 +78,7 @@ def find_lora(name: str, folders: Sequence[Path]) -> Path:
     )
 
 
-@cache
-def _hash(path: Path, size: int, mtime: float) -> str:
-    """A1111's LoRA hash: SHA-256 of a .safetensors file's tensor data (kohya's `addnet` hash, the
-    header skipped), else of the whole file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        if path.suffix.lower() == ".safetensors":
-            f.seek(8 + int.from_bytes(f.read(8), "little"))
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def lora_hash(path: str | Path) -> str:
-    """The 12-digit short hash A1111 writes in `Lora hashes`."""
-    path = Path(path).resolve()
-    st = path.stat()
-    return _hash(path, st.st_size, st.st_mtime)[:12]
+    """The 12-digit short hash A1111 writes in `Lora hashes`: SHA-256 of a .safetensors file's tensor
+    data (kohya's `addnet` hash, the header skipped), else of the whole file."""
+    return file_sha256(path, tensors_only=Path(path).suffix.lower() == ".safetensors")[:12]

@@ -7,10 +7,12 @@ containers. Nothing in a model file is ever executed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import tempfile
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -132,6 +134,25 @@ def _sort_header(path: Path) -> None:
         if len(text) <= size:  # the same JSON, reordered; never longer than serde_json's compact form
             f.seek(8)
             f.write(text.ljust(size, b" "))
+
+
+@cache
+def _sha256(path: Path, size: int, mtime: float, skip_header: bool) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        if skip_header:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path, tensors_only: bool = False) -> str:
+    """SHA-256 hex digest of a file (cached per path, size and mtime); `tensors_only`: of a .safetensors
+    file's data after its JSON header (kohya's `addnet` hash, which A1111 uses for LoRAs)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _sha256(path, st.st_size, st.st_mtime, tensors_only)
 
 
 def write_json(obj: object, path: str | Path) -> Path:
