@@ -140,7 +140,8 @@ def generate(
     refiner: StableDiffusion | None = None,
 ) -> GenerationResult:
     """Run one request end to end and return the images with their seeds. `refiner`: the loaded model
-    `req.refiner` names, which takes over the sampling at `req.refiner_switch_at` (A1111's refiner)."""
+    `req.refiner` names, which takes over the sampling at `req.refiner_switch_at` (A1111's refiner).
+    The returned request has the seed, sampler, schedule, LoRA files and embeddings resolved."""
     factor = model.config.vae.downscale
     req.validate(factor)
     if (req.refiner is None) != (refiner is None):
@@ -149,19 +150,15 @@ def generate(
     no_tags(req.negative_prompt, "negative prompt")
     found = [(str(find_lora(name, lora_dirs(req.lora_dirs))), weight) for name, weight in tagged]
     req = replace(req, seed=resolve_seed(req.seed), loras=(*req.loras, *found))
+    sampler_name, schedule_name = resolve_sampler(req.sampler, req.scheduler)
+    req = replace(req, sampler=sampler_name, scheduler=schedule_name or "normal")
     seeds = [req.seed + i for i in range(req.batch_size)]
-    device, dtype = _device(model), _dtype(model)
     shape = (model.config.unet.out_channels, req.height // factor, req.width // factor)
     merged = apply_loras(model, list(req.loras)) if req.loras else contextlib.nullcontext()
     with torch.inference_mode(), merged:
-        noise = seed_noise(seeds, shape).to(device, dtype)
-        folders = embedding_dirs(req.embedding_dirs)
-        embeddings = Embeddings.a1111(model, folders)
-        cond, uncond = encode_prompts(
-            model, prompt, req.negative_prompt, req.steps, req.clip_skip, embeddings
-        )
-        sampler_name, schedule_name = resolve_sampler(req.sampler, req.scheduler)
-        req = replace(req, sampler=sampler_name, scheduler=schedule_name or "normal")
+        noise = seed_noise(seeds, shape).to(_device(model), _dtype(model))
+        embeddings = Embeddings.a1111(model, embedding_dirs(req.embedding_dirs))
+        guidance = _guidance(model, prompt, req, embeddings)
         sigmas = sampling_sigmas(model, sampler_name, req.scheduler, req.steps)
         init, keep, extra = None, None, {}
         if req.init_image is None and model.family.inpaint:
@@ -171,42 +168,56 @@ def generate(
             init, keep, extra = _image_conditioning(model, req, req.batch_size)
             t_enc = int(min(req.strength, 0.999) * req.steps)
             sigmas = sigmas[req.steps - t_enc - 1 :]
-        start = sigmas[:1].expand(len(seeds))
-        x = add_noise(torch.zeros_like(noise) if init is None else init, noise, start)
-        guidance = Guidance(cond, uncond, req.cfg_scale, extra)
+        guidance.extra = extra
         handover = None
         if refiner is not None:
-            r_embeddings = Embeddings.a1111(refiner, folders)
-            r_cond, r_uncond = encode_prompts(
-                refiner, req.prompt, req.negative_prompt, req.steps, req.clip_skip, r_embeddings
-            )
-            embeddings.used.update((k, v) for k, v in r_embeddings.used.items() if k not in embeddings.used)
-            handover = Handover(
-                refiner,
-                Guidance(r_cond, r_uncond, req.cfg_scale),
-                req.refiner_switch_at,
-                req.refiner_switch_by_steps,
-            )
-        used = tuple((e.name, str(e.path)) for e in embeddings.used.values())
-        req = replace(req, embeddings=used)
-        last: list[Tensor] = []
-
-        def progress(step: int, total: int, denoised: Tensor) -> None:
-            last[:] = [denoised]
-            if callback is not None:
-                callback(step, total, denoised)
-
-        try:
-            samples, interrupted = (
-                sample(model, x, sigmas, guidance, sampler_name, seeds, init, keep, progress, handover),
-                False,
-            )
-        except StopSampling:
-            if not last:
-                raise
-            samples, interrupted = last[0], True
+            refined = Embeddings.a1111(refiner, embedding_dirs(req.embedding_dirs))
+            r_guidance = _guidance(refiner, prompt, req, refined)
+            handover = Handover(refiner, r_guidance, req.refiner_switch_at, req.refiner_switch_by_steps)
+            embeddings.used |= {k: v for k, v in refined.used.items() if k not in embeddings.used}
+        req = replace(req, embeddings=tuple((e.name, str(e.path)) for e in embeddings.used.values()))
+        x = add_noise(torch.zeros_like(noise) if init is None else init, noise, sigmas[:1].expand(len(seeds)))
+        samples, interrupted = _sample_until_stopped(
+            model, x, sigmas, guidance, sampler_name, seeds, init, keep, callback, handover
+        )
         images = _overlay(decode(refiner or model, samples), req)
     return GenerationResult(images, seeds, req, samples, interrupted)
+
+
+def _guidance(
+    model: StableDiffusion, prompt: str, req: GenerationRequest, embeddings: Embeddings
+) -> Guidance:
+    """The request's A1111 prompts (without their `<lora:>` tags) encoded by `model`."""
+    cond, uncond = encode_prompts(model, prompt, req.negative_prompt, req.steps, req.clip_skip, embeddings)
+    return Guidance(cond, uncond, req.cfg_scale)
+
+
+def _sample_until_stopped(
+    model: StableDiffusion,
+    x: Tensor,
+    sigmas: Tensor,
+    guidance: Guidance,
+    sampler: str,
+    seeds: list[int],
+    init: Tensor | None,
+    keep: Tensor | None,
+    callback: Callback | None,
+    handover: Handover | None,
+) -> tuple[Tensor, bool]:
+    """`sample`, and (the last denoised latents, True) when the callback stops it (A1111's interrupt)."""
+    last: list[Tensor] = []
+
+    def progress(step: int, total: int, denoised: Tensor) -> None:
+        last[:] = [denoised]
+        if callback is not None:
+            callback(step, total, denoised)
+
+    try:
+        return sample(model, x, sigmas, guidance, sampler, seeds, init, keep, progress, handover), False
+    except StopSampling:
+        if not last:
+            raise
+        return last[0], True
 
 
 def sampling_sigmas(model: StableDiffusion, sampler: str, scheduler: str, steps: int) -> Tensor:
