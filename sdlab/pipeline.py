@@ -8,6 +8,7 @@ The CLI, the HTTP APIs and the web UI only parse their input into a `GenerationR
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,7 +29,9 @@ from sdlab.lora import apply_loras
 from sdlab.networks import find_lora, lora_dirs, lora_tags, no_tags
 from sdlab.vae_tools import decode_pixels, encode_pixels
 
-Callback = Callable[[int, int, Tensor], None]  # (step, total, current denoised latent)
+Callback = Callable[[int, int, Tensor], None]
+MAX_PIXELS = 4096 * 4096  # width x height x batch of one request (a 4096² image, or 16 at 1024²)
+MAX_PROMPT_CHARS = 20_000  # ~5,000 tokens, ~70 chunks per encoder  # (step, total, current denoised latent)
 
 
 @dataclass(frozen=True)
@@ -68,12 +71,23 @@ class GenerationRequest:
         object.__setattr__(self, "embedding_dirs", tuple(str(d) for d in self.embedding_dirs))
         object.__setattr__(self, "embeddings", tuple((str(n), str(f)) for n, f in self.embeddings))
 
-    def validate(self, latent_factor: int = 8) -> None:
-        """Raise ValueError naming the first bad field."""
+    def validate(self, latent_factor: int = 8, max_pixels: int = MAX_PIXELS) -> None:
+        """Raise ValueError naming the first bad field; sizes are bounded before any work is done."""
         for name in ("width", "height"):
             v = getattr(self, name)
             if v <= 0 or v % latent_factor:
                 raise ValueError(f"{name} must be a positive multiple of {latent_factor}, got {v}")
+        if self.width * self.height * self.batch_size > max_pixels:
+            raise ValueError(
+                f"width x height x batch_size = {self.width}x{self.height}x{self.batch_size} exceeds the "
+                f"limit of {max_pixels:,} pixels per request"
+            )
+        for name in ("cfg_scale", "strength", "refiner_switch_at"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
+                raise ValueError(f"{name} is longer than {MAX_PROMPT_CHARS:,} characters")
         if not 1 <= self.steps <= 1000:
             raise ValueError(f"steps must be between 1 and 1000, got {self.steps}")
         if not 1 <= self.batch_size <= 64:

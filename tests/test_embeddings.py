@@ -284,7 +284,7 @@ def test_a1111_route_lists_fitting_embeddings(sd1, tmp_path: Path) -> None:
         models / "embeddings" / "xl.safetensors",
     )
     assert checkpoint_slots(models / "tiny.safetensors") == ((None, 128),)
-    with TestClient(create_app(Settings(folders(tmp_path, models)))) as client:
+    with TestClient(create_app(Settings(folders(tmp_path, models))), base_url="http://localhost") as client:
         client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny.safetensors"})
         listing = client.get("/sdapi/v1/embeddings").json()
     assert listing["loaded"] == {

@@ -205,15 +205,32 @@ class StableDiffusion:
     @property
     def native_size(self) -> int:
         """The image side the model was trained at (file metadata `sdlab.native_size`, else the family's)."""
-        return int(self.metadata.get("sdlab.native_size", self.family.native_size))
+        size = self._setting("sdlab.native_size", self.family.native_size, int, 8, 4096)
+        if size % 8:
+            raise CheckpointError(f"{self.source}: metadata sdlab.native_size={size} is not a multiple of 8")
+        return int(size)
 
     @property
     def default_steps(self) -> int:
-        return int(self.metadata.get("sdlab.steps", self.family.steps))
+        return int(self._setting("sdlab.steps", self.family.steps, int, 1, 1000))
 
     @property
     def default_cfg(self) -> float:
-        return float(self.metadata.get("sdlab.cfg", self.family.cfg))
+        return float(self._setting("sdlab.cfg", self.family.cfg, float, 0.0, 100.0))
+
+    def _setting(self, key: str, default: float, kind: type, lo: float, hi: float) -> float:
+        """A generation default from the file's metadata (input like any other: parsed and bounded)."""
+        if key not in self.metadata:
+            return default
+        try:
+            value = kind(self.metadata[key])
+        except (TypeError, ValueError):
+            raise CheckpointError(
+                f"{self.source}: metadata {key}={self.metadata[key]!r} is not a number"
+            ) from None
+        if not lo <= value <= hi:  # also refuses NaN
+            raise CheckpointError(f"{self.source}: metadata {key}={value} is outside [{lo}, {hi}]")
+        return value
 
     def text_layer(self, clip_skip: int = 1) -> int:
         """The text layer (from the end) that A1111's clip skip selects: 1 = the family's own layer."""

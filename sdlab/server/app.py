@@ -3,6 +3,13 @@
 The guard refuses cross-site requests (an `Origin` that is not the `Host`, so a web page elsewhere
 cannot drive a local server) and, when an API key is set, every request without it: HTTP bearer
 (`Authorization: Bearer KEY`) or basic auth with the key as password (any user name).
+
+Without an API key it also refuses (HTTP 403, or a refused WebSocket handshake) any `Host` that is not
+a loopback name (`localhost`, 127.0.0.0/8, `[::1]`, any port) or one of `Settings.allowed_hosts`: a
+page on another domain that resolves to 127.0.0.1 (DNS rebinding) sends its own name as `Host` and as
+`Origin`, which the Origin check alone lets through. A request without `Host` (only HTTP/1.0 may omit
+it; browsers, httpx and curl always send it) is refused too. With an API key the key authenticates
+and the Host check is not applied, as a server on a public address is reached under any name.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sdlab.server import a1111, comfy, vae_routes
+from sdlab.server.cli import host_name, is_loopback
 from sdlab.server.jobs import PENDING
 from sdlab.server.state import Server, Settings
 
@@ -47,7 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="sdlab", lifespan=lifespan)
     app.state.server = server
-    app.add_middleware(Guard, api_key=settings.api_key)
+    app.add_middleware(Guard, api_key=settings.api_key, allowed_hosts=settings.allowed_hosts)
     app.include_router(a1111.routes(server))
     comfy_routes = comfy.routes(server)
     app.include_router(comfy_routes)
@@ -93,14 +101,27 @@ def _job_status(server: Server, job_id: str) -> dict[str, Any]:
 
 
 class Guard:
-    """ASGI middleware refusing cross-site requests and, with an API key, unauthenticated ones."""
+    """ASGI middleware refusing cross-site requests, unauthenticated ones with an API key, and without
+    one, requests for a `Host` that is neither loopback nor allowed (DNS rebinding)."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, allowed_hosts: Iterable[str] = ()) -> None:
         self.app, self.api_key = app, api_key or None
+        self.allowed_hosts = frozenset(host_name(h) for h in allowed_hosts if h.strip())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
             headers = dict(scope["headers"])
+            host = headers.get(b"host")
+            if self.api_key is None and not self._host_allowed(host):
+                shown = "(none)" if host is None else host.decode("latin-1")
+                name = "NAME" if host is None else host_name(host.decode("latin-1")) or "NAME"
+                detail = (
+                    f"host {shown!r} is not allowed: without an API key only loopback names (localhost, "
+                    f"127.0.0.1, [::1]) are served; to allow it, run `sdlab serve --allowed-hosts {name}` "
+                    "(or set an API key)"
+                )
+                await _refuse(scope, receive, send, 403, detail)
+                return
             status = 403 if _cross_site(headers) else None
             if status is None and self.api_key is not None and not _authorized(headers, self.api_key):
                 status = 401
@@ -109,12 +130,19 @@ class Guard:
                 return
         await self.app(scope, receive, send)
 
+    def _host_allowed(self, host: bytes | None) -> bool:
+        if host is None:
+            return False
+        name = host_name(host.decode("latin-1"))
+        return is_loopback(name) or name in self.allowed_hosts
 
-async def _refuse(scope: Scope, receive: Receive, send: Send, status: int) -> None:
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, detail: str | None = None) -> None:
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008})
         return
-    detail = "cross-site request refused" if status == 403 else "an API key is required"
+    if detail is None:
+        detail = "cross-site request refused" if status == 403 else "an API key is required"
     headers = {"WWW-Authenticate": 'Basic realm="sdlab"'} if status == 401 else None
     await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, receive, send)
 

@@ -23,6 +23,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def host_name(host: str) -> str:
+    """The name in a `Host` header value, lower case, without port, IPv6 brackets or trailing dot.
+
+    A malformed value (junk after `]`, a port that is not digits) comes back whole, so it matches no name.
+    """
+    value = host.strip().lower()
+    if value.startswith("["):
+        name, bracket, port = value[1:].partition("]")
+        if not bracket or (port and not (port.startswith(":") and port[1:].isdigit() or port == ":")):
+            return value
+    elif value.count(":") == 1:  # name:port; more colons are a bare IPv6 address
+        name, _, port = value.partition(":")
+        if port and not port.isdigit():
+            return value
+    else:
+        name = value
+    return name.rstrip(".")
+
+
 def bind_problem(host: str, api_key: str | None) -> str | None:
     """Why the server must not start on host with this key, or None."""
     if is_loopback(host) or api_key:
@@ -31,6 +50,14 @@ def bind_problem(host: str, api_key: str | None) -> str | None:
         f"refusing to listen on {host} without an API key: anyone who can reach it could use the server; "
         f"pass --api-key KEY (or set {API_KEY_ENV}), or bind to 127.0.0.1"
     )
+
+
+def host_names(value: str) -> tuple[str, ...]:
+    """`--allowed-hosts`: comma-separated host names (a port, if given, is ignored)."""
+    names = tuple(host_name(v) for v in value.split(",") if v.strip())
+    if not names or not all(names):
+        raise argparse.ArgumentTypeError(f"expected NAME[,NAME...], got {value!r}")
+    return names
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -53,7 +80,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     folders = Folders(models, args.outputs_dir, args.input_dir, args.state_dir)
-    app = create_app(Settings(folders, api_key=args.api_key or None, max_queue=args.max_queue))
+    settings = Settings(
+        folders, api_key=args.api_key or None, max_queue=args.max_queue, allowed_hosts=args.allowed_hosts
+    )
+    app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0
 
@@ -64,7 +94,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "serve",
         help="run the HTTP server: AUTOMATIC1111 API (/sdapi/v1), ComfyUI API (/prompt, /ws), web page",
         description="Serve the AUTOMATIC1111 and ComfyUI APIs over one job queue. Binds to 127.0.0.1; "
-        "any other address needs an API key (HTTP bearer, or basic auth with the key as password).",
+        "any other address needs an API key (HTTP bearer, or basic auth with the key as password). "
+        "Without a key, only requests for a loopback Host (or one in --allowed-hosts) are served.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
@@ -88,6 +119,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
         help=f"require this key on every request (default: ${API_KEY_ENV})",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        type=host_names,
+        default=(),
+        metavar="NAME[,NAME...]",
+        help="host names served without an API key besides localhost, 127.0.0.0/8 and [::1] (the Host "
+        "header is checked against DNS rebinding; with an API key any name is served)",
     )
     p.add_argument("--max-queue", type=int, default=100, help="pending jobs before HTTP 429 (default: 100)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

@@ -8,6 +8,7 @@ A workflow maps node ids to `{"class_type", "inputs"}`; an input is a literal or
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,6 +181,11 @@ def _literal(name: str, value: Any, spec: tuple[Any, ...], env: Env) -> tuple[An
     except (TypeError, ValueError, OverflowError) as e:
         message = f"Failed to convert an input value to a {kind} value"
         return value, _error("invalid_input_type", message, f"{name}, {value}, {e}", input_name=name)
+    if kind == "FLOAT" and not math.isfinite(value):  # NaN passes every min/max comparison
+        message = f"Failed to convert an input value to a {kind} value"
+        return value, _error(
+            "invalid_input_type", message, f"{name}: a finite number, not {value}", input_name=name
+        )
     if "min" in options and value < options["min"]:
         message = f"Value {value} smaller than min of {options['min']}"
         return value, _error("value_smaller_than_min", message, name, input_name=name, received_value=value)

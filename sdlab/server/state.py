@@ -23,6 +23,8 @@ class Settings:
     folders: Folders
     api_key: str | None = None
     max_queue: int = 100  # pending jobs; more get HTTP 429
+    # Host names served without an API key besides the loopback ones (`sdlab serve --allowed-hosts`)
+    allowed_hosts: tuple[str, ...] = ()
 
 
 class Events:
