@@ -114,11 +114,6 @@ class Family:
             return max(1, text[0].layers - self.text_layer + 1)
         return self.clip_skip
 
-    @property
-    def pooled_index(self) -> int | None:
-        """Index of the text encoder whose pooled output the vector conditioning uses."""
-        return next((i for i, s in enumerate(self.text) if s.pooled), None)
-
 
 # ---------------------------------------------------------------------------------------------
 # the records

@@ -309,9 +309,6 @@ class Update:
         return w + strength * (full - w)
 
 
-LoRAWeights = Update  # the name this representation had when it held kohya LoRA only
-
-
 def _mm(a: Tensor, b: Tensor) -> Tensor:
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"factors of shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply")
