@@ -19,6 +19,7 @@ from torch import Tensor
 
 from sdlab.families import VECTOR_EMBED_DIM, Family
 from sdlab.models.unet import timestep_embedding
+from sdlab.text.comfy_prompt import comfy_chunks
 from sdlab.text.prompt import Chunk, chunk_prompt, encode_chunks, pad_chunks
 from sdlab.text.schedule import prompt_schedule, split_and
 
@@ -79,12 +80,13 @@ def encode_text(
     layer: int | None = None,
     embeddings: Embeddings | None = None,
 ) -> Conditioning:
-    """One prompt's conditioning, k = its own chunk count (ComfyUI's CLIPTextEncode). `texts`: one prompt
-    for all encoders, or one per encoder (SDXL's text_l / text_g); `layer` from the end, default the
-    family's; `embeddings`: the textual-inversion embeddings the prompts may name (ComfyUI:
-    `Embeddings.comfy`, `embedding:NAME`)."""
-    chunks = _chunks(model, texts, embeddings)
-    return _encode(model, chunks, max(len(c) for c in chunks), layer or model.text_layer())
+    """One prompt's conditioning as ComfyUI's CLIPTextEncode makes it, k = its own chunk count: ComfyUI's
+    syntax, chunks and weighting (`sdlab.text.comfy_prompt`). `texts`: one prompt for all encoders, or
+    one per encoder (SDXL's text_l / text_g, the shorter padded with empty chunks); `layer` from the end,
+    default the family's; `embeddings`: the textual-inversion embeddings the prompts may name
+    (`Embeddings.comfy`, `embedding:NAME`)."""
+    chunks = _chunks(model, texts, embeddings, comfy=True)
+    return _encode(model, chunks, max(len(c) for c in chunks), layer or model.text_layer(), comfy=True)
 
 
 @dataclass(frozen=True)
@@ -152,29 +154,37 @@ def encode_prompt_pair(
 
 
 def _chunks(
-    model: StableDiffusion, texts: str | Sequence[str], embeddings: Embeddings | None = None
+    model: StableDiffusion,
+    texts: str | Sequence[str],
+    embeddings: Embeddings | None = None,
+    comfy: bool = False,
 ) -> list[list[Chunk]]:
-    """Each encoder's 77-token chunks of its prompt (encoders differ in their padding token and in the
-    vectors of an embedding)."""
+    """Each encoder's 77-token chunks of its prompt, A1111's or ComfyUI's (encoders differ in their padding
+    token and in the vectors of an embedding)."""
     configs = model.config.text
     per_encoder = [texts] * len(configs) if isinstance(texts, str) else list(texts)
     if len(per_encoder) != len(configs):
         raise ValueError(f"{len(per_encoder)} prompts for {len(configs)} text encoders")
+    chunker = comfy_chunks if comfy else chunk_prompt
     return [
-        chunk_prompt(model.tokenizer, t, c.pad_token, None if embeddings is None else embeddings.encoder(i))
+        chunker(model.tokenizer, t, c.pad_token, None if embeddings is None else embeddings.encoder(i))
         for i, (t, c) in enumerate(zip(per_encoder, configs, strict=True))
     ]
 
 
-def _encode(model: StableDiffusion, chunks: list[list[Chunk]], count: int, layer: int) -> Conditioning:
-    """Every encoder's chunks padded to `count` with empty ones, encoded at `layer`, contexts joined along
-    the channels (SDXL: CLIP-L 768 ‖ bigG 1280); pooled from the family's pooled encoder."""
+def _encode(
+    model: StableDiffusion, chunks: list[list[Chunk]], count: int, layer: int, comfy: bool = False
+) -> Conditioning:
+    """Every encoder's chunks padded to `count` with empty ones, encoded at `layer` with A1111's or
+    ComfyUI's weighting, contexts joined along the channels (SDXL: CLIP-L 768 ‖ bigG 1280); pooled from
+    the family's pooled encoder."""
     contexts, pooled = [], None
     for encoder, spec, cfg, own in zip(
         model.text_encoders, model.family.text, model.config.text, chunks, strict=True
     ):
-        empty = chunk_prompt(model.tokenizer, "", cfg.pad_token)[0]
-        z, p = encode_chunks(encoder, pad_chunks(own, count, empty), layer, spec.final_norm)
+        empty = chunk_prompt(model.tokenizer, "", cfg.pad_token)[0]  # the same chunk in both syntaxes
+        padded = pad_chunks(own, count, empty)
+        z, p = encode_chunks(encoder, padded, layer, spec.final_norm, empty if comfy else None)
         contexts.append(z)
         if spec.pooled:
             pooled = p

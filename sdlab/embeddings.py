@@ -352,3 +352,8 @@ class EncoderEmbeddings:
             return None
         name, length = found
         return self.embeddings.vectors(name)[self.index], length
+
+    def named(self, name: str) -> Vectors | None:
+        """The vectors `embedding:NAME` names (ComfyUI's syntax), None when no file was found for it."""
+        key = COMFY_PREFIX + name
+        return self.embeddings.vectors(key)[self.index] if key in self.embeddings._paths else None

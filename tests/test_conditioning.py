@@ -13,6 +13,7 @@ from sdlab.conditioning import Conditioning, encode_prompt_pair, encode_text
 from sdlab.diffusion.schedule import DiscreteSchedule, get_sigmas
 from sdlab.models.unet import timestep_embedding
 from sdlab.pipeline import Calls, Guidance, Handover, _handing_over
+from sdlab.text.comfy_prompt import comfy_chunks
 from sdlab.text.prompt import chunk_prompt
 
 LONG = ", ".join(f"word{i}" for i in range(40))  # > 75 tokens: several chunks
@@ -24,9 +25,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, StableDiffusio
     return {n: load_model(write_tiny(n, tmp / f"{n}.safetensors")) for n in ("sdxl", "sdxl-refiner", "sd1")}
 
 
-def _ids(model: StableDiffusion, text: str, index: int) -> torch.Tensor:
-    """Encoder `index`'s token ids of a prompt without syntax, chunk by chunk (C, 77)."""
-    chunks = chunk_prompt(model.tokenizer, text, model.config.text[index].pad_token)
+def _ids(model: StableDiffusion, text: str, index: int, comfy: bool = True) -> torch.Tensor:
+    """Encoder `index`'s token ids of a prompt without syntax, chunk by chunk (C, 77), cut into chunks as
+    ComfyUI does (`encode_text`) or as A1111 does (`encode_prompt_pair`: at a comma)."""
+    chunker = comfy_chunks if comfy else chunk_prompt
+    chunks = chunker(model.tokenizer, text, model.config.text[index].pad_token)
     return torch.tensor([c.ids for c in chunks])
 
 
@@ -61,22 +64,26 @@ def test_sdxl_context_joins_both_encoders_penultimate_and_pools_big_g(
     with torch.no_grad():
         # the family's penultimate layer, clip skip 2 (one more) on both encoders, and ComfyUI's
         # CLIPSetLastLayer(-1): the last layer, still without the final layer norm
-        for layer in (2, 3, 1):
-            cond = encode_text(model, LONG, layer)
-            z_l = clip_l(_ids(model, LONG, 0)).layer(layer)  # no final layer norm for SDXL
-            out_g = big_g(_ids(model, LONG, 1))
+        for layer, comfy in ((2, True), (3, True), (1, True), (3, False)):
+            if comfy:
+                cond = encode_text(model, LONG, layer)
+            else:  # A1111's clip skip 2: layer 3
+                cond = encode_prompt_pair(model, LONG, "blurry", clip_skip=2)[0]
+            z_l = clip_l(_ids(model, LONG, 0, comfy)).layer(layer)  # no final layer norm for SDXL
+            out_g = big_g(_ids(model, LONG, 1, comfy))
             want = torch.cat([z_l, out_g.layer(layer)], dim=-1).reshape(1, -1, 256)
             assert cond.context.shape == (1, 77 * len(z_l), 256) and len(z_l) >= 2
             assert torch.allclose(cond.context, want, atol=1e-6)
             assert torch.allclose(cond.pooled, out_g.pooled[:1], atol=1e-6)  # first chunk, last layer
-        pair = encode_prompt_pair(model, LONG, "blurry", clip_skip=2)[0]  # A1111's clip skip 2: layer 3
-        assert torch.allclose(pair.context, encode_text(model, LONG, 3).context, atol=1e-6)
+        assert not torch.equal(_ids(model, LONG, 0), _ids(model, LONG, 0, comfy=False))  # cut elsewhere
 
 
 def test_weights_apply_to_each_encoder_with_its_own_mean(models: dict[str, StableDiffusion]) -> None:
     model = models["sdxl"]
     with torch.no_grad():
-        plain, weighted = (encode_text(model, p).context for p in ("a red apple", "a (red:1.5) apple"))
+        plain, weighted = (
+            encode_prompt_pair(model, p, "")[0].context for p in ("a red apple", "a (red:1.5) apple")
+        )
     for half in (slice(0, 128), slice(128, 256)):
         a, b = plain[0, :, half], weighted[0, :, half]
         assert torch.allclose(a.mean(), b.mean(), atol=1e-6)  # A1111: each encoder's mean restored

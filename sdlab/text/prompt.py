@@ -165,21 +165,33 @@ def pad_chunks(chunks: list[Chunk], count: int, empty: Chunk) -> list[Chunk]:
 
 
 def encode_chunks(
-    encoder: CLIPTextModel, chunks: list[Chunk], layer: int = 1, final_norm: bool = True
+    encoder: CLIPTextModel,
+    chunks: list[Chunk],
+    layer: int = 1,
+    final_norm: bool = True,
+    empty: Chunk | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Context (1, 77·k, width) and the first chunk's pooled vector (1, dim).
 
     `layer` picks the hidden states (1 = last; see `CLIPTextModel.encode`). Weights scale each token's
-    vector, then the chunk's mean is restored (A1111's emphasis).
+    vector, then the chunk's mean is restored (A1111's emphasis); given the empty prompt's chunk `empty`
+    (ComfyUI's weighting), a weighted token's vector is moved from the empty prompt's instead, which is
+    encoded in the same batch: z_empty + w·(z − z_empty).
     """
     device = next(encoder.parameters()).device
-    ids = torch.tensor([c.ids for c in chunks], device=device)
-    with _embedding_fixes(encoder, chunks):
+    weights = torch.tensor([c.weights for c in chunks], dtype=torch.float64)[..., None]  # (k, 77, 1)
+    weighted = bool((weights != 1.0).any())
+    batch = [*chunks, empty] if weighted and empty is not None else chunks
+    ids = torch.tensor([c.ids for c in batch], device=device)
+    with _embedding_fixes(encoder, batch):
         z, pooled = encoder.encode(ids, layer, final_norm)
-    weights = torch.tensor([c.weights for c in chunks], dtype=z.dtype, device=device)
-    if bool((weights != 1.0).any()):
+    w = weights.to(z)
+    if weighted and empty is not None:
+        z, z_empty = z[:-1], z[-1:]
+        z = torch.where((weights != 1.0).to(device), (z - z_empty) * w + z_empty, z)
+    elif weighted:
         mean = z.mean(dim=(1, 2), keepdim=True)
-        z = z * weights[..., None]
+        z = z * w
         z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
     return z.reshape(1, -1, z.shape[-1]), pooled[:1]
 
