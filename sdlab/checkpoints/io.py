@@ -286,9 +286,11 @@ def _torch_load(path: Path) -> object:
 
 
 def _tensors_of(obj: object, path: Path) -> dict[str, Tensor]:
-    """The state dict inside a loaded checkpoint (top level or under `state_dict`)."""
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    """The state dict inside a loaded checkpoint (top level, or under `state_dict`, or under BasicSR's
+    `params_ema` / `params` as Real-ESRGAN and SwinIR files have it)."""
+    if isinstance(obj, dict):
+        wrappers = [k for k in ("state_dict", "params_ema", "params") if isinstance(obj.get(k), dict)]
+        obj = obj[wrappers[0]] if wrappers else obj
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dictionary of tensors")
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
