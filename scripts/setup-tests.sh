@@ -13,3 +13,7 @@ fi
 # k-diffusion's sampling functions are the oracle for the samplers; its package __init__ needs far
 # more than its sampling module, so install it and its maths dependencies without their extras.
 $PIP install -q --no-deps k-diffusion torchsde torchdiffeq trampoline
+# spandrel's upscaler architectures are the oracle for sdlab.upscale; it requires torchvision, and no
+# torchvision wheel matches the CPU torch, so install it without dependencies (the tests stub the two
+# torchvision functions it imports for architectures they never run).
+$PIP install -q --no-deps spandrel einops

@@ -605,6 +605,8 @@ def test_object_info_describes_the_nodes(client: httpx.Client) -> None:
         "LoraLoader",
         "LatentUpscale",
         "ImageScale",
+        "UpscaleModelLoader",
+        "ImageUpscaleWithModel",
         "LoadImage",
         "LoadImageMask",
         "SaveImage",

@@ -8,6 +8,8 @@ Layout (AUTOMATIC1111's, rooted at `--models-dir`):
       VAE/                                       standalone VAEs (.safetensors, .ckpt, .pt)
       Lora/                                      LoRAs (.safetensors, .ckpt, .pt)
       embeddings/                                textual-inversion embeddings (.safetensors, .pt, .bin)
+      ESRGAN/, RealESRGAN/, SwinIR/              upscaler models (A1111's folders; .pth, .pt, .safetensors)
+      upscale_models/                            upscaler models (ComfyUI's folder)
 
 plus the shipped model as `sdlab-mini.safetensors` when it is installed. A request names a model by
 its listed name (or, for checkpoints, its stem or A1111 title "name [hash]"); names are only ever
@@ -21,11 +23,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdlab.checkpoints.io import WEIGHT_SUFFIXES
 from sdlab.checkpoints.load import SHIPPED_MODEL, StableDiffusion, default_model_path, load_model
 from sdlab.infotext import model_hash
 from sdlab.models.vae import AutoencoderKL
 
 CHECKPOINT_DIR, VAE_DIR, LORA_DIR, EMBEDDING_DIR = "Stable-diffusion", "VAE", "Lora", "embeddings"
+UPSCALER_DIRS = ("ESRGAN", "RealESRGAN", "SwinIR", "upscale_models")  # A1111's, then ComfyUI's
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 VAE_SUFFIXES = LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -73,6 +77,18 @@ class Library:
     def embeddings(self) -> dict[str, Path]:
         """Embedding name -> file."""
         return self._files(EMBEDDING_DIR, EMBEDDING_SUFFIXES)
+
+    def upscaler_dirs(self) -> list[Path]:
+        """The folders upscaler models are found in (A1111 names them by file stem: `sdlab.upscale`)."""
+        return [] if self.root is None else [self.root / sub for sub in UPSCALER_DIRS]
+
+    def upscale_models(self) -> dict[str, Path]:
+        """ComfyUI's upscale model name (path relative to its folder) -> file; the first folder wins."""
+        found: dict[str, Path] = {}
+        for folder in self.upscaler_dirs():
+            for name, path in _scan(folder, WEIGHT_SUFFIXES, recursive=True).items():
+                found.setdefault(name, path)
+        return found
 
     def _files(self, sub: str, suffixes: tuple[str, ...]) -> dict[str, Path]:
         return {} if self.root is None else _scan(self.root / sub, suffixes, recursive=True)

@@ -2,8 +2,8 @@
 
 Values passed between nodes: MODEL is a `Model`, CLIP a `Clip`, VAE an `AutoencoderKL`,
 CONDITIONING a `Conditioning` (context, and SDXL's pooled text and size / aesthetic values),
-LATENT a `Latent` (scaled latents, as the U-Net sees them), IMAGE pixels (B, 3, H, W) in [-1, 1]
-and MASK (B, 1, H, W) in [0, 1] (1 = repaint).
+LATENT a `Latent` (scaled latents, as the U-Net sees them), IMAGE pixels (B, 3, H, W) in [-1, 1],
+MASK (B, 1, H, W) in [0, 1] (1 = repaint) and UPSCALE_MODEL an `sdlab.upscale.Upscaler`.
 Seeds follow sdlab's convention: image i of a batch draws its noise from seed + i. LoRAs are merged
 into the shared loaded model only while a node uses it, and taken out again right after.
 """
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from sdlab.checkpoints.io import CheckpointError
 from sdlab.checkpoints.load import StableDiffusion
 from sdlab.conditioning import Conditioning, encode_text
 from sdlab.diffusion import denoiser
@@ -44,6 +45,7 @@ from sdlab.pipeline import (
 from sdlab.server.jobs import Live
 from sdlab.server.library import Library, ModelCache
 from sdlab.server.paths import Folders, PathError, confined, image_files, relative_parts, split_name
+from sdlab.upscale import Upscaler, load_upscaler, run_upscaler
 
 MAX_RESOLUTION = 16384
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -408,6 +410,20 @@ def image_scale(
     return (_scale(image, upscale_method, w, h, crop),)
 
 
+def upscale_model_loader(env: Env, model_name: str) -> tuple[Upscaler]:
+    """A listed upscaler model (ESRGAN, Real-ESRGAN compact, SwinIR; others through spandrel)."""
+    try:
+        return (load_upscaler(env.library.find(env.library.upscale_models(), model_name, "upscale model")),)
+    except CheckpointError as e:
+        raise NodeError(str(e)) from e
+
+
+def image_upscale_with_model(env: Env, upscale_model: Upscaler, image: Tensor) -> tuple[Tensor]:
+    """Images upscaled by the model's factor, in 512-pixel tiles overlapping by 32 as ComfyUI runs them."""
+    out = run_upscaler(upscale_model, (image.float() + 1) / 2, tile=512, overlap=32)
+    return (out.clamp(0, 1) * 2 - 1,)
+
+
 def _target_size(w: int, h: int, width: int, height: int, multiple: int = 1) -> tuple[int, int]:
     """(width, height), a 0 side following the other's aspect ratio; both 0 keeps the size."""
     if width == 0 and height == 0:
@@ -646,6 +662,20 @@ NODE_TYPES: dict[str, NodeType] = {
         image_scale,
         "image/upscaling",
         "Resizes images.",
+    ),
+    "UpscaleModelLoader": NodeType(
+        {"model_name": (lambda env: list(env.library.upscale_models()),)},
+        ("UPSCALE_MODEL",),
+        upscale_model_loader,
+        "loaders",
+        "Loads an upscaler model (ESRGAN, Real-ESRGAN, SwinIR, ...).",
+    ),
+    "ImageUpscaleWithModel": NodeType(
+        {"upscale_model": ("UPSCALE_MODEL",), "image": ("IMAGE",)},
+        ("IMAGE",),
+        image_upscale_with_model,
+        "image/upscaling",
+        "Upscales images with an upscaler model.",
     ),
     "LoadImage": NodeType(
         {"image": (lambda env: image_files(env.folders.inputs), {"image_upload": True})},

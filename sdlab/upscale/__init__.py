@@ -6,6 +6,7 @@ from sdlab.upscale.load import load_upscaler
 from sdlab.upscale.named import (
     BUILTIN_UPSCALERS,
     UnknownUpscaler,
+    rescale,
     upscale_image,
     upscale_pixels,
     upscaler_files,
@@ -19,6 +20,7 @@ __all__ = [
     "UnknownUpscaler",
     "Upscaler",
     "load_upscaler",
+    "rescale",
     "run_upscaler",
     "upscale_image",
     "upscale_pixels",

@@ -109,8 +109,9 @@ def _spandrel(sd: StateDict) -> Upscaler:
     try:
         descriptor = spandrel.ModelLoader().load_from_state_dict(sd)
     except Exception as e:  # spandrel's UnsupportedModelError and shape errors alike
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise CheckpointError(
-            f"neither sdlab nor spandrel recognises this model ({e}; keys start {keys})"
+            f"neither sdlab nor spandrel recognises this model ({reason}; keys start {keys})"
         ) from e
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
         raise CheckpointError(f"a {descriptor.architecture.name} model is not a single-image upscaler")

@@ -45,8 +45,9 @@ def upscaler_files(dirs: Sequence[Path]) -> dict[str, Path]:
 
 
 def upscaler_names(dirs: Sequence[Path]) -> list[str]:
-    """The built-in upscalers followed by the model files found in the folders."""
-    return [*BUILTIN_UPSCALERS, *(n for n in upscaler_files(dirs) if n not in BUILTIN_UPSCALERS)]
+    """The built-in upscalers, then the model files found in the folders by name (A1111's order)."""
+    models = sorted((n for n in upscaler_files(dirs) if n not in BUILTIN_UPSCALERS), key=str.lower)
+    return [*BUILTIN_UPSCALERS, *models]
 
 
 def upscaler_path(name: str, dirs: Sequence[Path]) -> Path:
@@ -60,18 +61,22 @@ def upscaler_path(name: str, dirs: Sequence[Path]) -> Path:
 def upscale_image(
     image: Image.Image, name: str, scale: float, dirs: Sequence[Path], *, convention: str = "a1111"
 ) -> Image.Image:
-    """`image` upscaled by `scale` with the named upscaler, as A1111's `Upscaler.upscale`: the target is
-    the scaled size rounded down to a multiple of 8; the upscaler runs up to three times until the image
-    covers it (a 4× model once for 2×, twice for 16×), then a Lanczos resize gives the exact target."""
+    """`image` upscaled by `scale` with the named upscaler (built in, or a model file in `dirs`), as
+    A1111's `Upscaler.upscale` does (see `rescale`)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown pixel convention {convention!r}; expected one of {', '.join(CONVENTIONS)}")
+    return rescale(image.convert("RGB"), scale, _step(name, scale, dirs, convention))
+
+
+def rescale(image: Image.Image, scale: float, step: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """A1111's `Upscaler.upscale`: the target is the scaled size rounded down to a multiple of 8; `step`
+    (one upscaler pass) runs up to three times until the image covers it (a 4× model once for 2×, twice
+    for 16×), then a Lanczos resize gives the exact target."""
     if not (scale > 0 and np.isfinite(scale)):
         raise ValueError(f"upscale factor {scale!r} must be a positive number")
-    image = image.convert("RGB")
     dest = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
     if min(dest) < 8:
         raise ValueError(f"upscaling {image.width}x{image.height} by {scale} gives less than 8 pixels a side")
-    step = _step(name, scale, dirs, convention)
     for i in range(3):
         if image.width >= dest[0] and image.height >= dest[1] and (i > 0 or scale != 1):
             break
@@ -94,13 +99,15 @@ def _step(
     return lambda im: upscale_pixels(model, im, convention=convention)
 
 
-def upscale_pixels(model: Upscaler, image: Image.Image, *, convention: str = "a1111") -> Image.Image:
-    """One run of a network over an RGB image in the front end's pixel convention."""
+def upscale_pixels(
+    model: Upscaler, image: Image.Image, *, convention: str = "a1111", tile: int = 512, overlap: int = 32
+) -> Image.Image:
+    """One (tiled) run of a network over an RGB image in the front end's pixel convention."""
     arr = np.asarray(image.convert("RGB"))
     if convention == "a1111":
         arr = arr[:, :, ::-1]  # A1111 hands networks BGR
     x = torch.from_numpy((np.ascontiguousarray(arr.transpose(2, 0, 1)) / 255).astype(np.float32))[None]
-    y = run_upscaler(model, x)[0].clamp(0, 1).permute(1, 2, 0).numpy()
+    y = run_upscaler(model, x, tile=tile, overlap=overlap)[0].clamp(0, 1).permute(1, 2, 0).numpy()
     if convention == "a1111":
         out = (255.0 * y).astype(np.uint8)[:, :, ::-1]  # truncated, back to RGB
     else:
