@@ -23,10 +23,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +38,9 @@ from sdlab.families import Family, Naming
 from sdlab.models.blocks import SpatialTransformer
 from sdlab.models.clip import MLP, SelfAttention
 from sdlab.models.unet import Downsample, ResBlock, Upsample
+
+if TYPE_CHECKING:
+    from sdlab.checkpoints.load import StableDiffusion
 
 StateDict = dict[str, Tensor]
 Layer = nn.Linear | nn.Conv2d
@@ -594,15 +598,18 @@ def merge_loras(
     encoders: Sequence[nn.Module],
     family: Family,
     loras: Sequence[tuple[Mapping[str, Tensor], float]],
+    only: Sequence[nn.Module] | None = None,
 ) -> MergedLoRAs:
     """Merge LoRAs of any supported format, each with its strength, in order (computed in float32):
-    W' = `Update.merged(W, strength)`, W + strength·ΔW without DoRA.
+    W' = `Update.merged(W, strength)`, W + strength·ΔW without DoRA; `only`: merge into these networks
+    alone (the U-Net, or the text encoders), the other modules left as they are.
 
     Names that fit no layer are reported in `unmatched`; a file where none fits is an error (a LoRA for
     another model family). Any error restores every weight already merged (all or nothing). A state dict
     from `read_lora` is named by its path in messages, others as "LoRA <index>".
     """
     layers = module_layers(unet, encoders, family)
+    inside = None if only is None else {id(m) for net in only for m in net.modules()}
     merged = MergedLoRAs()
     try:
         for index, (sd, strength) in enumerate(loras):
@@ -613,13 +620,14 @@ def merge_loras(
                 raise ValueError(
                     f"{what}: none of its {len(parsed)} modules fits this model, e.g. {next(iter(parsed))}"
                 )
-            for name in found:
+            chosen = [n for n in found if inside is None or id(layers[n]) in inside]
+            for name in chosen:
                 try:
                     _merge_one(layers[name], parsed[name], strength, merged)
                 except (ValueError, RuntimeError) as e:
                     keys = ", ".join(parsed[name].keys)
                     raise ValueError(f"{what}: {name} ({keys}): {e} (a LoRA for another model?)") from e
-            merged.applied += found
+            merged.applied += chosen
             merged.unmatched += [n for n in parsed if n not in layers]
     except BaseException:
         merged.restore()  # all or nothing
@@ -643,9 +651,79 @@ def apply_lora(model: object, lora: Mapping[str, Tensor] | str | Path, strength:
 def apply_loras(
     model: object, loras: Sequence[tuple[Mapping[str, Tensor] | str | Path, float]]
 ) -> MergedLoRAs:
-    """Merge several LoRAs, each at its own strength, into a `StableDiffusion`'s U-Net and text encoders."""
+    """Merge several LoRAs, each at its own strength, into a `StableDiffusion`'s U-Net and text encoders,
+    on its base weights (a set `use_loras` keeps merged is taken out first)."""
+    use_loras(model, ())  # type: ignore[arg-type]
     sds = [(read_lora(x) if isinstance(x, str | Path) else x, s) for x, s in loras]
     return merge_loras(model.unet, model.text_encoders, model.family, sds)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------
+# the merged set a loaded model keeps between requests
+
+LoRA = Mapping[str, Tensor] | str | Path  # a state dict, or a file
+Part = Literal["unet", "text"]
+
+
+@dataclass
+class _Kept:
+    """The LoRA set one part of a model carries: its key, the merge (with the original weights of the layers
+    it touched) and the Parameters it installed (to notice weights someone else has changed since)."""
+
+    key: tuple
+    merged: MergedLoRAs
+    installed: dict[Layer, nn.Parameter]
+    sources: list[LoRA]  # held, so that the identity of a state dict in the key stays its own
+
+    def intact(self) -> bool:
+        return all(layer.weight is p for layer, p in self.installed.items())
+
+
+_KEPT: weakref.WeakKeyDictionary[nn.Module, _Kept] = weakref.WeakKeyDictionary()
+
+
+def use_loras(
+    model: StableDiffusion, loras: Sequence[tuple[LoRA, float]], parts: Sequence[Part] = ("unet", "text")
+) -> None:
+    """Make a `StableDiffusion`'s U-Net and/or text encoders carry exactly these LoRAs, merged in order
+    (none: its base weights), and keep them merged after: a part that carries this set already is left as
+    it is (nothing read or merged again); otherwise its base weights come back bit-exactly (the original
+    tensors of the layers the last merge touched, never a copy of the whole model) and the new set is merged.
+    Files count as the same LoRA while their path, size and modification time are; state dicts by identity.
+    Whatever runs a shared model's networks calls this first (the pipeline, ComfyUI's nodes)."""
+    key = tuple((_identity(x), float(s)) for x, s in loras)
+    files: dict[str, StateDict] = {}
+    for part in parts:
+        networks: list[nn.Module] = [model.unet] if part == "unet" else list(model.text_encoders)
+        kept = _KEPT.get(networks[0]) if networks else None
+        if kept is not None and kept.key == key and kept.intact():
+            continue
+        if kept is not None:
+            if kept.intact():  # else the weights were changed (and are put back) by someone else
+                kept.merged.restore()
+            del _KEPT[networks[0]]
+        if loras and networks:
+            sds = [(_state_dict(x, files), s) for x, s in loras]
+            merged = merge_loras(model.unet, model.text_encoders, model.family, sds, networks)
+            installed = {layer: layer.weight for layer in merged.originals}
+            _KEPT[networks[0]] = _Kept(key, merged, installed, [x for x, _ in loras])
+
+
+def _identity(lora: LoRA) -> tuple:
+    if isinstance(lora, str | Path):
+        stat = Path(lora).stat()
+        return (str(Path(lora).resolve()), stat.st_size, stat.st_mtime_ns)
+    return ("state dict", id(lora))
+
+
+def _state_dict(lora: LoRA, files: dict[str, StateDict]) -> Mapping[str, Tensor]:
+    """A file read once per call (both parts of a model merge from it), or the state dict itself."""
+    if not isinstance(lora, str | Path):
+        return lora
+    if str(lora) not in files:
+        files[str(lora)] = read_lora(lora)
+    return files[str(lora)]
+
 
 
 def extract_lora(base: Mapping[str, Layer], tuned: Mapping[str, Layer], rank: int) -> StateDict:

@@ -7,7 +7,6 @@ The CLI, the HTTP APIs and the web UI only parse their input into a `GenerationR
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from sdlab.diffusion.samplers import DISCARD_PENULTIMATE_SIGMA, get_sampler, res
 from sdlab.diffusion.schedule import DiscreteSchedule, get_sigmas
 from sdlab.embeddings import Embeddings, embedding_dirs
 from sdlab.images import prepare_mask, resize_image, to_pil, to_tensor
-from sdlab.lora import apply_loras
+from sdlab.lora import use_loras
 from sdlab.networks import find_lora, lora_dirs, lora_tags, no_tags
 from sdlab.vae_tools import decode_pixels, encode_pixels
 
@@ -168,8 +167,10 @@ def generate(
     req = replace(req, sampler=sampler_name, scheduler=schedule_name or "normal")
     seeds = [req.seed + i for i in range(req.batch_size)]
     shape = (model.config.unet.out_channels, req.height // factor, req.width // factor)
-    merged = apply_loras(model, list(req.loras)) if req.loras else contextlib.nullcontext()
-    with torch.inference_mode(), merged:
+    use_loras(model, req.loras)  # kept merged for the next request with the same set
+    if refiner is not None:
+        use_loras(refiner, ())
+    with torch.inference_mode():
         noise = seed_noise(seeds, shape).to(_device(model), _dtype(model))
         embeddings = Embeddings.a1111(model, embedding_dirs(req.embedding_dirs))
         guidance = _guidance(model, prompt, req, embeddings)

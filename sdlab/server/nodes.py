@@ -4,8 +4,9 @@ Values passed between nodes: MODEL is a `Model`, CLIP a `Clip`, VAE an `Autoenco
 CONDITIONING a `Conditioning` (context, and SDXL's pooled text and size / aesthetic values),
 LATENT a `Latent` (scaled latents, as the U-Net sees them), IMAGE pixels (B, 3, H, W) in [-1, 1],
 MASK (B, 1, H, W) in [0, 1] (1 = repaint) and UPSCALE_MODEL an `sdlab.upscale.Upscaler`.
-Seeds follow sdlab's convention: image i of a batch draws its noise from seed + i. LoRAs are merged
-into the shared loaded model only while a node uses it, and taken out again right after.
+Seeds follow sdlab's convention: image i of a batch draws its noise from seed + i. A node that runs the
+shared loaded model first makes the part it runs carry its LoRAs (`sdlab.lora.use_loras`: the text
+encoders for CLIPTextEncode, the U-Net for sampling), which stay merged for the next workflow with them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import random
 import re
 import string
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from sdlab.diffusion.samplers import SAMPLERS
 from sdlab.diffusion.schedule import SCHEDULES
 from sdlab.embeddings import Embeddings, embedding_dirs
 from sdlab.images import prepare_mask, save_png, to_pil, to_tensor
-from sdlab.lora import apply_loras, read_lora, split_lora
+from sdlab.lora import use_loras
 from sdlab.models.vae import AutoencoderKL
 from sdlab.pipeline import (
     Guidance,
@@ -59,7 +59,7 @@ class NodeError(Exception):
     """A node that cannot do what its inputs ask (the message is shown to the client)."""
 
 
-LoRAs = tuple[tuple[dict[str, Tensor], float], ...]  # (kohya state dict, strength) to merge
+LoRAs = tuple[tuple[Path, float], ...]  # (LoRA file, strength) to merge
 
 
 @dataclass(frozen=True)
@@ -171,10 +171,10 @@ def lora_loader(
     env: Env, model: Model, clip: Clip, lora_name: str, strength_model: float, strength_clip: float
 ) -> tuple[Model, Clip]:
     """The model and CLIP with a LoRA to merge (its U-Net and text-encoder parts at their own strengths)."""
-    unet, text = split_lora(read_lora(env.library.find(env.library.loras(), lora_name, "LoRA")))
+    path = env.library.find(env.library.loras(), lora_name, "LoRA")
     return (
-        replace(model, loras=(*model.loras, (unet, strength_model))),
-        replace(clip, loras=(*clip.loras, (text, strength_clip))),
+        replace(model, loras=(*model.loras, (path, strength_model))),
+        replace(clip, loras=(*clip.loras, (path, strength_clip))),
     )
 
 
@@ -225,8 +225,8 @@ def _encode(env: Env, clip: Clip, text: str | list[str]) -> Conditioning:
     """Encode with ComfyUI's `embedding:NAME` textual inversions from the models folder's embeddings/."""
     own = [p for p in (env.library.embedding_folder(),) if p is not None]
     embeddings = Embeddings.comfy(clip.model, text, embedding_dirs(own))
-    with _merged(clip.model, clip.loras):
-        return encode_text(clip.model, text, clip.layer, embeddings)
+    use_loras(clip.model, clip.loras, ("text",))
+    return encode_text(clip.model, text, clip.layer, embeddings)
 
 
 def _need_vector(clip: Clip, field: str, node: str) -> None:
@@ -322,14 +322,9 @@ def _sample(
     x = denoiser.add_noise(init, noise, sigmas[:1].expand(init.shape[0]))
     if env.live is not None:
         env.live.latent_format = sd.family.latent
-    with _merged(sd, model.loras):
-        samples = sample(sd, x, sigmas, guidance, sampler, seeds, init, keep, env.step)
+    use_loras(sd, model.loras, ("unet",))
+    samples = sample(sd, x, sigmas, guidance, sampler, seeds, init, keep, env.step)
     return replace(latent, samples=samples, scaling=scaling)
-
-
-def _merged(model: StableDiffusion, loras: LoRAs) -> AbstractContextManager[object]:
-    """The LoRAs merged into the model for a `with` block, taken out on leaving it."""
-    return apply_loras(model, loras) if loras else nullcontext()
 
 
 def _samples(latent: Latent, channels: int, factor: int) -> Tensor:

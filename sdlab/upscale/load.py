@@ -63,7 +63,10 @@ def _build(arch: Architecture, sd: StateDict) -> Upscaler:
     sd = arch.to_keys(sd)
     model = arch.build(sd)
     sd = swinir.drop_derived(sd) if isinstance(model, swinir.SwinIR) else sd
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # tensors of the detected names but other shapes
+        raise CheckpointError(f"looks like {arch.name} but {str(e).splitlines()[-1].strip()}") from e
     if missing or unexpected:
         raise CheckpointError(
             f"looks like {arch.name} but its keys do not fit the detected configuration (missing: "

@@ -30,10 +30,12 @@ _OLD_RDB = re.compile(r"model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0\.")
 
 
 def is_rrdb(sd: StateDict) -> bool:
-    """Whether the keys are an RRDBNet's, in any of the three layouts."""
-    return any(k in sd for k in ("body.0.rdb1.conv1.weight", "RRDB_trunk.0.RDB1.conv1.weight")) or (
+    """Whether the keys are an RRDBNet's, in any of the three layouts (ESRGAN+, with extra 1×1 paths in
+    its dense blocks, is not: spandrel runs it)."""
+    layout = any(k in sd for k in ("body.0.rdb1.conv1.weight", "RRDB_trunk.0.RDB1.conv1.weight")) or (
         "model.0.weight" in sd and "model.1.sub.0.RDB1.conv1.0.weight" in sd
     )
+    return layout and not any(".conv1x1." in k for k in sd)
 
 
 def to_new_layout(sd: StateDict) -> StateDict:
@@ -51,8 +53,6 @@ def to_new_layout(sd: StateDict) -> StateDict:
 def _from_sequential(sd: StateDict) -> StateDict:
     """Original ESRGAN: model.0 conv, model.1 shortcut over the RRDBs and the trunk conv, then per ×2 stage
     (upsample, conv, act) at model.{3M-1..3M+1}, then hr conv, act and last conv."""
-    if any(".conv1x1." in k for k in sd):
-        raise CheckpointError("an ESRGAN+ model (RDB conv1x1 paths); sdlab's RRDBNet does not implement it")
     nb = max(indices(sd, r"model\.1\.sub\.(\d+)\."))  # the trunk conv follows the nb RRDBs
     last = max(indices(sd, r"model\.(\d+)\.weight"))
     stages, rest = divmod(last - 4, 3)
