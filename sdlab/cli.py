@@ -6,13 +6,18 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from sdlab.checkpoints.io import CheckpointError
-from sdlab.images import RESIZE_MODES
+from sdlab.control import CONTROL_MODES, ControlSpec
+from sdlab.hires import HiresFix
+from sdlab.images import RESIZE_MODES, ImageLimits, add_image_limit_arguments, open_image
 from sdlab.server import add_serve_parser
 from sdlab.train.cli import add_train_parser
 from sdlab.train.evaluate import add_eval_parser
 from sdlab.vae_tools import add_vae_parser
+
+MASKED_CONTENT_FLAGS = ("fill", "original", "noise", "nothing")  # A1111's inpainting_fill 0..3
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -38,19 +43,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from PIL import Image
     from tqdm import tqdm
 
     from sdlab.checkpoints.load import load_model, resolve_model
-    from sdlab.images import next_output_path, save_png
+    from sdlab.images import ImageLimits, next_output_path, open_image, save_png
     from sdlab.infotext import request_infotext
     from sdlab.pipeline import GenerationRequest, generate
 
+    limits = ImageLimits(args.max_image_pixels, args.max_image_bytes)
+    init = open_image(args.init_image, args.init_image, limits) if args.init_image else None
+    mask = open_image(args.mask, args.mask, limits, mode="L") if args.mask else None
     model = load_model(resolve_model(args.model), vae=args.vae)
     refiner = load_model(resolve_model(args.refiner)) if args.refiner else None
     size = model.native_size
-    init = Image.open(args.init_image) if args.init_image else None
-    mask = Image.open(args.mask) if args.mask else None
     req = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative,
@@ -67,12 +72,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         resize_mode=args.resize_mode,
         mask=mask,
+        inpaint_full_res=args.inpaint_area == "masked",
+        inpaint_full_res_padding=args.inpaint_padding,
+        inpainting_fill=MASKED_CONTENT_FLAGS.index(args.masked_content),
         loras=tuple(_lora_arg(a) for a in args.lora),
         lora_dirs=tuple(args.lora_dir),
         embedding_dirs=tuple(args.embeddings_dir),
         refiner=refiner.name if refiner else None,
         refiner_switch_at=args.refiner_switch,
         refiner_switch_by_steps=args.refiner_switch_by_steps,
+        hires=_hires_arg(args),
+        controls=_control_args(args, limits),
     )
     with tqdm(total=None, desc="sampling", unit="step", disable=args.quiet, leave=False) as bar:
 
@@ -87,6 +97,97 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+HIRES_OPTIONS = "scale resize steps denoise upscaler prompt negative sampler scheduler".split()
+
+
+def _hires_arg(args: argparse.Namespace) -> HiresFix | None:
+    """The hires fix the --hires-* options ask for; None when none is given."""
+    given = {name: getattr(args, f"hires_{name}") for name in HIRES_OPTIONS}
+    given = {name: value for name, value in given.items() if value is not None}
+    if not given:
+        return None
+    if "negative" in given:
+        given["negative_prompt"] = given.pop("negative")
+    return HiresFix(**given, upscaler_dirs=tuple(args.upscaler_dir))
+
+
+def _size_arg(value: str) -> tuple[int, int]:
+    """`WxH` of --hires-resize (0 for a side: from the aspect ratio)."""
+    width, sep, height = value.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {value!r}")
+    return int(width), int(height)
+
+
+def add_hires_arguments(parser: argparse.ArgumentParser) -> None:
+    """A1111's hires fix options of `generate`; giving any of them turns it on."""
+    g = parser.add_argument_group("hires fix", "upscale the first pass, then redraw it (any option: on)")
+    g.add_argument("--hires-scale", type=float, help="upscale factor (default 2)")
+    g.add_argument("--hires-resize", type=_size_arg, metavar="WxH", help="final size instead of a factor")
+    g.add_argument("--hires-steps", type=int, help="second-pass steps (default: the first pass's)")
+    g.add_argument("--hires-denoise", type=float, help="second-pass denoising strength (default 0.7)")
+    g.add_argument("--hires-upscaler", help="Latent (default), Latent (bicubic), ..., Lanczos, or a model")
+    g.add_argument("--hires-prompt", help="second-pass prompt (default: the prompt)")
+    g.add_argument("--hires-negative", help="second-pass negative prompt (default: the negative prompt)")
+    g.add_argument("--hires-sampler", help="second-pass sampler (default: the first pass's)")
+    g.add_argument("--hires-scheduler", help="second-pass schedule (default: the first pass's)")
+    g.add_argument(
+        "--upscaler-dir", action="append", default=[], help="folder of upscaler models (repeatable)"
+    )
+
+
+def add_control_arguments(parser: argparse.ArgumentParser) -> None:
+    """ControlNet options of `generate` (sdlab.control)."""
+    g = parser.add_argument_group("ControlNet", "units applied together, their residuals summed")
+    g.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        metavar="MODEL:IMAGE[:WEIGHT]",
+        help="a ControlNet file, diffusers folder or name in models/ControlNet, its control image and "
+        "weight (default 1); repeatable",
+    )
+    g.add_argument(
+        "--control-preprocessor",
+        default="none",
+        help="made from each control image first: none, canny, threshold, invert, lineart_standard, ...",
+    )
+    g.add_argument("--control-start", type=float, default=0.0, help="share of the steps where control starts")
+    g.add_argument("--control-end", type=float, default=1.0, help="share of the steps where control ends")
+    g.add_argument(
+        "--control-mode",
+        choices=CONTROL_MODES,
+        default="balanced",
+        help="balanced, prompt (my prompt is more important) or control (ControlNet is more important)",
+    )
+    g.add_argument(
+        "--control-resize", choices=RESIZE_MODES, default="resize", help="how control images are fitted"
+    )
+
+
+def _control_args(args: argparse.Namespace, limits: ImageLimits) -> tuple[ControlSpec, ...]:
+    """`--control MODEL:IMAGE[:WEIGHT]` units with the shared --control-* settings."""
+    units = []
+    for value in args.control:
+        model, _, rest = value.partition(":")
+        image, weight = _lora_arg(rest)
+        if not model or not image:
+            raise ValueError(f"--control {value!r}: expected MODEL:IMAGE[:WEIGHT]")
+        units.append(
+            ControlSpec(
+                model,
+                open_image(image, image, limits),
+                weight,
+                args.control_start,
+                args.control_end,
+                args.control_mode,
+                args.control_resize,
+                args.control_preprocessor,
+            )
+        )
+    return tuple(units)
+
+
 def _lora_arg(value: str) -> tuple[str, float]:
     """`PATH[:WEIGHT]` of --lora."""
     path, _, weight = value.rpartition(":")
@@ -94,6 +195,26 @@ def _lora_arg(value: str) -> tuple[str, float]:
         return (path, float(weight)) if path else (value, 1.0)
     except ValueError:
         return value, 1.0
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from sdlab.images import save_png
+    from sdlab.upscale import load_upscaler, rescale, upscale_pixels, upscaler_path
+
+    image = open_image(args.image, args.image, ImageLimits(args.max_image_pixels, args.max_image_bytes))
+    path = Path(args.model) if Path(args.model).is_file() else upscaler_path(args.model, args.upscaler_dir)
+    model = load_upscaler(path)
+
+    def step(im: Image.Image) -> Image.Image:  # RGB in, rounded out (ComfyUI's way, not A1111's BGR)
+        return upscale_pixels(model, im, convention="comfy", tile=args.tile, overlap=args.overlap)
+
+    out = step(image) if args.scale is None else rescale(image, args.scale, step)
+    print(save_png(out, args.output or Path(args.outdir) / f"{Path(args.image).stem}-{path.stem}.png"))
+    return 0
 
 
 def cmd_png_info(args: argparse.Namespace) -> int:
@@ -107,10 +228,16 @@ def cmd_png_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `sdlab CMD: error: ...` (exit 2), like every other error;
+    its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sdlab", description="A Stable Diffusion engine written from scratch."
-    )
+    parser = OneLineParser(prog="sdlab", description="A Stable Diffusion engine written from scratch.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -141,7 +268,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="resize",
         help="fit the init image: stretch, crop or fill",
     )
-    p.add_argument("--mask", help="inpainting mask (white = repaint)")
+    p.add_argument("--mask", help="inpainting mask (white = repaint; with transparency: its alpha)")
+    p.add_argument(
+        "--inpaint-area",
+        choices=("whole", "masked"),
+        default="whole",
+        help="repaint in the whole picture, or only in a crop around the mask at the full size",
+    )
+    p.add_argument(
+        "--inpaint-padding", type=int, default=32, metavar="N", help="pixels around the mask in that crop"
+    )
+    p.add_argument(
+        "--masked-content",
+        choices=MASKED_CONTENT_FLAGS,
+        default="original",
+        help="start the masked part from: a fill from its surroundings, the original, latent noise or zeros",
+    )
+    add_image_limit_arguments(p)
     p.add_argument(
         "--lora", action="append", default=[], metavar="PATH[:W]", help="merge a LoRA file (repeatable)"
     )
@@ -170,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="switch by step count (A1111 < 1.8) instead of by timestep",
     )
+    add_hires_arguments(p)
+    add_control_arguments(p)
     p.add_argument("-o", "--output", help="output PNG (default: outputs/NNNNN-SEED.png)")
     p.add_argument("--outdir", default="outputs", help="folder for outputs when -o is not given")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -179,6 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_vae_parser(sub)
     add_eval_parser(sub)
     add_train_parser(sub)
+
+    p = sub.add_parser("upscale", help="upscale an image with an upscaler model (ESRGAN, SwinIR, ...)")
+    p.add_argument("image")
+    p.add_argument("-m", "--model", required=True, help="upscaler model file, or its name in --upscaler-dir")
+    p.add_argument(
+        "--scale",
+        type=float,
+        help="final factor (A1111's: repeated model passes, then Lanczos to a multiple of 8; "
+        "default: one pass at the model's own factor)",
+    )
+    p.add_argument("--upscaler-dir", action="append", default=[], help="folder of upscaler models")
+    p.add_argument("--tile", type=int, default=512, help="tile size in pixels (memory bound)")
+    p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
+    add_image_limit_arguments(p)
+    p.add_argument("-o", "--output", help="output PNG (default: OUTDIR/IMAGE-MODEL.png)")
+    p.add_argument("--outdir", default="outputs", help="folder for outputs when -o is not given")
+    p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("png-info", help="print the generation parameters stored in a PNG")
     p.add_argument("image")

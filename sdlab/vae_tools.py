@@ -44,7 +44,8 @@ from sdlab.checkpoints.detect import detect_vae
 from sdlab.checkpoints.io import read_metadata, read_state_dict, write_safetensors
 from sdlab.checkpoints.load import StableDiffusion, build_module, read_checkpoint, read_vae, resolve_model
 from sdlab.config import VAEConfig
-from sdlab.images import save_png, to_pil, to_tensor
+from sdlab.finite import check_finite, overflow_cause
+from sdlab.images import open_image, save_png, to_pil, to_tensor
 from sdlab.models.vae import AutoencoderKL, Decoder, DiagonalGaussian, Encoder, Level, ResnetBlock
 
 TILE_ABOVE_PIXELS = 1024 * 1024  # automatic tiling for images larger than this
@@ -396,13 +397,19 @@ def encode_pixels(
     z is a posterior draw with noise from `generator`, else the posterior mean."""
     posterior = encode(vae, pixels, tiled)
     z = posterior.sample(generator) if generator is not None else posterior.mode()
-    return (z - vae.cfg.shift_factor) * vae.cfg.scale_factor
+    latents = (z - vae.cfg.shift_factor) * vae.cfg.scale_factor
+    return check_finite(latents, "the VAE-encoded image", _vae_cause("encoder", latents))
 
 
 def decode_pixels(vae: AutoencoderKL, latents: Tensor, tiled: bool | None = None) -> Tensor:
     """Scaled latents (B, C, h, w) -> pixels (B, 3, H, W) in [-1, 1], one image at a time to bound memory."""
     z = latents / vae.cfg.scale_factor + vae.cfg.shift_factor
-    return torch.cat([decode(vae, z[i : i + 1], tiled) for i in range(z.shape[0])])
+    pixels = torch.cat([decode(vae, z[i : i + 1], tiled) for i in range(z.shape[0])])
+    return check_finite(pixels, "the VAE-decoded image", _vae_cause("decoder", pixels))
+
+
+def _vae_cause(part: str, out: Tensor) -> str:
+    return overflow_cause(f"VAE {part}", out.dtype, " (or a VAE made for float16: sdxl-vae-fp16-fix)")
 
 
 def encode_image(
@@ -535,14 +542,9 @@ def load_vae(model: str | Path | None = None, vae: str | Path | None = None) -> 
     return build_module(AutoencoderKL, cfg, sd, f"{what} (VAE)", torch.float32, "cpu")
 
 
-def _open_image(path: str | Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 def cli_roundtrip(args: argparse.Namespace) -> int:
     """`sdlab vae roundtrip IMG [-o OUT]`: print the latent shape, compression and PSNR; save the result."""
-    report = roundtrip(load_vae(args.model, args.vae), _open_image(args.image), tiled=args.tiled)
+    report = roundtrip(load_vae(args.model, args.vae), open_image(args.image, args.image), tiled=args.tiled)
     print("\n".join(report.format()))
     if args.output is not None:
         print(f"wrote {save_png(report.reconstruction, args.output)}")
@@ -552,7 +554,7 @@ def cli_roundtrip(args: argparse.Namespace) -> int:
 def cli_encode(args: argparse.Namespace) -> int:
     """`sdlab vae encode IMG -o LATENT.safetensors`: write the scaled latents of an image."""
     vae = load_vae(args.model, args.vae)
-    image = _open_image(args.image)
+    image = open_image(args.image, args.image)
     seed = getattr(args, "sample_seed", None)  # optional in hand-built namespaces
     sampled = seed is not None
     generator = torch.Generator("cpu").manual_seed(seed) if sampled else None

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import binascii
 import inspect
-import io
 import json
 import os
 import re
@@ -24,16 +23,26 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from sdlab.checkpoints.load import StableDiffusion
 from sdlab.diffusion.samplers import SAMPLERS, display_name, get_sampler, resolve_sampler
 from sdlab.diffusion.schedule import SCHEDULE_DISPLAY, schedule_display_name
-from sdlab.images import next_output_path, save_png
+from sdlab.hires import LATENT_UPSCALE_MODES
+from sdlab.images import (
+    MASKED_CONTENT,
+    ImageError,
+    ImageLimits,
+    ImageTooLarge,
+    next_output_path,
+    open_image,
+    save_png,
+)
 from sdlab.infotext import parse_infotext, request_infotext
 from sdlab.networks import TAG
 from sdlab.pipeline import GenerationRequest, generate, resolve_seed
+from sdlab.server.extras import extras_routes
 from sdlab.server.jobs import (
     CANCELLED,
     DONE,
@@ -61,6 +70,7 @@ HARMLESS_OVERRIDES = frozenset(
     | {"show_progressbar", "sd_checkpoint_hash", "save_images_before_face_restoration"}
 )
 MAX_CLIP_SKIP = 12
+MAX_JOB_IMAGES = 800  # batch_size x n_iter of one request (A1111's sliders stop at 8 x 100)
 
 
 class _Request(BaseModel):
@@ -217,24 +227,6 @@ def _seed_resize_accepted(value: Any, body: _Request) -> bool:
     return h <= 0 or w <= 0 or (h, w) == (body.height, body.width)
 
 
-def _mask_blur_xy(name: str) -> Accepts:
-    """A1111 blurs by mask_blur when given, else by mask_blur_x and mask_blur_y; sdlab's blur is round."""
-
-    def accepted(value: Any, body: _Request) -> bool:
-        x, y = getattr(body, "mask_blur_x", 4), getattr(body, "mask_blur_y", 4)
-        return getattr(body, "mask_blur", None) is not None or x == y or name not in body.model_fields_set
-
-    return accepted
-
-
-def _with_mask(name: str, accepted: Accepts) -> Accepts:
-    """Checked only with a mask, and only when sent: A1111's defaults (only-masked, fill) differ from what
-    sdlab makes (whole picture, original), and requests that leave them out get sdlab's."""
-    return lambda value, body: (
-        getattr(body, "mask", None) is None or name not in body.model_fields_set or accepted(value, body)
-    )
-
-
 _HIRES = "read only with enable_hr"
 COMMON_FIELDS: dict[str, FieldSupport] = {
     "prompt": FieldSupport(HONOURED),
@@ -288,19 +280,23 @@ COMMON_FIELDS: dict[str, FieldSupport] = {
     "infotext": FieldSupport(REFUSED, "parameters from an infotext", _unset),
 }
 TXT2IMG_FIELDS: dict[str, FieldSupport] = COMMON_FIELDS | {
-    "enable_hr": FieldSupport(REFUSED, "hires fix", _unset),
-    "denoising_strength": FieldSupport(HARMLESS, _HIRES),
+    "enable_hr": FieldSupport(HONOURED),
+    "denoising_strength": FieldSupport(HONOURED, _HIRES),
     "firstphase_width": FieldSupport(REFUSED, "a first-phase size", _unset),
     "firstphase_height": FieldSupport(REFUSED, "a first-phase size", _unset),
+    "hr_checkpoint_name": FieldSupport(
+        REFUSED,
+        "another checkpoint for the hires pass",
+        lambda v, b: not b.enable_hr or v in (None, "", "Use same checkpoint"),
+    ),
     **{
-        name: FieldSupport(HARMLESS, _HIRES)
+        name: FieldSupport(HONOURED, _HIRES)
         for name in (
             "hr_scale",
             "hr_upscaler",
             "hr_second_pass_steps",
             "hr_resize_x",
             "hr_resize_y",
-            "hr_checkpoint_name",
             "hr_sampler_name",
             "hr_scheduler",
             "hr_prompt",
@@ -316,17 +312,13 @@ IMG2IMG_FIELDS: dict[str, FieldSupport] = COMMON_FIELDS | {
         HARMLESS, "read only by instruct-pix2pix models, which sdlab cannot load"
     ),
     "mask": FieldSupport(HONOURED),
-    "mask_blur_x": FieldSupport(REFUSED, "different x and y mask blurs", _mask_blur_xy("mask_blur_x")),
-    "mask_blur_y": FieldSupport(REFUSED, "different x and y mask blurs", _mask_blur_xy("mask_blur_y")),
+    "mask_blur_x": FieldSupport(HONOURED, "used when mask_blur is not given"),
+    "mask_blur_y": FieldSupport(HONOURED, "used when mask_blur is not given"),
     "mask_blur": FieldSupport(HONOURED),
-    "mask_round": FieldSupport(REFUSED, "mask_round false", _with_mask("mask_round", lambda v, b: v)),
-    "inpainting_fill": FieldSupport(
-        REFUSED, "masked content other than original (1)", _with_mask("inpainting_fill", _one_of(1))
-    ),
-    "inpaint_full_res": FieldSupport(
-        REFUSED, "inpainting only the masked area", _with_mask("inpaint_full_res", _unset)
-    ),
-    "inpaint_full_res_padding": FieldSupport(HARMLESS, "read only with inpaint_full_res"),
+    "mask_round": FieldSupport(HONOURED),
+    "inpainting_fill": FieldSupport(HONOURED, "0 fill, 1 original, 2 latent noise, 3 latent nothing"),
+    "inpaint_full_res": FieldSupport(HONOURED, "true: only masked"),
+    "inpaint_full_res_padding": FieldSupport(HONOURED),
     "inpainting_mask_invert": FieldSupport(HONOURED),
     "initial_noise_multiplier": FieldSupport(REFUSED, "a noise multiplier other than 1", _one_of(1)),
     "latent_mask": FieldSupport(REFUSED, "a separate latent mask", _unset),
@@ -428,12 +420,13 @@ def routes(server: Server) -> APIRouter:
 
     @api.post("/png-info")
     def png_info(body: PngInfoRequest) -> dict[str, Any]:
-        image = decode_image(body.image)
+        image = decode_image(body.image, "image", server.settings.image_limits)
         info = image.info.get("parameters", "")
         items = {k: v for k, v in image.info.items() if k != "parameters" and isinstance(v, str)}
         return {"info": info, "items": items, "parameters": parse_infotext(info) if info else {}}
 
     startup_routes(api, server)
+    extras_routes(api, server)
     return api
 
 
@@ -469,10 +462,12 @@ def _job_request(server: Server, mode: str, body: _Request, job_id: str) -> dict
     refiner = _refiner(server, body)
     if refiner is not None:
         generation |= {"refiner": refiner, "refiner_switch_at": body.refiner_switch_at}
+    if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+        generation["hires"] = _hires(server, body)
     images: dict[str, Image.Image | None] = {"init_image": None, "mask": None}
     parameters = body.model_dump()
     if isinstance(body, Img2ImgRequest):
-        images = _img2img(body, generation)
+        images = _img2img(body, generation, server.settings.image_limits)
         if not body.include_init_images:
             parameters |= {"init_images": None, "mask": None}
     try:
@@ -481,6 +476,9 @@ def _job_request(server: Server, mode: str, body: _Request, job_id: str) -> dict
         raise HTTPException(422, str(e)) from e
     if not 1 <= body.n_iter <= 100:
         raise HTTPException(422, f"n_iter must be between 1 and 100, got {body.n_iter}")
+    if body.batch_size * body.n_iter > MAX_JOB_IMAGES:
+        images = f"{body.batch_size}x{body.n_iter}"
+        raise HTTPException(422, f"batch_size x n_iter = {images} exceeds the limit of {MAX_JOB_IMAGES}")
     return {
         "mode": mode,
         "checkpoint": _checkpoint(
@@ -540,7 +538,27 @@ def _generation(server: Server, body: _Request) -> dict[str, Any]:
     }
 
 
-def _img2img(body: Img2ImgRequest, generation: dict[str, Any]) -> dict[str, Image.Image | None]:
+def _hires(server: Server, body: Txt2ImgRequest) -> dict[str, Any]:
+    """The hires fix of a txt2img body (HiresFix's fields): A1111's defaults for nulls (denoising 0.75,
+    the `Latent` upscaler); the UI's "Use same ..." mean the first pass's sampler and schedule; upscaler
+    models from the models folder."""
+    return {
+        "scale": body.hr_scale,
+        "resize": (body.hr_resize_x, body.hr_resize_y),
+        "steps": body.hr_second_pass_steps,
+        "denoise": 0.75 if body.denoising_strength is None else body.denoising_strength,
+        "upscaler": body.hr_upscaler or "Latent",
+        "prompt": body.hr_prompt,
+        "negative_prompt": body.hr_negative_prompt,
+        "sampler": "" if body.hr_sampler_name in (None, "Use same sampler") else body.hr_sampler_name,
+        "scheduler": "" if body.hr_scheduler in (None, "Use same scheduler") else body.hr_scheduler,
+        "upscaler_dirs": [str(folder) for folder in server.library.upscaler_dirs()],
+    }
+
+
+def _img2img(
+    body: Img2ImgRequest, generation: dict[str, Any], limits: ImageLimits
+) -> dict[str, Image.Image | None]:
     """Add img2img's fields to `generation`; the decoded init image and mask."""
     if not body.init_images:
         raise HTTPException(404, "Init image not found")
@@ -549,22 +567,47 @@ def _img2img(body: Img2ImgRequest, generation: dict[str, Any]) -> dict[str, Imag
     generation |= {
         "strength": body.denoising_strength,
         "resize_mode": A1111_RESIZE_MODES[body.resize_mode],
-        "mask_blur": body.mask_blur_x if body.mask_blur is None else body.mask_blur,
         "inpainting_mask_invert": bool(body.inpainting_mask_invert),
+        **_inpainting(body),
     }
-    return {"init_image": decode_image(body.init_images[0]), "mask": body.mask and decode_image(body.mask)}
+    mask_mode = "L" if body.mask_round else "RGBA"  # mask_round false: the alpha's grey levels are read
+    return {
+        "init_image": decode_image(body.init_images[0], "init_images[0]", limits),
+        "mask": body.mask and decode_image(body.mask, "mask", limits, mask_mode),
+    }
 
 
-def decode_image(data: str) -> Image.Image:
-    """A base64 image (optionally a data: URL), loaded; HTTP 422 when it is not one."""
+def _inpainting(body: Img2ImgRequest) -> dict[str, Any]:
+    """A1111's inpainting fields as GenerationRequest's: mask_blur, when given, sets both blurs."""
+    if body.inpainting_fill not in range(len(MASKED_CONTENT)):
+        raise HTTPException(422, f"inpainting_fill must be 0-3 ({', '.join(MASKED_CONTENT)})")
+    blur_x, blur_y = (body.mask_blur_x, body.mask_blur_y) if body.mask_blur is None else (body.mask_blur,) * 2
+    return {
+        "mask_blur": blur_x,
+        "mask_blur_x": blur_x,
+        "mask_blur_y": blur_y,
+        "mask_round": body.mask_round,
+        "inpainting_fill": MASKED_CONTENT[body.inpainting_fill],
+        "inpaint_full_res": body.inpaint_full_res,
+        "inpaint_full_res_padding": body.inpaint_full_res_padding,
+    }
+
+
+def decode_image(data: str, field: str, limits: ImageLimits, mode: str = "RGB") -> Image.Image:
+    """A base64 image (optionally a data: URL) of request field `field`, decoded within `limits` as
+    `open_image` does; HTTP 413 (too large) or 422 naming the field when it cannot be."""
     if data.startswith("data:") and "," in data:
         data = data.split(",", 1)[1]
+    if len(data) > -(-limits.max_bytes // 3) * 4:  # longer than any base64 text of max_bytes bytes
+        raise HTTPException(413, f"{field}: more than the limit of {limits.max_bytes:,} bytes")
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-        image.load()
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise HTTPException(422, f"Invalid encoded image: {e}") from e
-    return image
+        return open_image(base64.b64decode(data, validate=True), field, limits, mode)
+    except binascii.Error as e:
+        raise HTTPException(422, f"{field}: invalid base64 ({e})") from e
+    except ImageTooLarge as e:
+        raise HTTPException(413, str(e)) from e
+    except ImageError as e:
+        raise HTTPException(422, str(e)) from e
 
 
 def _checkpoint(server: Server, name: str | None) -> str:
@@ -711,7 +754,7 @@ def _info(
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": req.strength if req.init_image is not None else None,
+        "denoising_strength": _denoising_strength(req),
         "extra_generation_params": {"Schedule type": schedule_display_name(req.scheduler)},
         "index_of_first_image": 0,
         "infotexts": infotexts,
@@ -721,6 +764,13 @@ def _info(
         "is_using_inpainting_conditioning": model.family.inpaint,
         "version": f"sdlab {version('sdlab')}",
     }
+
+
+def _denoising_strength(req: GenerationRequest) -> float | None:
+    """img2img's strength, the hires pass's, or None for a plain txt2img."""
+    if req.hires is not None:
+        return req.hires.denoise
+    return req.strength if req.init_image is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -875,11 +925,6 @@ def startup_routes(api: APIRouter, server: Server) -> None:
     def cmd_flags() -> dict[str, Any]:
         return _cmd_flags(server)
 
-    @api.get("/upscalers")
-    def upscalers() -> list[dict[str, Any]]:
-        none = {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": None}
-        return [none]  # A1111's built-in "no upscaling"; sdlab has no upscaler to offer
-
     @api.get("/memory")
     def memory() -> dict[str, Any]:
         return _memory()
@@ -888,8 +933,11 @@ def startup_routes(api: APIRouter, server: Server) -> None:
     def scripts() -> dict[str, list[str]]:
         return {"txt2img": [], "img2img": []}
 
+    @api.get("/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict[str, str]]:
+        return [{"name": name} for name in LATENT_UPSCALE_MODES]
+
     for name in (
-        "latent-upscale-modes",
         "hypernetworks",
         "face-restorers",
         "realesrgan-models",

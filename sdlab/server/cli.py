@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sdlab.images import add_image_limit_arguments
+
 API_KEY_ENV = "SDLAB_API_KEY"
 DEFAULT_MODELS = Path("models")
 
@@ -60,6 +62,18 @@ def host_names(value: str) -> tuple[str, ...]:
     return names
 
 
+def frontend_problem(ui: str, front_end_root: Path | None) -> str | None:
+    """Why ComfyUI's frontend cannot be served as asked (`--ui comfy`, `--front-end-root`), or None."""
+    from sdlab.server.comfy_frontend import frontend_problem as build_problem
+    from sdlab.server.comfy_frontend import installed_frontend
+
+    if front_end_root is not None:
+        return build_problem(front_end_root)
+    if ui == "comfy" and installed_frontend() is None:
+        return "--ui comfy needs ComfyUI's frontend: pip install 'sdlab[serve]' (comfyui-frontend-package)"
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Check the bind address, then serve until interrupted."""
     problem = bind_problem(args.host, args.api_key)
@@ -69,6 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from sdlab.images import ImageLimits
     from sdlab.server.app import create_app
     from sdlab.server.paths import Folders
     from sdlab.server.state import Settings
@@ -79,9 +94,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    problem = frontend_problem(args.ui, args.front_end_root)
+    if problem is not None:
+        print(f"sdlab serve: error: {problem}", file=sys.stderr)
+        return 2
     folders = Folders(models, args.outputs_dir, args.input_dir, args.state_dir)
     settings = Settings(
-        folders, api_key=args.api_key or None, max_queue=args.max_queue, allowed_hosts=args.allowed_hosts
+        folders,
+        api_key=args.api_key or None,
+        max_queue=args.max_queue,
+        allowed_hosts=args.allowed_hosts,
+        preview_method=args.preview_method,
+        ui=args.ui,
+        front_end_root=args.front_end_root,
+        image_limits=ImageLimits(args.max_image_pixels, args.max_image_bytes),
     )
     app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
@@ -129,6 +155,27 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "header is checked against DNS rebinding; with an API key any name is served)",
     )
     p.add_argument("--max-queue", type=int, default=100, help="pending jobs before HTTP 429 (default: 100)")
+    p.add_argument(
+        "--ui",
+        choices=("sdlab", "comfy"),
+        default="sdlab",
+        help="the page at / : sdlab's web UI (default; ComfyUI's frontend is at /comfy/), or ComfyUI's "
+        "frontend (sdlab's UI is then at /sdlab/)",
+    )
+    p.add_argument(
+        "--front-end-root",
+        type=Path,
+        metavar="DIR",
+        help="serve this ComfyUI frontend build instead of the installed comfyui-frontend-package",
+    )
+    p.add_argument(
+        "--preview-method",
+        choices=("none", "auto", "latent2rgb"),
+        default="none",
+        help="live previews of ComfyUI workflows over /ws: none (default, as ComfyUI), or latent2rgb "
+        "(auto is the same: sdlab has no TAESD)",
+    )
+    add_image_limit_arguments(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     p.set_defaults(func=cmd_serve)
@@ -137,6 +184,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m sdlab.server`: the same as `sdlab serve`."""
-    parser = argparse.ArgumentParser(prog="sdlab")
+    from sdlab.cli import OneLineParser
+
+    parser = OneLineParser(prog="sdlab")
     add_serve_parser(parser.add_subparsers(dest="command", required=True))
     return cmd_serve(parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])]))

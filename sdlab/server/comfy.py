@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
+import json
 import os
 import tempfile
 import time
@@ -18,8 +18,8 @@ from typing import Any
 
 from fastapi import APIRouter, Form, HTTPException, Request, UploadFile, WebSocket
 from fastapi.responses import FileResponse, JSONResponse
-from PIL import Image, UnidentifiedImageError
 
+from sdlab.images import DEFAULT_LIMITS, ImageError, ImageLimits, ImageTooLarge, open_image
 from sdlab.server.graph import NodeFailure, Validation, execute, validate
 from sdlab.server.jobs import (
     CANCELLED,
@@ -41,6 +41,8 @@ from sdlab.server.preview import latent_preview, preview_frame
 from sdlab.server.state import Server
 
 MAX_UPLOAD_BYTES = 64 << 20
+# what the server tells a client in the /ws feature_flags exchange (and GET /features), as ComfyUI does
+SERVER_FEATURES = {"supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD_BYTES}
 
 
 def routes(server: Server) -> APIRouter:
@@ -49,7 +51,7 @@ def routes(server: Server) -> APIRouter:
 
     @api.post("/prompt")
     async def post_prompt(request: Request) -> JSONResponse:
-        body = await _json_object(request)
+        body = await json_object(request)
         if "prompt" not in body:
             return JSONResponse({"error": "no prompt", "node_errors": []}, status_code=400)
         checked = validate(body["prompt"], server.env())
@@ -77,7 +79,7 @@ def routes(server: Server) -> APIRouter:
 
     @api.post("/queue")
     async def post_queue(request: Request) -> dict[str, Any]:
-        body = await _json_object(request)
+        body = await json_object(request)
         if body.get("clear"):
             server.worker.cancel()
         if isinstance(body.get("delete"), list):
@@ -86,7 +88,7 @@ def routes(server: Server) -> APIRouter:
 
     @api.post("/interrupt")
     async def post_interrupt(request: Request) -> dict[str, Any]:
-        body = await _json_object(request, required=False)
+        body = await json_object(request, required=False)
         server.worker.interrupt(body.get("prompt_id"))
         return {}
 
@@ -120,14 +122,20 @@ def routes(server: Server) -> APIRouter:
     ) -> dict[str, str]:
         if type != "input":
             raise HTTPException(400, "uploads go to the input folder (type=input)")
-        data = await image.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES >> 20} MiB")
+        limits = server.settings.image_limits
+        data = await image.read(limits.max_bytes + 1)  # one byte more than allowed: refused unread
         try:
             name = store_upload(
-                server.folders.inputs, subfolder, image.filename or "", data, overwrite in ("true", "1")
+                server.folders.inputs,
+                subfolder,
+                image.filename or "",
+                data,
+                overwrite in ("true", "1"),
+                limits,
             )
-        except PathError as e:
+        except ImageTooLarge as e:
+            raise HTTPException(413, str(e)) from e
+        except (PathError, ImageError) as e:
             raise HTTPException(400, str(e)) from e
         return {"name": name, "subfolder": subfolder, "type": "input"}
 
@@ -151,7 +159,7 @@ def routes(server: Server) -> APIRouter:
     return api
 
 
-async def _json_object(request: Request, required: bool = True) -> dict[str, Any]:
+async def json_object(request: Request, required: bool = True) -> dict[str, Any]:
     """The request's JSON object body (an empty one where optional and absent)."""
     raw = await request.body()
     if not raw and not required:
@@ -244,8 +252,16 @@ def run(server: Server, job: Job, live: Live) -> Outcome:
             return
         progress = {"value": current.step, "max": current.total, "prompt_id": prompt_id, "node": current.node}
         send("progress", progress)
+        if server.settings.preview_method == "none":
+            return
         preview = latent_preview(current.latent, current.latent_format)
-        if preview is not None:
+        if preview is None:
+            return
+        if server.events.feature(client, "supports_preview_metadata"):
+            node = current.node
+            ids = {"node_id": node, "display_node_id": node, "parent_node_id": None, "real_node_id": node}
+            server.events.publish(preview_frame(preview, {**ids, "prompt_id": prompt_id}), client)
+        else:
             server.events.publish(preview_frame(preview), client)
 
     def on_node(node_id: str) -> None:
@@ -289,13 +305,18 @@ def _class_type(req: dict[str, Any], node_id: str | None) -> str | None:
 # files and sockets
 
 
-def store_upload(root: Path, subfolder: str, filename: str, data: bytes, overwrite: bool) -> str:
-    """Save an uploaded image under root/subfolder; a taken name gets " (1)", ... unless the bytes match."""
+def store_upload(
+    root: Path,
+    subfolder: str,
+    filename: str,
+    data: bytes,
+    overwrite: bool,
+    limits: ImageLimits = DEFAULT_LIMITS,
+) -> str:
+    """Save an uploaded image under root/subfolder once it decodes within limits (ImageError if not); a
+    taken name gets " (1)", ... unless the bytes match."""
     target = confined(root, subfolder, filename)
-    try:
-        Image.open(io.BytesIO(data)).verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise PathError(f"{filename}: not an image ({e})") from e
+    open_image(data, filename, limits)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
     with os.fdopen(fd, "wb") as f:
@@ -325,12 +346,28 @@ async def serve_socket(server: Server, socket: WebSocket, client_id: str) -> Non
     try:
         await socket.send_json({"type": "status", "data": {**server.status(), "sid": client_id}})
         sender = asyncio.create_task(_forward(socket, queue))
-        while (await socket.receive())["type"] != "websocket.disconnect":
-            pass
+        first = True
+        while (message := await socket.receive())["type"] != "websocket.disconnect":
+            flags = _feature_flags(message) if first else None
+            if flags is not None:  # the client's capabilities; the server answers with its own
+                server.events.set_features(client_id, flags)
+                queue.put_nowait({"type": "feature_flags", "data": SERVER_FEATURES})
+            first = False
     finally:
         if sender is not None:
             sender.cancel()
         server.events.unsubscribe(queue)
+
+
+def _feature_flags(message: dict[str, Any]) -> dict[str, Any] | None:
+    """The client's flags from a `{"type": "feature_flags", "data": {...}}` text message, else None."""
+    try:
+        body = json.loads(message.get("text") or "")
+    except ValueError:
+        return None
+    if isinstance(body, dict) and body.get("type") == "feature_flags" and isinstance(body.get("data"), dict):
+        return body["data"]
+    return None
 
 
 async def _forward(socket: WebSocket, queue: asyncio.Queue) -> None:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from sdlab.server.jobs import Interrupted
-from sdlab.server.nodes import NODE_TYPES, Env, NodeType, Saved
+from sdlab.server.nodes import NODE_TYPES, Env, Saved
+
+MAX_NODES = 2000  # nodes in one workflow (ComfyUI's largest shared workflows have a few hundred)
 
 
 @dataclass
@@ -38,10 +40,14 @@ def _error(kind: str, message: str, details: str = "", **extra: Any) -> dict[str
     return {"type": kind, "message": message, "details": details, "extra_info": extra}
 
 
-def validate(prompt: Any, env: Env) -> Validation:
-    """ComfyUI's `validate_prompt`: node types known, outputs present, every needed input valid."""
+def validate(prompt: Any, env: Env, max_nodes: int = MAX_NODES) -> Validation:
+    """ComfyUI's `validate_prompt`: node types known, outputs present, every needed input valid; at most
+    `max_nodes` nodes (checked first, and nothing recurses on the graph's depth)."""
     if not isinstance(prompt, dict):
         return Validation({}, [], error=_error("invalid_prompt", "Prompt must be an object of nodes"))
+    if len(prompt) > max_nodes:
+        message = f"Prompt has {len(prompt)} nodes; sdlab runs at most {max_nodes} (MAX_NODES)"
+        return Validation({}, [], error=_error("invalid_prompt", message, "", max_nodes=max_nodes))
     prompt = copy.deepcopy(prompt)
     for node_id, node in prompt.items():
         class_type = node.get("class_type") if isinstance(node, dict) else None
@@ -59,7 +65,7 @@ def validate(prompt: Any, env: Env) -> Validation:
     if not outputs:
         return Validation(prompt, [], error=_error("prompt_no_outputs", "Prompt has no outputs"))
     checker = _Checker(prompt, env)
-    result = Validation(prompt, [o for o in outputs if checker.valid(o, ())])
+    result = Validation(prompt, [o for o in outputs if checker.valid(o)])
     for output in outputs:
         if output not in result.outputs:
             for node_id in checker.upstream(output):
@@ -82,44 +88,62 @@ def validate(prompt: Any, env: Env) -> Validation:
 
 
 def _order(node_id: str) -> tuple[int, str]:
-    return (int(node_id), node_id) if node_id.isdigit() else (1 << 62, node_id)
+    return (int(node_id), node_id) if node_id.isdecimal() else (1 << 62, node_id)
 
 
 class _Checker:
-    """Validates nodes once each, recursing through links (cycles are errors)."""
+    """Validates nodes once each, following links depth first with an explicit stack (cycles are errors)."""
 
     def __init__(self, prompt: dict[str, Any], env: Env) -> None:
         self.prompt, self.env = prompt, env
         self.results: dict[str, bool] = {}
         self.reasons: dict[str, list[dict[str, Any]]] = {}
 
-    def valid(self, node_id: str, path: tuple[str, ...]) -> bool:
-        if node_id in path:
-            self.reasons.setdefault(node_id, []).append(
-                _error("dependency_cycle", "Dependency cycle detected", " -> ".join((*path, node_id)))
-            )
-            return False
-        if node_id not in self.results:
-            node = self.prompt[node_id]
-            errors, linked_ok = self._inputs(node, NODE_TYPES[node["class_type"]], (*path, node_id))
-            self.reasons.setdefault(node_id, []).extend(errors)
-            self.results[node_id] = linked_ok and not self.reasons[node_id]
-        return self.results[node_id]
+    def valid(self, root: str) -> bool:
+        """Whether root and every node it links to are valid; a link back into the path is a cycle."""
+        path: dict[str, bool] = {}  # the nodes being checked, in order -> whether their links are valid
+        stack: list[tuple[str, Iterator[str]]] = []
+
+        def enter(node_id: str) -> None:
+            path[node_id] = True
+            stack.append((node_id, iter(self._inputs(node_id))))
+
+        if root not in self.results:
+            enter(root)
+        while stack:
+            node_id, links = stack[-1]
+            linked = next(links, None)
+            if linked is None:
+                stack.pop()
+                self.results[node_id] = path.pop(node_id) and not self.reasons[node_id]
+                if stack:
+                    path[stack[-1][0]] &= self.results[node_id]
+            elif linked in path:
+                cycle = " -> ".join((*path, linked))
+                self.reasons[linked].append(_error("dependency_cycle", "Dependency cycle detected", cycle))
+                path[node_id] = False
+            elif linked in self.results:
+                path[node_id] &= self.results[linked]
+            else:
+                enter(linked)
+        return self.results[root]
 
     def upstream(self, node_id: str) -> list[str]:
         """node_id and every node it links to, each once."""
-        seen: list[str] = []
+        seen: dict[str, None] = {}
         stack = [node_id]
         while stack:
             current = stack.pop()
             if current not in seen and current in self.prompt:
-                seen.append(current)
+                seen[current] = None
                 stack.extend(str(v[0]) for v in self.prompt[current]["inputs"].values() if _is_link(v))
-        return seen
+        return list(seen)
 
-    def _inputs(self, node: dict, node_type: NodeType, path: tuple[str, ...]) -> tuple[list[dict], bool]:
-        errors, linked_ok = [], True
-        for name, spec in node_type.inputs.items():
+    def _inputs(self, node_id: str) -> list[str]:
+        """Check a node's own inputs (recording its errors); the nodes its well-formed links name."""
+        node = self.prompt[node_id]
+        errors, linked = self.reasons.setdefault(node_id, []), []
+        for name, spec in NODE_TYPES[node["class_type"]].inputs.items():
             if name not in node["inputs"]:
                 errors.append(
                     _error("required_input_missing", "Required input is missing", name, input_name=name)
@@ -129,7 +153,7 @@ class _Checker:
             if isinstance(value, list):
                 error = self._link(name, value, spec)
                 if error is None:
-                    linked_ok = self.valid(str(value[0]), path) and linked_ok
+                    linked.append(str(value[0]))
                 else:
                     errors.append(error)
                 continue
@@ -138,7 +162,21 @@ class _Checker:
                 node["inputs"][name] = converted
             else:
                 errors.append(error)
-        return errors, linked_ok
+        if not errors:
+            errors.extend(self._custom(node))
+        return linked
+
+    def _custom(self, node: dict[str, Any]) -> list[dict[str, Any]]:
+        """The node type's own check of its literal inputs, as ComfyUI reports a VALIDATE_INPUTS failure."""
+        node_type = NODE_TYPES[node["class_type"]]
+        check = node_type.check
+        literals = {k: v for k, v in node["inputs"].items() if k in node_type.inputs and not _is_link(v)}
+        problems = check(self.env, **literals) if check is not None else {}
+        message = "Custom validation failed for node"
+        return [
+            _error("custom_validation_failed", message, f"{name} - {problem}", input_name=name)
+            for name, problem in problems.items()
+        ]
 
     def _link(self, name: str, value: list, spec: tuple[Any, ...]) -> dict[str, Any] | None:
         if len(value) != 2 or str(value[0]) not in self.prompt or not isinstance(value[1], int):
@@ -212,20 +250,25 @@ class NodeFailure(Exception):
 
 
 def execution_order(prompt: dict[str, Any], outputs: list[str]) -> list[str]:
-    """The nodes the outputs need, each once, every node after the nodes it links to."""
-    order: list[str] = []
-
-    def visit(node_id: str) -> None:
+    """The nodes the outputs need, each once, every node after the nodes it links to (depth first, with
+    an explicit stack: a long chain of nodes is no recursion)."""
+    order: dict[str, None] = {}
+    entered: set[str] = set()
+    stack = [(output, False) for output in reversed(outputs)]
+    while stack:
+        node_id, inputs_placed = stack.pop()
         if node_id in order:
-            return
-        for value in prompt[node_id]["inputs"].values():
-            if _is_link(value):
-                visit(str(value[0]))
-        order.append(node_id)
-
-    for output in outputs:
-        visit(output)
-    return order
+            continue
+        if inputs_placed:
+            order[node_id] = None
+            continue
+        if node_id in entered:
+            raise ValueError(f"node {node_id} depends on itself")  # validation refuses cycles first
+        entered.add(node_id)
+        stack.append((node_id, True))
+        links = [str(v[0]) for v in prompt[node_id]["inputs"].values() if _is_link(v)]
+        stack += [(linked, False) for linked in reversed(links)]
+    return list(order)
 
 
 def execute(

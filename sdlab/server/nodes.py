@@ -11,6 +11,7 @@ encoders for CLIPTextEncode, the U-Net for sampling), which stay merged for the 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import string
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 
 from sdlab.checkpoints.io import CheckpointError
@@ -31,7 +32,18 @@ from sdlab.diffusion import denoiser
 from sdlab.diffusion.samplers import SAMPLERS
 from sdlab.diffusion.schedule import SCHEDULES
 from sdlab.embeddings import Embeddings, embedding_dirs
-from sdlab.images import prepare_mask, save_png, to_pil, to_tensor
+from sdlab.images import (
+    DEFAULT_LIMITS,
+    ImageError,
+    ImageLimits,
+    flatten,
+    open_image,
+    prepare_mask,
+    probe_image,
+    save_png,
+    to_pil,
+    to_tensor,
+)
 from sdlab.lora import use_loras
 from sdlab.models.vae import AutoencoderKL
 from sdlab.pipeline import (
@@ -111,11 +123,22 @@ class Env:
     models: ModelCache
     folders: Folders
     live: Live | None = None
+    image_limits: ImageLimits = DEFAULT_LIMITS  # of the input images LoadImage and LoadImageMask read
 
     def step(self, step: int, total: int, latent: Tensor) -> None:
         """Report a sampling step to the running job (which may raise to stop it)."""
         if self.live is not None:
             self.live.step_done(step, total, latent)
+
+    def png_text(self) -> dict[str, str]:
+        """ComfyUI's PNG text chunks for the running workflow: `prompt`, and each `extra_pnginfo` entry (the
+        frontend's `workflow`, so a saved image dropped on it restores the graph), as JSON."""
+        if self.live is None or self.live.job.kind != "comfy":
+            return {}
+        request = self.live.job.request
+        extra = (request.get("extra_data") or {}).get("extra_pnginfo")
+        chunks = {"prompt": json.dumps(request["prompt"])}
+        return chunks | ({k: json.dumps(v) for k, v in extra.items()} if isinstance(extra, dict) else {})
 
 
 @dataclass(frozen=True)
@@ -138,6 +161,8 @@ class NodeType:
     category: str
     description: str
     output_node: bool = False
+    # ComfyUI's VALIDATE_INPUTS: (env, **literal inputs) -> {input name: problem}, checked before queueing
+    check: Callable[..., dict[str, str]] | None = None
 
 
 def _int(default: int, lo: int, hi: int, step: int = 1) -> tuple[str, dict[str, int]]:
@@ -455,19 +480,27 @@ def _crop_to(pixels: Tensor, multiple: int) -> Tensor:
 
 
 def load_image(env: Env, image: str) -> tuple[Tensor, Tensor]:
-    """An input image as pixels, and its mask (1 - alpha; zeros without alpha)."""
-    with Image.open(_input_path(env, image)) as im:
-        im = ImageOps.exif_transpose(im)
-        pixels = to_tensor(im.convert("RGB"))
-        alpha = im.convert("RGBA").getchannel("A")
-    return pixels, prepare_mask(alpha, alpha.width, alpha.height, invert=True)
+    """An input image as pixels (alpha composited on white, as on every sdlab path) and its mask
+    (1 - alpha; zeros without alpha)."""
+    rgba = open_image(_input_path(env, image), image, env.image_limits, mode="RGBA")
+    alpha = rgba.getchannel("A")
+    return to_tensor(flatten(rgba)), prepare_mask(alpha, alpha.width, alpha.height, invert=True)
 
 
 def load_image_mask(env: Env, image: str, channel: str) -> tuple[Tensor]:
     """One channel of an input image as a mask (alpha inverted, as ComfyUI does)."""
-    with Image.open(_input_path(env, image)) as im:
-        band = ImageOps.exif_transpose(im).convert("RGBA").getchannel(MASK_CHANNELS[channel])
+    band = open_image(_input_path(env, image), image, env.image_limits, mode="RGBA")
+    band = band.getchannel(MASK_CHANNELS[channel])
     return (prepare_mask(band, band.width, band.height, invert=channel == "alpha"),)
+
+
+def check_input_image(env: Env, image: str, **_: Any) -> dict[str, str]:
+    """LoadImage's VALIDATE_INPUTS: the file's format, bytes and pixels within the limits (header only)."""
+    try:
+        probe_image(_input_path(env, image), image, env.image_limits)
+    except (ImageError, PathError) as e:
+        return {"image": f"Invalid image file: {e}"}
+    return {}
 
 
 def _input_path(env: Env, name: str) -> Path:
@@ -476,16 +509,16 @@ def _input_path(env: Env, name: str) -> Path:
 
 def save_image(env: Env, images: Tensor, filename_prefix: str) -> Saved:
     """PNGs `<prefix>_00001_.png`, ... in the output folder (the prefix may name a subfolder)."""
-    return _save(images, env.folders.outputs, filename_prefix, "output")
+    return _save(images, env.folders.outputs, filename_prefix, "output", env.png_text())
 
 
 def preview_image(env: Env, images: Tensor) -> Saved:
     """PNGs in the temp folder, for the client to show."""
     suffix = "".join(random.choice(string.ascii_lowercase) for _ in range(5))
-    return _save(images, env.folders.temp, f"ComfyUI_temp_{suffix}", "temp")
+    return _save(images, env.folders.temp, f"ComfyUI_temp_{suffix}", "temp", env.png_text())
 
 
-def _save(images: Tensor, root: Path, prefix: str, kind: str) -> Saved:
+def _save(images: Tensor, root: Path, prefix: str, kind: str, text: dict[str, str]) -> Saved:
     try:
         subfolder, name = split_name(prefix)
         folder = confined(root, subfolder, name).parent
@@ -494,7 +527,7 @@ def _save(images: Tensor, root: Path, prefix: str, kind: str) -> Saved:
     counter = _next_counter(folder, name)
     saved = []
     for i, image in enumerate(to_pil(images)):
-        path = save_png(image, folder / f"{name}_{counter + i:05}_.png")
+        path = save_png(image, folder / f"{name}_{counter + i:05}_.png", text=text)
         saved.append({"filename": path.name, "subfolder": "/".join(relative_parts(subfolder)), "type": kind})
     return Saved({"images": saved})
 
@@ -678,6 +711,7 @@ NODE_TYPES: dict[str, NodeType] = {
         load_image,
         "image",
         "Loads an image from the input folder.",
+        check=check_input_image,
     ),
     "LoadImageMask": NodeType(
         {
@@ -688,6 +722,7 @@ NODE_TYPES: dict[str, NodeType] = {
         load_image_mask,
         "mask",
         "Loads one channel of an input image as a mask.",
+        check=check_input_image,
     ),
     "SaveImage": NodeType(
         {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},

@@ -6,8 +6,10 @@ import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from sdlab.images import DEFAULT_LIMITS, ImageLimits
 from sdlab.server.jobs import PENDING, RUNNING, Job, JobStore, Live, Outcome, Worker, log
 from sdlab.server.library import Library, ModelCache
 from sdlab.server.nodes import Env
@@ -25,6 +27,12 @@ class Settings:
     max_queue: int = 100  # pending jobs; more get HTTP 429
     # Host names served without an API key besides the loopback ones (`sdlab serve --allowed-hosts`)
     allowed_hosts: tuple[str, ...] = ()
+    image_limits: ImageLimits = DEFAULT_LIMITS  # every uploaded or posted image (`--max-image-pixels/-bytes`)
+    # live previews over ComfyUI's /ws: "none" (ComfyUI's default), "auto" or "latent2rgb" (the same here:
+    # sdlab has no TAESD, which "auto" would prefer)
+    preview_method: str = "none"
+    ui: str = "sdlab"  # the page at `/`: sdlab's web UI, or "comfy" for ComfyUI's frontend (also at /comfy/)
+    front_end_root: Path | None = None  # a ComfyUI frontend build (None: the installed frontend package)
 
 
 class Events:
@@ -33,6 +41,7 @@ class Events:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribers: list[tuple[str, asyncio.Queue[Message], asyncio.AbstractEventLoop]] = []
+        self._features: dict[str, dict[str, Any]] = {}  # client id -> its /ws feature flags
 
     def subscribe(self, client_id: str) -> asyncio.Queue[Message]:
         """A queue of the messages for client_id (call on the event loop)."""
@@ -44,7 +53,21 @@ class Events:
     def unsubscribe(self, queue: asyncio.Queue[Message]) -> None:
         """Stop delivering to a queue from `subscribe`."""
         with self._lock:
+            gone = [s[0] for s in self._subscribers if s[1] is queue]
             self._subscribers = [s for s in self._subscribers if s[1] is not queue]
+            for client_id in gone:
+                if not any(s[0] == client_id for s in self._subscribers):
+                    self._features.pop(client_id, None)
+
+    def set_features(self, client_id: str, flags: dict[str, Any]) -> None:
+        """Record the feature flags a client announced on its WebSocket."""
+        with self._lock:
+            self._features[client_id] = flags
+
+    def feature(self, client_id: str, name: str) -> bool:
+        """Whether a client announced a feature (flag value True)."""
+        with self._lock:
+            return self._features.get(client_id, {}).get(name) is True
 
     def connected(self, client_id: str) -> bool:
         """Whether a client with this id has a WebSocket open."""
@@ -107,7 +130,7 @@ class Server:
 
     def env(self, live: Live | None = None) -> Env:
         """What ComfyUI nodes may use, with the running job's live state."""
-        return Env(self.library, self.models, self.folders, live)
+        return Env(self.library, self.models, self.folders, live, self.settings.image_limits)
 
     def queue_remaining(self) -> int:
         """Jobs pending or running."""

@@ -45,7 +45,7 @@ def routes(server: Server) -> APIRouter:
         """Encode an image to its latent (posterior mean) and decode it back: reconstruction, the latent's
         channels (each stretched to its own min..max), latent shape, compression ratio and PSNR."""
         job_id = new_job_id()
-        image = decode_image(body.image)
+        image = decode_image(body.image, "image", server.settings.image_limits)
         checkpoint = _checkpoint(server, body.model or server.options["sd_model_checkpoint"])
         request = {"checkpoint": checkpoint, "image": _store_image(server, job_id, "image", image)}
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,19 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low (a negative step count would train nothing, silently)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value"
+    return parse
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     """Output, resume, data and loop flags every recipe takes."""
     p.add_argument(
@@ -50,21 +64,25 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", default=None, help="image folder with same-name .txt captions (default: sdlab-mini)"
     )
-    p.add_argument("--resolution", type=int, default=None, help="training image side (default 64)")
+    p.add_argument("--resolution", type=_at_least(1), default=None, help="training image side (default 64)")
     p.add_argument("--caption-extension", default=None, help="caption file suffix (default .txt)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="global batch, split over torchrun processes")
+    p.add_argument("--steps", type=_at_least(1), default=None)
+    p.add_argument(
+        "--batch-size", type=_at_least(1), default=None, help="global batch, split over torchrun processes"
+    )
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None)
-    p.add_argument("--warmup", type=int, default=None, help="linear LR warmup steps")
+    p.add_argument("--warmup", type=_at_least(0), default=None, help="linear LR warmup steps")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0 = off)")
     p.add_argument("--ema-decay", type=float, default=None, help="EMA of the weights (0 = off)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--sample-every", type=int, default=None, help="sample grid every N steps (0 = never)")
-    p.add_argument("--log-every", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="data loader processes")
+    p.add_argument("--checkpoint-every", type=_at_least(0), default=None)
+    p.add_argument(
+        "--sample-every", type=_at_least(0), default=None, help="sample grid every N steps (0 = never)"
+    )
+    p.add_argument("--log-every", type=_at_least(1), default=None)
+    p.add_argument("--workers", type=_at_least(0), default=None, help="data loader processes")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -286,8 +304,8 @@ def add_train_parser(subparsers: Any) -> None:
     p.add_argument(
         "--decoder-steps", type=int, default=None, help="add a decoder fine-tuning stage of N steps"
     )
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--batch-size", type=_at_least(1), default=None)
+    p.add_argument("--workers", type=_at_least(0), default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=cmd_mini)

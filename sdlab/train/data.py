@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
-from sdlab.images import to_tensor
+from sdlab.images import ImageError, open_image, probe_image, to_tensor
 from sdlab.train.mini_data import CORE_OBJECTS, CaptionMix, MiniDataConfig, sample
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -79,10 +79,9 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Item:
         path = self.files[index]
         try:
-            with Image.open(path) as im:
-                image = _fit(im.convert("RGB"), self.resolution)
-        except OSError as e:
-            raise DataError(f"{path}: unreadable image ({e})") from e
+            image = _fit(open_image(path, f"{path}: unreadable image"), self.resolution)
+        except ImageError as e:
+            raise DataError(str(e)) from e
         caption = path.with_suffix(self.caption_extension)
         text = caption.read_text(encoding="utf-8").strip() if self.captions else ""
         return to_tensor(image)[0], text, str(path)
@@ -102,10 +101,9 @@ def _check(files: list[Path], resolution: int, caption_extension: str | None) ->
     problems = []
     for path in files:
         try:
-            with Image.open(path) as im:
-                w, h = im.size
-        except (OSError, UnidentifiedImageError) as e:
-            problems.append(f"{path}: unreadable image ({type(e).__name__}: {e})")
+            w, h = probe_image(path, f"{path}: unreadable image")
+        except ImageError as e:
+            problems.append(str(e))
             continue
         if min(w, h) < resolution:
             problems.append(f"{path}: {w}x{h} is smaller than the training size {resolution}")
