@@ -10,7 +10,7 @@ add fields here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from sdlab.families import VECTOR_EMBED_DIM, Family
+from sdlab.finite import check_finite, overflow_cause
 from sdlab.models.unet import timestep_embedding
 from sdlab.text.comfy_prompt import comfy_chunks
 from sdlab.text.prompt import Chunk, chunk_prompt, encode_chunks, pad_chunks
@@ -106,6 +107,10 @@ class Prompt:
             raise ValueError("this prompt changes during sampling or has AND parts: use Prompt.at(call)")
         return self.parts[0][0][0][1]
 
+    def map(self, f: Callable[[Conditioning], Conditioning]) -> Prompt:
+        """The same prompt with `f` applied to each of its conditionings."""
+        return Prompt(tuple((tuple((last, f(c)) for last, c in sched), w) for sched, w in self.parts))
+
 
 def encode_prompts(
     model: StableDiffusion,
@@ -114,6 +119,7 @@ def encode_prompts(
     steps: int,
     clip_skip: int = 1,
     embeddings: Embeddings | None = None,
+    first_pass: int | None = None,
 ) -> tuple[Prompt, Prompt]:
     """(prompt, negative) as AUTOMATIC1111 conditions on them over `steps` steps: `AND` parts (the
     negative has none), prompt editing and alternation (`sdlab.text.schedule`), every distinct text
@@ -121,9 +127,10 @@ def encode_prompts(
     step is zeroed for families where A1111 does so (SDXL: `force_zero_negative_prompt`). `clip_skip`
     counts from the family's own layer on every encoder (for SDXL, where A1111 ignores its option by
     default, this is diffusers' `clip_skip` + 1). `embeddings`: the textual-inversion embeddings both
-    prompts may name (`Embeddings.a1111`: file stems)."""
-    positive = [(prompt_schedule(text, steps), w) for text, w in split_and(prompt)]
-    negative_schedule = prompt_schedule(negative, steps)
+    prompts may name (`Embeddings.a1111`: file stems). `first_pass`: the first pass's steps when these
+    `steps` are a hires fix's second pass (prompt editing counts on from the first pass, as in A1111)."""
+    positive = [(prompt_schedule(text, steps, first_pass), w) for text, w in split_and(prompt)]
+    negative_schedule = prompt_schedule(negative, steps, first_pass)
     texts = {t for sched, _ in positive for _, t in sched} | {t for _, t in negative_schedule}
     chunks = {t: _chunks(model, t, embeddings) for t in texts}
     count = max(len(c) for per in chunks.values() for c in per)
@@ -185,7 +192,7 @@ def _encode(
         empty = chunk_prompt(model.tokenizer, "", cfg.pad_token)[0]  # the same chunk in both syntaxes
         padded = pad_chunks(own, count, empty)
         z, p = encode_chunks(encoder, padded, layer, spec.final_norm, empty if comfy else None)
-        contexts.append(z)
+        contexts.append(check_finite(z, "the text encoder's output", overflow_cause("text encoder", z.dtype)))
         if spec.pooled:
             pooled = p
     return Conditioning(torch.cat(contexts, dim=-1), pooled)

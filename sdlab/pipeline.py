@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -19,17 +19,38 @@ from torch import Tensor
 
 from sdlab.checkpoints.load import StableDiffusion
 from sdlab.conditioning import Conditioning, Prompt, encode_prompts
+from sdlab.control import Control, ControlSpec, control_residuals, load_controls, prepare_controls
 from sdlab.diffusion.denoiser import Denoiser, DenoiserFn, add_noise, guide
 from sdlab.diffusion.samplers import DISCARD_PENULTIMATE_SIGMA, get_sampler, resolve_sampler
 from sdlab.diffusion.schedule import DiscreteSchedule, get_sigmas
 from sdlab.embeddings import Embeddings, embedding_dirs
-from sdlab.images import prepare_mask, resize_image, to_pil, to_tensor
+from sdlab.finite import check_finite, overflow_cause
+from sdlab.hires import HiresFix, crop_latents, target, upscale_latents, upscale_to
+from sdlab.images import (
+    Box,
+    apply_overlay,
+    blur_mask,
+    expand_box,
+    fill_masked,
+    flatten,
+    latent_mask,
+    mask_box,
+    mask_overlay,
+    masked_content,
+    prepare_mask,
+    read_mask,
+    resize_image,
+    to_pil,
+    to_tensor,
+)
 from sdlab.lora import use_loras
+from sdlab.models.controlnet import ControlNetModel
 from sdlab.networks import find_lora, lora_dirs, lora_tags, no_tags
 from sdlab.vae_tools import decode_pixels, encode_pixels
 
 Callback = Callable[[int, int, Tensor], None]
 MAX_PIXELS = 4096 * 4096  # width x height x batch of one request (a 4096² image, or 16 at 1024²)
+MAX_MASK_BLUR = 256  # A1111's slider stops at 64; the blur's taps grow as 5·blur
 MAX_PROMPT_CHARS = 20_000  # ~5,000 tokens, ~70 chunks per encoder  # (step, total, current denoised latent)
 
 
@@ -54,6 +75,13 @@ class GenerationRequest:
     mask: Image.Image | None = field(default=None, compare=False)
     mask_blur: int = 4
     inpainting_mask_invert: bool = False
+    # A1111's inpainting settings, defaults as its web UI's (its API route sends the API's own)
+    mask_blur_x: int | None = None  # blur along x, and along y; None: mask_blur
+    mask_blur_y: int | None = None
+    mask_round: bool = True  # alpha masks thresholded, latent mask rounded to 0/1
+    inpainting_fill: str | int = "original"  # masked content: fill, original, latent noise, latent nothing
+    inpaint_full_res: bool = False  # "only masked": repaint a crop around the mask at width x height
+    inpaint_full_res_padding: int = 32  # pixels of context around the mask in that crop
     loras: tuple[tuple[str, float], ...] = ()  # (file, weight) merged while generating, besides the tags
     lora_dirs: tuple[
         str, ...
@@ -63,12 +91,18 @@ class GenerationRequest:
     refiner: str | None = None  # a second model that finishes the sampling (SDXL refiner), by name
     refiner_switch_at: float = 0.8  # share of the run after which the refiner takes over
     refiner_switch_by_steps: bool = False  # A1111 < 1.8: count steps instead of comparing timesteps
+    hires: HiresFix | None = None  # A1111's hires fix: upscale, then a second (img2img) pass
+    controls: tuple[ControlSpec, ...] = ()  # ControlNet units, their residuals summed (sdlab.control)
 
     def __post_init__(self) -> None:  # lists from JSON job requests become tuples
+        if isinstance(self.hires, dict):
+            object.__setattr__(self, "hires", HiresFix(**self.hires))
         object.__setattr__(self, "loras", tuple((str(f), float(w)) for f, w in self.loras))
+        object.__setattr__(self, "inpainting_fill", masked_content(self.inpainting_fill))
         object.__setattr__(self, "lora_dirs", tuple(str(d) for d in self.lora_dirs))
         object.__setattr__(self, "embedding_dirs", tuple(str(d) for d in self.embedding_dirs))
         object.__setattr__(self, "embeddings", tuple((str(n), str(f)) for n, f in self.embeddings))
+        object.__setattr__(self, "controls", tuple(self.controls))
 
     def validate(self, latent_factor: int = 8, max_pixels: int = MAX_PIXELS) -> None:
         """Raise ValueError naming the first bad field; sizes are bounded before any work is done."""
@@ -97,9 +131,47 @@ class GenerationRequest:
             raise ValueError(f"clip_skip must be at least 1, got {self.clip_skip}")
         if self.mask is not None and self.init_image is None:
             raise ValueError("a mask needs an init image to inpaint")
+        self._validate_inpainting()
         if not 0.0 < self.refiner_switch_at <= 1.0:
             raise ValueError(f"refiner_switch_at must be in (0, 1], got {self.refiner_switch_at}")
         resolve_sampler(self.sampler, self.scheduler)
+        if self.hires is not None:
+            self._validate_hires(latent_factor, max_pixels)
+        for i, control in enumerate(self.controls):
+            control.validate(i)
+        if self.controls and (self.refiner is not None or self.hires is not None):
+            raise ValueError("controls with a refiner or the hires fix: not supported yet")
+
+    def _validate_hires(self, latent_factor: int, max_pixels: int) -> None:
+        """The hires fix: its settings, the final size against the pixel bound, its prompts' length; a
+        txt2img of one model only (as in A1111)."""
+        assert self.hires is not None
+        width, height = self.hires.validate(self.width, self.height, latent_factor)
+        if width * height * self.batch_size > max_pixels:
+            raise ValueError(
+                f"the hires fix's {width}x{height} x batch_size {self.batch_size} exceeds the limit of "
+                f"{max_pixels:,} pixels per request"
+            )
+        if max(len(self.hires.prompt), len(self.hires.negative_prompt)) > MAX_PROMPT_CHARS:
+            raise ValueError(f"a hires prompt is longer than {MAX_PROMPT_CHARS:,} characters")
+        if self.init_image is not None or self.refiner is not None:
+            raise ValueError("the hires fix is for txt2img without a refiner (as in A1111)")
+        resolve_sampler(self.hires.sampler or self.sampler, self.hires.scheduler or self.scheduler)
+
+    def _validate_inpainting(self) -> None:
+        """Mask blurs within 0..MAX_MASK_BLUR (the work grows with them), a padding of at least 0."""
+        for name in ("mask_blur", "mask_blur_x", "mask_blur_y"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_MASK_BLUR:
+                raise ValueError(f"{name} must be between 0 and {MAX_MASK_BLUR}, got {value}")
+        if (padding := self.inpaint_full_res_padding) < 0:
+            raise ValueError(f"inpaint_full_res_padding must be at least 0, got {padding}")
+
+    @property
+    def blur_xy(self) -> tuple[int, int]:
+        """The mask blur along x and y: mask_blur_x / mask_blur_y where set, else mask_blur."""
+        x, y = self.mask_blur_x, self.mask_blur_y
+        return (self.mask_blur if x is None else x, self.mask_blur if y is None else y)
 
 
 class StopSampling(Exception):
@@ -151,10 +223,13 @@ def generate(
     req: GenerationRequest,
     callback: Callback | None = None,
     refiner: StableDiffusion | None = None,
+    controlnets: Mapping[str, ControlNetModel] | None = None,
 ) -> GenerationResult:
     """Run one request end to end and return the images with their seeds. `refiner`: the loaded model
     `req.refiner` names, which takes over the sampling at `req.refiner_switch_at` (A1111's refiner).
-    The returned request has the seed, sampler, schedule, LoRA files and embeddings resolved."""
+    `controlnets`: loaded ControlNets by the `model` names of `req.controls` (the others are loaded from
+    their files for this call). The returned request has the seed, sampler, schedule, LoRA files and
+    embeddings resolved."""
     factor = model.config.vae.downscale
     req.validate(factor)
     if (req.refiner is None) != (refiner is None):
@@ -165,6 +240,9 @@ def generate(
     req = replace(req, seed=resolve_seed(req.seed), loras=(*req.loras, *found))
     sampler_name, schedule_name = resolve_sampler(req.sampler, req.scheduler)
     req = replace(req, sampler=sampler_name, scheduler=schedule_name or "normal")
+    if req.hires is not None:
+        hires = req.hires.resolved(req.sampler, req.scheduler, req.prompt, req.negative_prompt)
+        req = replace(req, hires=hires)
     seeds = [req.seed + i for i in range(req.batch_size)]
     shape = (model.config.unet.out_channels, req.height // factor, req.width // factor)
     use_loras(model, req.loras)  # kept merged for the next request with the same set
@@ -175,28 +253,88 @@ def generate(
         embeddings = Embeddings.a1111(model, embedding_dirs(req.embedding_dirs))
         guidance = _guidance(model, prompt, req, embeddings)
         sigmas = sampling_sigmas(model, sampler_name, req.scheduler, req.steps)
-        init, keep, extra = None, None, {}
-        if req.init_image is None and model.family.inpaint:
-            blank = torch.zeros(1, 3, req.height, req.width)
-            extra = _inpaint_conditioning(model, blank, torch.ones_like(blank[:, :1]), req.batch_size)
+        prepared = prepare_init_image(req)
+        if prepared is not None and prepared.mask is None and req.mask is not None:  # a blank "only masked"
+            req = replace(req, inpaint_full_res=False, inpainting_fill="original")  # plain img2img, as A1111
+        init, keep, extra = None, None, _txt2img_conditioning(model, req.height, req.width, req.batch_size)
         if req.init_image is not None:
-            init, keep, extra = _image_conditioning(model, req, req.batch_size)
-            t_enc = int(min(req.strength, 0.999) * req.steps)
-            sigmas = sigmas[req.steps - t_enc - 1 :]
+            init, keep, extra = _image_conditioning(model, req, prepared, noise)
+            sigmas = img2img_sigmas(sigmas, req.strength, req.steps)
         guidance.extra = extra
+        nets = load_controls(req.controls, controlnets or {}, model.unet)
+        guidance.controls = prepare_controls(req.controls, nets, req.width, req.height, factor)
         handover = None
         if refiner is not None:
             refined = Embeddings.a1111(refiner, embedding_dirs(req.embedding_dirs))
             r_guidance = _guidance(refiner, prompt, req, refined)
             handover = Handover(refiner, r_guidance, req.refiner_switch_at, req.refiner_switch_by_steps)
             embeddings.used |= {k: v for k, v in refined.used.items() if k not in embeddings.used}
+        second = _hires_guidance(model, req, embeddings) if req.hires is not None else None
         req = replace(req, embeddings=tuple((e.name, str(e.path)) for e in embeddings.used.values()))
         x = add_noise(torch.zeros_like(noise) if init is None else init, noise, sigmas[:1].expand(len(seeds)))
         samples, interrupted = _sample_until_stopped(
             model, x, sigmas, guidance, sampler_name, seeds, init, keep, callback, handover
         )
-        images = _overlay(decode(refiner or model, samples), req)
+        if second is not None and not interrupted:  # A1111 skips the hires pass of an interrupted image
+            samples, interrupted = _hires_pass(model, req, second, samples, seeds, callback)
+        images = _overlay(decode(refiner or model, samples), prepared)
     return GenerationResult(images, seeds, req, samples, interrupted)
+
+
+def img2img_sigmas(sigmas: Tensor, strength: float, steps: int) -> Tensor:
+    """The end of a `steps`-step schedule that img2img runs at `strength`: int(strength·steps) steps
+    (strength capped at 0.999, so at least one step), as A1111's `sample_img2img`."""
+    t_enc = int(min(strength, 0.999) * steps)
+    return sigmas[steps - t_enc - 1 :]
+
+
+def _hires_guidance(model: StableDiffusion, req: GenerationRequest, embeddings: Embeddings) -> Guidance:
+    """The hires pass's prompts (the first pass's where empty) encoded over its steps, prompt editing
+    counted on from the first pass; SDXL sizes are the upscale target's (A1111's `calculate_hr_conds`)."""
+    assert req.hires is not None
+    prompt, tagged = lora_tags(req.hires.prompt or req.prompt)
+    if tagged != lora_tags(req.prompt)[1]:
+        raise ValueError("a hires prompt with other <lora:> tags than the prompt's: not supported yet")
+    negative = req.hires.negative_prompt or req.negative_prompt
+    no_tags(negative, "hires negative prompt")
+    steps = req.hires.steps or req.steps
+    cond, uncond = encode_prompts(model, prompt, negative, steps, req.clip_skip, embeddings, req.steps)
+    t = target(req.width, req.height, req.hires, model.config.vae.downscale)
+
+    def sized(c: Conditioning) -> Conditioning:
+        return replace(c, original_size=(t.height, t.width), target_size=(t.height, t.width))
+
+    return Guidance(cond.map(sized), uncond.map(sized), req.cfg_scale)
+
+
+def _hires_pass(
+    model: StableDiffusion,
+    req: GenerationRequest,
+    guidance: Guidance,
+    first: Tensor,
+    seeds: list[int],
+    callback: Callback | None,
+) -> tuple[Tensor, bool]:
+    """A1111's `sample_hr_pass`: the first pass's latents upscaled (in latent space, or decoded, upscaled
+    and encoded with each image's seed) and cropped, then sampled as img2img from noise of the same seeds."""
+    hires, f = req.hires, model.config.vae.downscale
+    assert hires is not None
+    t = target(req.width, req.height, hires, f)
+    if hires.latent:
+        init = upscale_latents(first, hires.upscaler, t.height // f, t.width // f)
+    else:
+        images = decode(model, first)
+        big = [upscale_to(im, hires.upscaler, t.width, t.height, hires.upscaler_dirs) for im in images]
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        init = torch.cat([_latents_of(model, to_tensor(im), g) for im, g in zip(big, gens, strict=True)])
+    init = crop_latents(init, t)
+    steps = hires.steps or req.steps
+    sigmas = sampling_sigmas(model, hires.sampler, hires.scheduler, steps)
+    sigmas = img2img_sigmas(sigmas, hires.denoise, steps)
+    guidance.extra = _txt2img_conditioning(model, init.shape[-2] * f, init.shape[-1] * f, len(seeds))
+    noise = seed_noise(seeds, tuple(init.shape[1:])).to(init)
+    x = add_noise(init, noise, sigmas[:1].expand(len(seeds)))
+    return _sample_until_stopped(model, x, sigmas, guidance, hires.sampler, seeds, None, None, callback, None)
 
 
 def _guidance(
@@ -252,13 +390,17 @@ class Guidance:
     uncond: Conditioning | Prompt
     scale: float
     extra: dict[str, Tensor] = field(default_factory=dict)
+    controls: list[Control] = field(default_factory=list)  # ControlNet units applied on each call
 
 
 @dataclass
 class Calls:
-    """The number of denoiser calls so far in a sampling run (A1111's `CFGDenoiser.step`)."""
+    """The number of denoiser calls so far in a sampling run (A1111's `CFGDenoiser.step`), and the index
+    of the last finished sampler step of `total` (A1111's `state.sampling_step`, which ControlNet reads)."""
 
     n: int = 0
+    step: int = 0
+    total: int = 1
 
 
 def _at(c: Conditioning | Prompt, call: int) -> list[tuple[Conditioning, float]]:
@@ -282,13 +424,16 @@ def guided_denoiser(model: StableDiffusion, guidance: Guidance, x: Tensor, calls
     of call `calls.n` (prompt editing), their U-Net inputs built once each."""
     b, _, h, w = x.shape
     f = model.config.vae.downscale
-    denoiser = Denoiser(_unet_fn(model), DiscreteSchedule.for_model(model.config), model.config.prediction)
+    unet = _unet_fn(model, guidance.controls, calls)
+    denoiser = Denoiser(unet, DiscreteSchedule.for_model(model.config), model.config.prediction)
     built: dict[tuple[int, bool], dict[str, Tensor]] = {}
 
     def inputs(cond: Conditioning, negative: bool) -> dict[str, Tensor]:
         key = (id(cond), negative)
         if key not in built:
             built[key] = {**cond.model_inputs(model.family, b, h * f, w * f, negative), **guidance.extra}
+            if guidance.controls:  # which rows are conditional (ControlNet's "control" mode)
+                built[key]["control_mark"] = torch.full((b,), 0.0 if negative else 1.0, device=x.device)
         return built[key]
 
     def guided(x: Tensor, sigma: Tensor, **extra: Tensor) -> Tensor:
@@ -339,7 +484,7 @@ def sample(
     Image i draws its sampler noise from a generator seeded with seeds[i]; where `keep` is 1 the
     latents stay at `init` (latent-blending inpainting); `handover` switches models part-way.
     """
-    calls = Calls()
+    calls = Calls(total=len(sigmas) - 1)
     guided = guided_denoiser(model, guidance, x, calls)
     if handover is not None:
         schedule = DiscreteSchedule.for_model(model.config)
@@ -351,49 +496,117 @@ def sample(
     total = len(sigmas) - 1
 
     def on_step(i: int, sigma: Tensor, xi: Tensor, denoised: Tensor) -> None:
+        calls.step = i
         if callback is not None:
             callback(i + 1, total, denoised)
 
     samples = get_sampler(sampler)(guided, x, sigmas, callback=on_step, generator=generators)
+    check_finite(samples, "the sampled latents", overflow_cause("U-Net", samples.dtype))
     return samples if keep is None else init * keep + samples * (1 - keep)
 
 
-def _unet_fn(model: StableDiffusion) -> Callable[..., Tensor]:
-    """The U-Net as `model(x_in, t, context=..., y=..., c_concat=...)`; c_concat feeds inpainting U-Nets."""
+def _unet_fn(
+    model: StableDiffusion, controls: list[Control] | None = None, calls: Calls | None = None
+) -> Callable[..., Tensor]:
+    """The U-Net as `model(x_in, t, context=..., y=..., c_concat=..., control_mark=...)`; c_concat feeds
+    inpainting U-Nets; `controls` add their residuals at the step fraction `calls` reports, computed from
+    the latents without c_concat (as A1111's extension does for inpainting models)."""
 
     def unet(
-        x: Tensor, t: Tensor, context: Tensor, c_concat: Tensor | None = None, y: Tensor | None = None
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        c_concat: Tensor | None = None,
+        y: Tensor | None = None,
+        control_mark: Tensor | None = None,
     ) -> Tensor:
+        residuals = None
+        if controls:
+            fraction = calls.step / calls.total if calls is not None else 0.0
+            residuals = control_residuals(controls, x, t, context, y, control_mark, fraction)
         if c_concat is not None:
             x = torch.cat([x, c_concat.to(x)], dim=1)
-        return model.unet(x, t, context, y)
+        return model.unet(x, t, context, y, residuals)
 
     return unet
 
 
+@dataclass(frozen=True)
+class InitImage:
+    """The init image made ready as A1111's img2img does (`StableDiffusionProcessingImg2Img.init`)."""
+
+    pixels: Image.Image  # at width x height: the whole image or, "only masked", the crop around the mask
+    mask: Image.Image | None = None  # the blurred repaint mask over `pixels` (greyscale)
+    overlay: Image.Image | None = None  # the init image laid over the results (RGBA, clear where repainted)
+    paste_to: tuple[int, int, int, int] | None = None  # (x, y, w, h) where a crop's result goes back
+
+
+def prepare_init_image(req: GenerationRequest) -> InitImage | None:
+    """The request's init image, mask and overlay (None for txt2img): the mask read, inverted and
+    blurred at the mask's size, then the whole picture or the crop around the mask ("only masked") scaled
+    to width x height, its masked part filled for the "fill" masked content."""
+    if req.init_image is None:
+        return None
+    image = flatten(req.init_image)
+    if req.mask is None:
+        return InitImage(resize_image(image, req.width, req.height, req.resize_mode))
+    mask = blur_mask(read_mask(req.mask, req.mask_round, req.inpainting_mask_invert), *req.blur_xy)
+    box = mask_box(mask, req.inpaint_full_res_padding) if req.inpaint_full_res else None
+    if req.inpaint_full_res and box is None:  # nothing masked: A1111 makes a plain img2img
+        return InitImage(resize_image(image, req.width, req.height, req.resize_mode))
+    prepared = _whole_picture(req, image, mask) if box is None else _only_masked(req, image, mask, box)
+    if req.inpainting_fill == "fill":
+        prepared = replace(prepared, pixels=fill_masked(prepared.pixels, prepared.mask))
+    return prepared
+
+
+def _whole_picture(req: GenerationRequest, image: Image.Image, mask: Image.Image) -> InitImage:
+    """Image and mask resized alike; the overlay keeps the init image where the mask is under half."""
+    image = resize_image(image, req.width, req.height, req.resize_mode)
+    mask = resize_image(mask, req.width, req.height, req.resize_mode)
+    return InitImage(image, mask, mask_overlay(image, mask.point(lambda v: min(2 * v, 255))))
+
+
+def _only_masked(req: GenerationRequest, image: Image.Image, mask: Image.Image, box: Box) -> InitImage:
+    """The box around the mask grown to the generation's aspect, cut from image and mask and scaled to
+    width x height; the overlay is the whole init image, the result goes back into the box."""
+    x1, y1, x2, y2 = expand_box(box, req.width, req.height, mask.width, mask.height)
+    at_size = mask if mask.size == image.size else resize_image(mask, *image.size, req.resize_mode)
+    crop = [resize_image(im.crop((x1, y1, x2, y2)), req.width, req.height, "fill") for im in (image, mask)]
+    return InitImage(crop[0], crop[1], mask_overlay(image, at_size), (x1, y1, x2 - x1, y2 - y1))
+
+
 def _image_conditioning(
-    model: StableDiffusion, req: GenerationRequest, batch: int
+    model: StableDiffusion, req: GenerationRequest, prepared: InitImage, noise: Tensor
 ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-    """Init latents, the latent 'keep' mask for latent blending, and c_concat for 9-channel U-Nets."""
-    assert req.init_image is not None
-    image = to_tensor(resize_image(req.init_image, req.width, req.height, req.resize_mode))
+    """Init latents, the latent 'keep' mask for latent blending, and c_concat for 9-channel U-Nets;
+    "latent noise" / "latent nothing" put the seeds' noise / zeros in the masked latents (A1111)."""
+    batch = noise.shape[0]
+    image = to_tensor(prepared.pixels)
     gen = torch.Generator("cpu").manual_seed(req.seed)
     init = _latents_of(model, image, gen).expand(batch, -1, -1, -1)
-    mask = _request_mask(req)
+    if prepared.mask is None:
+        hard = torch.ones_like(image[:, :1])
+        return init, None, _inpaint_conditioning(model, image, hard, batch) if model.family.inpaint else {}
+    masked = latent_mask(prepared.mask, init.shape[-1], init.shape[-2], req.mask_round).to(init)
+    if req.inpainting_fill == "latent noise":
+        init = init * (1 - masked) + noise * masked
+    elif req.inpainting_fill == "latent nothing":
+        init = init * (1 - masked)
+    extra: dict[str, Tensor] = {}
     if model.family.inpaint:
-        hard = torch.ones_like(image[:, :1]) if mask is None else mask.round()
-        return init, None, _inpaint_conditioning(model, image, hard, batch)
-    if mask is None:
-        return init, None, {}
-    latent_mask = F.interpolate(mask, size=init.shape[-2:], mode="bilinear", align_corners=False).to(init)
-    return init, 1 - latent_mask, {}
+        soft = prepare_mask(prepared.mask, req.width, req.height)
+        extra = _inpaint_conditioning(model, image, soft.round() if req.mask_round else soft, batch)
+    return init, 1 - masked, extra
 
 
-def _request_mask(req: GenerationRequest) -> Tensor | None:
-    """The request's repaint mask (1, 1, H, W) in [0, 1], blurred and inverted as asked."""
-    if req.mask is None:
-        return None
-    return prepare_mask(req.mask, req.width, req.height, req.mask_blur, req.inpainting_mask_invert)
+def _txt2img_conditioning(model: StableDiffusion, height: int, width: int, batch: int) -> dict[str, Tensor]:
+    """Extra U-Net inputs of a txt2img: for inpainting U-Nets a blank image, all masked (A1111's
+    `txt2img_image_conditioning`); none for others."""
+    if not model.family.inpaint:
+        return {}
+    blank = torch.zeros(1, 3, height, width)
+    return _inpaint_conditioning(model, blank, torch.ones_like(blank[:, :1]), batch)
 
 
 def _inpaint_conditioning(
@@ -406,13 +619,12 @@ def _inpaint_conditioning(
     return {"c_concat": torch.cat([c_mask, masked], dim=1).expand(batch, -1, -1, -1)}
 
 
-def _overlay(images: list[Image.Image], req: GenerationRequest) -> list[Image.Image]:
-    """Paste the init image back outside the (blurred) mask, as A1111 does after inpainting."""
-    mask = _request_mask(req)
-    if mask is None or req.init_image is None:
+def _overlay(images: list[Image.Image], prepared: InitImage | None) -> list[Image.Image]:
+    """Lay the init image over the results outside the mask, a crop's result first put back in its
+    place, as A1111 does after inpainting."""
+    if prepared is None or prepared.overlay is None:
         return images
-    init = to_tensor(resize_image(req.init_image, req.width, req.height, req.resize_mode))
-    return [to_pil(init * (1 - mask) + to_tensor(im) * mask)[0] for im in images]
+    return [apply_overlay(im, prepared.overlay, prepared.paste_to) for im in images]
 
 
 def _counted(denoiser: DenoiserFn, calls: Calls) -> DenoiserFn:

@@ -73,20 +73,20 @@ COMMON = {
     "infotext": R,
 }
 TXT2IMG = COMMON | {
-    "denoising_strength": X,
-    "enable_hr": R,
+    "denoising_strength": H,
+    "enable_hr": H,
     "firstphase_width": R,
     "firstphase_height": R,
-    "hr_scale": X,
-    "hr_upscaler": X,
-    "hr_second_pass_steps": X,
-    "hr_resize_x": X,
-    "hr_resize_y": X,
-    "hr_checkpoint_name": X,
-    "hr_sampler_name": X,
-    "hr_scheduler": X,
-    "hr_prompt": X,
-    "hr_negative_prompt": X,
+    "hr_scale": H,
+    "hr_upscaler": H,
+    "hr_second_pass_steps": H,
+    "hr_resize_x": H,
+    "hr_resize_y": H,
+    "hr_checkpoint_name": R,
+    "hr_sampler_name": H,
+    "hr_scheduler": H,
+    "hr_prompt": H,
+    "hr_negative_prompt": H,
 }
 IMG2IMG = COMMON | {
     "denoising_strength": H,
@@ -94,13 +94,13 @@ IMG2IMG = COMMON | {
     "resize_mode": H,
     "image_cfg_scale": X,
     "mask": H,
-    "mask_blur_x": R,
-    "mask_blur_y": R,
+    "mask_blur_x": H,
+    "mask_blur_y": H,
     "mask_blur": H,
-    "mask_round": R,
-    "inpainting_fill": R,
-    "inpaint_full_res": R,
-    "inpaint_full_res_padding": X,
+    "mask_round": H,
+    "inpainting_fill": H,
+    "inpaint_full_res": H,
+    "inpaint_full_res_padding": H,
     "inpainting_mask_invert": H,
     "initial_noise_multiplier": R,
     "latent_mask": R,
@@ -128,15 +128,10 @@ REFUSED_VALUES: dict[str, dict[str, Any]] = {
     "script_name": {"script_name": "x/y/z plot"},
     "alwayson_scripts": {"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}},
     "infotext": {"infotext": "y\nSteps: 3, Seed: 2"},
-    "enable_hr": {"enable_hr": True},
+    "hr_checkpoint_name": {"enable_hr": True, "hr_checkpoint_name": "other"},
     "firstphase_width": {"firstphase_width": 16},
     "firstphase_height": {"firstphase_height": 16},
     "init_images": {"init_images": [INIT, INIT]},
-    "mask_blur_x": {"mask_blur_x": 2, "mask": MASK},
-    "mask_blur_y": {"mask_blur_y": 8, "mask": MASK},
-    "mask_round": {"mask_round": False, "mask": MASK},
-    "inpainting_fill": {"inpainting_fill": 0, "mask": MASK},
-    "inpaint_full_res": {"inpaint_full_res": True, "mask": MASK},
     "initial_noise_multiplier": {"initial_noise_multiplier": 0.9},
     "latent_mask": {"latent_mask": MASK, "mask": MASK},
 }
@@ -151,19 +146,7 @@ HARMLESS_VALUES: dict[str, Any] = {
     "comments": {"note": "hello"},
     "script_args": [1, 2],
     "force_task_id": "task-1",
-    "denoising_strength": 0.3,
-    "hr_scale": 1.5,
-    "hr_upscaler": "Latent",
-    "hr_second_pass_steps": 3,
-    "hr_resize_x": 64,
-    "hr_resize_y": 64,
-    "hr_checkpoint_name": "other",
-    "hr_sampler_name": "DPM++ 2M",
-    "hr_scheduler": "Karras",
-    "hr_prompt": "hr",
-    "hr_negative_prompt": "hr neg",
     "image_cfg_scale": 1.5,
-    "inpaint_full_res_padding": 32,
     "include_init_images": True,
 }
 
@@ -251,6 +234,7 @@ def test_refused_fields_at_values_sdlab_makes_are_accepted(client: httpx.Client)
     same = {"styles": [], "subseed_strength": 0, "restore_faces": False, "tiling": False, "eta": 1.0}
     same |= {"s_churn": 0, "s_noise": 1, "s_min_uncond": 0, "seed_resize_from_h": 0, "seed_resize_from_w": 0}
     same |= {"script_name": "", "alwayson_scripts": {}, "enable_hr": False, "firstphase_width": 0}
+    same |= {"hr_checkpoint_name": "other"}  # read only with enable_hr
     assert client.post("/sdapi/v1/txt2img", json=BASE | same).status_code == 200
     # eta is read only by samplers that take one: DDIM runs at 0, Euler has none
     assert client.post("/sdapi/v1/txt2img", json=BASE | {"sampler_name": "DDIM", "eta": 0}).status_code == 200
@@ -300,9 +284,10 @@ def test_startup_routes_answer_in_a1111_shape(client: httpx.Client) -> None:
     flags = client.get("/sdapi/v1/cmd-flags").json()
     assert flags["api"] is True and "ckpt_dir" in flags
     upscalers = client.get("/sdapi/v1/upscalers").json()
-    assert [u["name"] for u in upscalers] == ["None"]
+    assert [u["name"] for u in upscalers] == ["None", "Lanczos", "Nearest"]  # no model files in this server
     assert set(upscalers[0]) == {"name", "model_name", "model_path", "model_url", "scale"}
-    for name in ("latent-upscale-modes", "hypernetworks", "face-restorers", "realesrgan-models"):
+    assert client.get("/sdapi/v1/latent-upscale-modes").json()[0] == {"name": "Latent"}
+    for name in ("hypernetworks", "face-restorers", "realesrgan-models"):
         assert client.get(f"/sdapi/v1/{name}").json() == [], name
     assert client.get("/sdapi/v1/prompt-styles").json() == []
     assert client.get("/sdapi/v1/script-info").json() == []
@@ -347,9 +332,12 @@ def test_webuiapi_client_with_default_arguments(url: str, tmp_path: Path) -> Non
     assert result.image.size == (32, 32)
     assert [m["model_name"] for m in api.get_sd_models()] and api.get_upscalers()[0]["name"] == "None"
     assert api.get_options()["CLIP_stop_at_last_layers"] == 1
-    # its inpainting defaults are A1111's only-masked inpainting with "fill": refused, not ignored
-    with pytest.raises(RuntimeError, match="inpaint"):
-        api.img2img(images=[init], mask_image=Image.new("L", (32, 32), 255), width=32, height=32)
+    # its inpainting defaults are A1111's API's: only masked, "fill" masked content, padding 0
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (4, 4, 12, 20))
+    result = api.img2img(images=[init], mask_image=mask, width=32, height=32, seed=6)
+    assert result.image.size == (32, 32) and "Inpaint area: Only masked" in result.info["infotexts"][0]
+    assert "Masked content: fill" in result.info["infotexts"][0]
 
 
 def test_prompt_lora_tags_are_applied_and_recorded(client: httpx.Client) -> None:

@@ -242,8 +242,31 @@ def test_img2img_with_a_painted_mask(page: tuple[Any, Traffic], shoot: Shoot, tm
     assert decode(body["init_images"][0]).size == (64, 64)
     mask = np.asarray(decode(body["mask"]).convert("L"))
     assert mask.shape == (64, 64) and mask[32, 32] == 255 and mask[2, 2] == 0  # the stroke, not elsewhere
+    # A1111's web UI inpainting defaults, sent in full (its API's defaults are only masked and fill)
+    inpainting = ("inpaint_full_res", "inpainting_fill", "mask_blur", "inpaint_full_res_padding")
+    assert [body[k] for k in inpainting] == [False, 1, 4, 32]
     assert (body["width"], body["height"]) == (64, 64)
     shoot(page, "img2img")
+
+
+def test_txt2img_with_the_hires_fix(page: tuple[Any, Traffic], shoot: Shoot) -> None:
+    page, traffic = page
+    settings(page, size=32, steps=2)
+    page.fill("#prompt", PROMPT)
+    page.get_by_text("Hires fix").click()
+    page.get_by_label("Upscale, then redraw").check()
+    expect(page.locator("#hr-upscaler option")).to_contain_text(["Latent", "Latent (antialiased)"])
+    page.select_option("#hr-upscaler", "Latent (nearest)")
+    page.fill("#hr-steps", "2")
+    shoot(page, "hires")
+    page.get_by_role("button", name="Generate").click()
+    card = page.locator("#gallery .card")
+    expect(card).to_have_count(1)
+    hires = "Denoising strength: 0.7, Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent (nearest)"
+    expect(card.locator("pre")).to_contain_text(hires)
+    assert card.locator("img").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [64, 64]
+    body = traffic.last_post("/sdapi/v1/txt2img")
+    assert (body["enable_hr"], body["hr_scale"], body["hr_second_pass_steps"]) == (True, 2, 2)
 
 
 def test_vae_page_shows_reconstruction_channels_and_psnr(

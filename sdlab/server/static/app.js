@@ -39,12 +39,15 @@ function fillSelect(select, items, chosen) {
 }
 
 async function loadLists() {
-  const [models, options, samplers, schedulers] = await Promise.all(
-    ["sd-models", "options", "samplers", "schedulers"].map((name) => getJSON(`/sdapi/v1/${name}`)),
+  const lists = ["sd-models", "options", "samplers", "schedulers", "latent-upscale-modes", "upscalers"];
+  const [models, options, samplers, schedulers, latentModes, upscalers] = await Promise.all(
+    lists.map((name) => getJSON(`/sdapi/v1/${name}`)),
   );
   fillSelect($("model"), models.map((m) => [m.title, m.model_name]), options.sd_model_checkpoint);
   fillSelect($("sampler"), samplers.map((s) => [s.name, s.name]), "Euler a");
   fillSelect($("scheduler"), schedulers.map((s) => [s.name, s.label]), "automatic");
+  const names = [...latentModes, ...upscalers].map((u) => [u.name, u.name]);
+  fillSelect($("hr-upscaler"), names, "Latent");
 }
 
 function setupTabs() {
@@ -190,11 +193,31 @@ function generationBody() {
     n_iter: number("batch-count"),
     override_settings: { sd_model_checkpoint: $("model").value },
   };
-  if ($("init-box").hidden) return ["txt2img", body];
+  if ($("init-box").hidden) return ["txt2img", $("hires").checked ? { ...body, ...hiresFields() } : body];
   body.init_images = [$("init-image").src];
   body.denoising_strength = number("strength");
-  if (mask.painted) body.mask = maskPNG();
+  if (mask.painted) Object.assign(body, { mask: maskPNG(), ...inpaintFields() });
   return ["img2img", body];
+}
+
+// A1111's inpainting settings, sent in full: its API's defaults (only masked, fill) are not its UI's
+function inpaintFields() {
+  return {
+    inpaint_full_res: $("inpaint-area").value === "masked",
+    inpainting_fill: number("masked-content"),
+    mask_blur: number("mask-blur"),
+    inpaint_full_res_padding: number("inpaint-padding"),
+  };
+}
+
+function hiresFields() {
+  return {
+    enable_hr: true,
+    hr_upscaler: $("hr-upscaler").value,
+    hr_scale: number("hr-scale"),
+    hr_second_pass_steps: number("hr-steps"),
+    denoising_strength: number("hr-denoise"),
+  };
 }
 
 async function pollProgress(run) {
