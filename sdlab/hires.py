@@ -81,9 +81,11 @@ class HiresFix:
         final = target(width, height, self, factor).final_size(factor)
         if min(final) < factor:
             raise ValueError(f"the hires fix gives an empty image ({final[0]}x{final[1]})")
-        names = [*LATENT_UPSCALE_MODES, *upscaler_names([Path(d) for d in self.upscaler_dirs])]
-        if self.upscaler not in names:
-            raise ValueError(f"hires upscaler {self.upscaler!r} not found; available: {', '.join(names)}")
+        if not self.latent:
+            names = upscaler_names([Path(d) for d in self.upscaler_dirs])
+            if self.upscaler not in names:
+                known = ", ".join([*LATENT_UPSCALE_MODES, *names])
+                raise ValueError(f"hires upscaler {self.upscaler!r} not found; available: {known}")
         return final
 
 
