@@ -291,8 +291,9 @@ def test_a1111_img2img_and_inpainting(client: httpx.Client) -> None:
     assert "Denoising strength: 0.5" in info["infotexts"][0]
     data_url = "data:image/png;base64," + b64png(mask)
     inpaint = client.post("/sdapi/v1/img2img", json=body | {"mask": data_url, "mask_blur": 0}).json()
-    assert unb64(inpaint["images"][0]).size == (32, 32)
-    assert "Mask blur: 0" in json.loads(inpaint["info"])["infotexts"][0]
+    assert unb64(inpaint["images"][0]).size == (48, 48)  # A1111's "only masked": pasted into the init image
+    infotext = json.loads(inpaint["info"])["infotexts"][0]
+    assert "Mask blur" not in infotext and "Inpaint area: Only masked" in infotext  # A1111 omits blur 0
 
 
 def test_a1111_png_info_reads_parameters(client: httpx.Client) -> None:
