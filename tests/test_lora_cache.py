@@ -112,7 +112,7 @@ def test_explicit_merge_and_cache_do_not_corrupt_each_other(env, tmp_path: Path)
 
 
 def _req(prompt: str = "a cat", **kw: object) -> GenerationRequest:
-    return GenerationRequest(prompt, "blurry", 32, 32, steps=2, sampler="euler", seed=3, **kw)  # type: ignore[arg-type]
+    return GenerationRequest(prompt, "blurry", 32, 32, steps=1, sampler="euler", seed=3, **kw)  # type: ignore[arg-type]
 
 
 def test_requests_on_the_shared_model(env, merges, tmp_path: Path) -> None:
@@ -137,7 +137,7 @@ def test_requests_on_the_shared_model(env, merges, tmp_path: Path) -> None:
             m, c = nodes.lora_loader(env, m, c, "style.safetensors", strength, strength)
         (pos,), (neg,) = nodes.clip_text_encode(env, "a cat", c), nodes.clip_text_encode(env, "blurry", c)
         (latent,) = nodes.empty_latent_image(env, 32, 32, 1)
-        (out,) = nodes.ksampler(env, m, 3, 2, 7.0, "euler", "normal", pos, neg, latent, 1.0)
+        (out,) = nodes.ksampler(env, m, 3, 1, 7.0, "euler", "normal", pos, neg, latent, 1.0)
         return out.samples
 
     del merges[:]
