@@ -25,7 +25,7 @@ def tile_starts(size: int, tile: int, overlap: int, multiple: int = 1) -> list[i
     stride = (tile - 2 * overlap) // multiple * multiple
     if stride <= 0:
         raise ValueError(
-            f"tile {tile} leaves no stride for overlap {overlap} (need tile > 2·overlap + {multiple})"
+            f"tile {tile} leaves no stride for overlap {overlap} (need tile ≥ 2·overlap + {multiple})"
         )
     last = (size - tile) // multiple * multiple
     return sorted({*range(0, last, stride), last})
