@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from sdlab.checkpoints import keymaps
 from sdlab.checkpoints.io import read_metadata, read_state_dict, write_safetensors
 from sdlab.families import Family, Naming
+from sdlab.finite import check_finite
 from sdlab.models.blocks import SpatialTransformer
 from sdlab.models.clip import MLP, SelfAttention
 from sdlab.models.unet import Downsample, ResBlock, Upsample
@@ -45,6 +46,11 @@ if TYPE_CHECKING:
 StateDict = dict[str, Tensor]
 Layer = nn.Linear | nn.Conv2d
 PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+NON_FINITE_MERGE = "the LoRA's tensors hold NaN/Inf, or the merged weight overflowed its dtype"
+
+
+class LoRAError(ValueError):
+    """A LoRA file sdlab cannot read or merge; the message names the file and the key."""
 
 
 def _layers(module: nn.Module) -> dict[str, Layer]:
@@ -360,7 +366,7 @@ def parse_lora(
     (alpha from `.alpha` tensors, else from the `lora_adapter_metadata` header JSON in `metadata`:
     `lora_alpha`, `r`, `alpha_pattern`, `rank_pattern`, `use_rslora`, else scale 1), and the old diffusers
     attention-processor layout (`processor.to_q_lora.down.weight`). kohya alpha defaults to the rank
-    (scale 1) as kohya does. Unknown tensors, incomplete modules and mixed formats are a ValueError naming
+    (scale 1) as kohya does. Unknown tensors, incomplete modules and mixed formats are a LoRAError naming
     `what` (the file) and the key.
     """
     groups: dict[str, dict[str, Tensor]] = {}
@@ -369,14 +375,14 @@ def parse_lora(
     for key, value in sd.items():
         split = _split_key(key)
         if split is None:
-            raise ValueError(
+            raise LoRAError(
                 f"{what}: unsupported LoRA tensor {key!r}; sdlab reads kohya LoRA/LoCon, LyCORIS LoHa/LoKr, "
                 "DoRA and diffusers/PEFT layouts"
             )
         name, part, style = split
         group = groups.setdefault(name, {})
         if part in group:
-            raise ValueError(f"{what}: {key!r} repeats the {part} tensor of {name}")
+            raise LoRAError(f"{what}: {key!r} repeats the {part} tensor of {name}")
         group[part] = value
         keys.setdefault(name, []).append(key)
         if style != "diffusers" or name not in styles:
@@ -388,8 +394,8 @@ def parse_lora(
 def _update(
     name: str, g: dict[str, Tensor], keys: tuple[str, ...], style: str, config: dict | None, what: str
 ) -> Update:
-    def fail(problem: str) -> ValueError:
-        return ValueError(f"{what}: {name} ({', '.join(keys)}): {problem}")
+    def fail(problem: str) -> LoRAError:
+        return LoRAError(f"{what}: {name} ({', '.join(keys)}): {problem}")
 
     parts = set(g) - {"alpha", "dora_scale", "magnitude"}
     kinds = [
@@ -400,6 +406,7 @@ def _update(
             "mixes LoRA, LoHa and LoKr tensors" if kinds else "holds no update (an alpha or DoRA scale alone)"
         )
     kind = kinds[0]
+    _check_shapes(g, parts, kind, fail)
     alpha = float(g["alpha"]) if "alpha" in g else None
     tensors = {k: v for k, v in g.items() if k in parts}
     if kind == "lora":
@@ -440,6 +447,20 @@ def _update(
     return Update(kind, tensors, scale, rank, alpha, magnitude, dora, keys)
 
 
+def _check_shapes(g: dict[str, Tensor], parts: set[str], kind: str, fail: Callable[[str], LoRAError]) -> None:
+    """Factors are matrices or kernels, an alpha one number, a DoRA scale a vector or more (else the
+    formulas fail on them in other ways)."""
+    label = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}[kind]
+    for part in sorted(parts):
+        if g[part].ndim < 2:
+            raise fail(f"{part} has shape {tuple(g[part].shape)}; {label} factors have 2 or more dimensions")
+    if "alpha" in g and g["alpha"].numel() != 1:
+        raise fail(f"alpha has shape {tuple(g['alpha'].shape)}; it is one number")
+    for part in ("dora_scale", "magnitude"):
+        if part in g and g[part].ndim == 0:
+            raise fail(f"{part} is a scalar; a DoRA scale has one value per channel")
+
+
 def _adapter_config(metadata: Mapping[str, str] | None, what: str) -> dict | None:
     """The `lora_adapter_metadata` JSON of a diffusers file, or None."""
     raw = (metadata or {}).get(METADATA_KEY)
@@ -448,7 +469,7 @@ def _adapter_config(metadata: Mapping[str, str] | None, what: str) -> dict | Non
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{what}: unreadable {METADATA_KEY} metadata ({e})") from e
+        raise LoRAError(f"{what}: unreadable {METADATA_KEY} metadata ({e})") from e
     return config if isinstance(config, dict) else None
 
 
@@ -617,7 +638,7 @@ def merge_loras(
             parsed = parse_lora(sd, what)
             found = [n for n in parsed if n in layers]
             if parsed and not found:
-                raise ValueError(
+                raise LoRAError(
                     f"{what}: none of its {len(parsed)} modules fits this model, e.g. {next(iter(parsed))}"
                 )
             chosen = [n for n in found if inside is None or id(layers[n]) in inside]
@@ -626,7 +647,8 @@ def merge_loras(
                     _merge_one(layers[name], parsed[name], strength, merged)
                 except (ValueError, RuntimeError) as e:
                     keys = ", ".join(parsed[name].keys)
-                    raise ValueError(f"{what}: {name} ({keys}): {e} (a LoRA for another model?)") from e
+                    raise LoRAError(f"{what}: {name} ({keys}): {e} (a LoRA for another model?)") from e
+                check_finite(layers[name].weight, f"{what}: {name} merged at {strength}", NON_FINITE_MERGE)
             merged.applied += chosen
             merged.unmatched += [n for n in parsed if n not in layers]
     except BaseException:
@@ -723,7 +745,6 @@ def _state_dict(lora: LoRA, files: dict[str, StateDict]) -> Mapping[str, Tensor]
     if str(lora) not in files:
         files[str(lora)] = read_lora(lora)
     return files[str(lora)]
-
 
 
 def extract_lora(base: Mapping[str, Layer], tuned: Mapping[str, Layer], rank: int) -> StateDict:

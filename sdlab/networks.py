@@ -9,12 +9,14 @@ that name the tag, never ignored.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from sdlab.checkpoints.io import file_sha256
+from sdlab.text.schedule import PromptError
 
 TAG = re.compile(r"<(\w+):([^>]+)>")
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
@@ -28,17 +30,19 @@ def lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     def take(m: re.Match[str]) -> str:
         kind, args = m.group(1), m.group(2).split(":")
         if kind not in LORA_KINDS:
-            raise ValueError(
+            raise PromptError(
                 f"{m.group(0)}: sdlab has no '{kind}' extra networks (LoRA tags are <lora:NAME:W>)"
             )
         if len(args) > 2 or "=" in m.group(2):
-            raise ValueError(
+            raise PromptError(
                 f"{m.group(0)}: sdlab takes <lora:NAME> or <lora:NAME:WEIGHT>, one weight for all"
             )
         try:
             weight = float(args[1]) if len(args) == 2 else 1.0
         except ValueError:
-            raise ValueError(f"{m.group(0)}: the weight {args[1]!r} is not a number") from None
+            raise PromptError(f"{m.group(0)}: the weight {args[1]!r} is not a number") from None
+        if not math.isfinite(weight):
+            raise PromptError(f"{m.group(0)}: the weight must be a finite number")
         found.append((args[0].strip(), weight))
         return ""
 
@@ -48,7 +52,7 @@ def lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 def no_tags(prompt: str, what: str) -> None:
     """Refuse extra-network tags where sdlab does not apply them (a negative prompt)."""
     if m := TAG.search(prompt):
-        raise ValueError(f"{m.group(0)}: extra networks in the {what} are not applied; remove the tag")
+        raise PromptError(f"{m.group(0)}: extra networks in the {what} are not applied; remove the tag")
 
 
 def lora_dirs(extra: Sequence[str | Path] = ()) -> list[Path]:

@@ -31,6 +31,7 @@ from sdlab.checkpoints.io import (
 )
 from sdlab.config import ModelConfig, Prediction
 from sdlab.families import Family
+from sdlab.finite import all_finite, dtype_name, first_non_finite
 from sdlab.models.clip import CLIPTextModel
 from sdlab.models.unet import UNetModel
 from sdlab.models.vae import AutoencoderKL
@@ -288,6 +289,11 @@ def build_module(
     module.load_state_dict(
         {k: sd[k].to(device=device, dtype=dtype) for k in expected}, strict=True, assign=True
     )
+    bad = first_non_finite(module.state_dict().items())  # a sum per tensor: ~1.4 s for SDXL's 3.5 G
+    if bad is not None:
+        overflow = all_finite(sd[bad]) and sd[bad].dtype != dtype
+        cause = f" after conversion to {dtype_name(dtype)} (beyond its range)" if overflow else ""
+        raise CheckpointError(f"{what}: tensor {bad!r} holds NaN or Inf values{cause}")
     return module.eval().requires_grad_(False)
 
 

@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sdlab.server import a1111, comfy, vae_routes
+from sdlab.server.bodies import BodyLimits
 from sdlab.server.cli import host_name, is_loopback
 from sdlab.server.jobs import PENDING
 from sdlab.server.state import Server, Settings
@@ -55,6 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="sdlab", lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(BodyLimits)  # inside the guard: refused clients send no body to read
     app.add_middleware(Guard, api_key=settings.api_key, allowed_hosts=settings.allowed_hosts)
     app.include_router(a1111.routes(server))
     comfy_routes = comfy.routes(server)
