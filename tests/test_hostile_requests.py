@@ -186,6 +186,19 @@ def test_graph_cycles_are_refused(client: httpx.Client) -> None:
     assert [e["details"] for e in errors if e["type"] == "dependency_cycle"] == ["p -> d -> 3 -> 2 -> 1 -> 3"]
 
 
+def test_graph_sizes_are_bounded_like_requests(client: httpx.Client) -> None:
+    workflow = txt2img_workflow()
+    workflow["5"]["inputs"] |= {"width": 4096, "height": 4096, "batch_size": 2}
+    r = client.post("/prompt", json={"prompt": workflow})
+    assert r.status_code == 400
+    (error,) = r.json()["node_errors"]["5"]["errors"]
+    assert error["type"] == "custom_validation_failed"
+    assert (
+        error["details"]
+        == "width - width x height x batch_size = 4096x4096x2 exceeds the limit of 16,777,216 pixels"
+    )
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -245,7 +258,9 @@ def test_lora_merges_name_non_finite_results(tiny: StableDiffusion, tmp_path: Pa
     assert layer.weight is original  # nothing stays merged
     with pytest.raises(PromptError, match="finite"):
         lora_tags("a <lora:x:inf> cat")
-    with pytest.raises(LoRAError, match=r"lora_up.weight\): down has shape \(3,\); LoRA factors have 2 or more"):
+    with pytest.raises(
+        LoRAError, match=r"lora_up.weight\): down has shape \(3,\); LoRA factors have 2 or more"
+    ):
         apply_lora(tiny, {f"{name}.lora_down.weight": torch.ones(3), f"{name}.lora_up.weight": torch.ones(3)})
 
 

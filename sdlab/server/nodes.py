@@ -47,6 +47,7 @@ from sdlab.images import (
 from sdlab.lora import use_loras
 from sdlab.models.vae import AutoencoderKL
 from sdlab.pipeline import (
+    MAX_PIXELS,
     Guidance,
     decode_pixels,
     encode_pixels,
@@ -503,6 +504,15 @@ def check_input_image(env: Env, image: str, **_: Any) -> dict[str, str]:
     return {}
 
 
+def check_pixels(env: Env, width: int = 0, height: int = 0, batch_size: int = 1, **_: Any) -> dict[str, str]:
+    """The size a node makes is bounded as A1111 requests are: width x height x batch_size <= MAX_PIXELS
+    (a batch arriving through a link is the bound of the node that made it)."""
+    if width * height * batch_size <= MAX_PIXELS:
+        return {}
+    size = f"{width}x{height}x{batch_size}"
+    return {"width": f"width x height x batch_size = {size} exceeds the limit of {MAX_PIXELS:,} pixels"}
+
+
 def _input_path(env: Env, name: str) -> Path:
     return confined(env.folders.inputs, *split_name(name))
 
@@ -625,6 +635,7 @@ NODE_TYPES: dict[str, NodeType] = {
         empty_latent_image,
         "latent",
         "An empty latent image to sample from.",
+        check=check_pixels,
     ),
     "KSampler": NodeType(
         {
@@ -683,6 +694,7 @@ NODE_TYPES: dict[str, NodeType] = {
         latent_upscale,
         "latent",
         "Resizes latents.",
+        check=check_pixels,
     ),
     "ImageScale": NodeType(
         {"image": ("IMAGE",), "upscale_method": (_list(IMAGE_UPSCALE),), **_SIZE, "crop": (_list(CROP),)},
@@ -690,6 +702,7 @@ NODE_TYPES: dict[str, NodeType] = {
         image_scale,
         "image/upscaling",
         "Resizes images.",
+        check=check_pixels,
     ),
     "UpscaleModelLoader": NodeType(
         {"model_name": (lambda env: list(env.library.upscale_models()),)},
