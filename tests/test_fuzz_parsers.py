@@ -24,6 +24,7 @@ from sdlab.server import graph
 from sdlab.server.library import Library, ModelCache
 from sdlab.server.nodes import NODE_TYPES, Env
 from sdlab.server.paths import Folders
+from sdlab.text.comfy_prompt import weighted_segments
 from sdlab.text.prompt import parse_attention
 from sdlab.text.schedule import PromptError, prompt_schedule, split_and
 
@@ -55,6 +56,24 @@ def test_emphasis_and_and_never_fail(prompt: str) -> None:
     runs = parse_attention(prompt)
     assert runs and all(math.isfinite(w) for _, w in runs)
     assert all(math.isfinite(w) for _, w in split_and(prompt))
+
+
+@FUZZ
+@hypothesis.given(prompt=PROMPTS)
+def test_comfy_prompts_weigh_or_raise_a_prompt_error(prompt: str) -> None:
+    try:
+        segments = weighted_segments(prompt)
+    except PromptError:
+        return
+    assert all(math.isfinite(w) for _, w in segments)
+    if not set(prompt) & set("()\\"):  # no syntax: the text itself at weight 1
+        assert segments == ([(prompt, 1.0)] if prompt else [])
+
+
+def test_comfy_prompt_brackets_are_bounded() -> None:
+    assert weighted_segments("(" * 100 + "a" + ")" * 100) == [("a", pytest.approx(1.1**100))]
+    with pytest.raises(PromptError, match="nests brackets 5000 deep; the limit is 100"):
+        weighted_segments("(" * 5000 + "a" + ")" * 5000)  # was a RecursionError after ~6 s
 
 
 _OLD_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")  # A1111's re_weight

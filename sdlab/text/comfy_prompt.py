@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 import re
+from itertools import accumulate
 from typing import Protocol
 
 from sdlab.text.prompt import PLACEHOLDER, Chunk, Vectors
+from sdlab.text.schedule import MAX_NESTING, PromptError
 from sdlab.text.tokenizer import CLIPTokenizer
 
 LENGTH = 77  # tokens per chunk, BOS and EOS included
@@ -91,11 +93,16 @@ def unescape_important(text: str) -> str:
 
 
 def weighted_segments(text: str) -> list[tuple[str, float]]:
-    """A ComfyUI prompt as (literal text, weight) runs; a weight that is not finite is an error."""
-    out = [(unescape_important(s), w) for s, w in token_weights(escape_important(text))]
+    """A ComfyUI prompt as (literal text, weight) runs; a weight that is not finite is an error, and so
+    are brackets nested deeper than MAX_NESTING (`token_weights` recurses once per level)."""
+    escaped = escape_important(text)
+    depth = max(accumulate((c == "(") - (c == ")") for c in escaped), default=0)
+    if depth > MAX_NESTING:
+        raise PromptError(f"the prompt nests brackets {depth} deep; the limit is {MAX_NESTING}")
+    out = [(unescape_important(s), w) for s, w in token_weights(escaped)]
     for segment, weight in out:
         if not math.isfinite(weight):
-            raise ValueError(f"({segment}:{weight}): a prompt weight must be a finite number")
+            raise PromptError(f"({segment}:{weight}): a prompt weight must be a finite number")
     return out
 
 
