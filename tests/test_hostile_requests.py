@@ -89,10 +89,13 @@ JSON_ROUTES = (
 
 def test_deeply_nested_json_is_refused_on_every_route(client: httpx.Client) -> None:
     for path in JSON_ROUTES:
-        for content_type in ("application/json", "text/plain"):  # Starlette's request.json() ignores it
+        for content_type in ("application/json", "text/plain", ""):
             r = client.post(path, content="[" * 100_000, headers={"Content-Type": content_type})
             assert r.status_code == 400, (path, r.text)
             assert "100000 levels deep" in r.json()["detail"] and "MAX_JSON_DEPTH" in r.json()["detail"]
+    for path in ("/prompt", "/queue"):  # ComfyUI's routes read JSON whatever the content type says
+        r = client.post(path, content="[" * 100_000, headers={"Content-Type": "application/octet-stream"})
+        assert r.status_code == 400 and "MAX_JSON_DEPTH" in r.json()["detail"]
     deep_ok = {"note": json.loads("[" * (MAX_JSON_DEPTH - 1) + "]" * (MAX_JSON_DEPTH - 1))}
     assert client.post("/sdapi/v1/options", json=deep_ok).status_code == 200  # at the limit: served
     assert client.get("/queue").status_code == 200
@@ -135,9 +138,12 @@ def test_body_limits_count_bytes_and_hand_the_body_on() -> None:
     for sent in (b"x" * 1001, iter([b"x" * 600, b"x" * 600])):  # with Content-Length, and chunked
         r = client.post("/", content=sent)
         assert r.status_code == 413 and "the limit is 1,000 (MAX_BODY_BYTES)" in r.json()["detail"]
-    form = b"[" * 500  # forms (uploads) are not JSON: only their size is checked
-    headers = {"Content-Type": "multipart/form-data; boundary=x"}
-    assert client.post("/", content=form, headers=headers).content == form
+    raw = b"[" * 500  # forms (uploads) and raw files are not JSON: only their size is checked
+    for content_type in ("multipart/form-data; boundary=x", "application/octet-stream", "image/png"):
+        assert client.post("/", content=raw, headers={"Content-Type": content_type}).content == raw
+    for content_type in ("application/json", "application/vnd.x+json; charset=utf-8", "text/plain", ""):
+        r = client.post("/", content=raw, headers={"Content-Type": content_type})
+        assert r.status_code == 400 and "500 levels deep; the limit is 64" in r.json()["detail"]
 
 
 def chain(length: int) -> dict[str, Any]:

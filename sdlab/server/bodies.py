@@ -2,9 +2,11 @@
 
 Python's JSON parser recurses once per nesting level, and so do pydantic, `copy.deepcopy` and `json.dumps`
 after it: a body of 100,000 `[` would end as a RecursionError (HTTP 500) somewhere. `BodyLimits` reads
-every body except forms (which FastAPI and Starlette may parse as JSON whatever its content type says),
-refuses one over `MAX_BODY_BYTES` (HTTP 413) or nested deeper than `MAX_JSON_DEPTH` (HTTP 400), naming
-the limit, and hands the bytes on to the route. Form bodies (uploads) are only held to the size limit.
+every body but forms, refuses one over `MAX_BODY_BYTES` (HTTP 413) or, when it may be JSON (a JSON or
+text content type, or none, as FastAPI parses those), nested deeper than `MAX_JSON_DEPTH` (HTTP 400),
+naming the limit, and hands the bytes on to the route. Forms (uploads) are only held to the size limit
+and other types (raw user files) are not depth-checked: a route parsing JSON whatever the content type
+says checks its body with `depth_problem` itself.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 MAX_BODY_BYTES = 128 << 20  # a 64 MiB image base64-encoded in an A1111 request, with room to spare
 MAX_JSON_DEPTH = 64  # ComfyUI workflows with their UI graph nest ~10 levels, A1111 requests fewer
 _FORMS = (b"multipart/form-data", b"application/x-www-form-urlencoded")
+_MAYBE_JSON = re.compile(rb"(|application/json|application/[\w.+-]+\+json|text/[\w.+-]+)")
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _PIECE = 1 << 22  # bytes scanned at once (bounds the scan's memory)
 
@@ -34,6 +37,16 @@ def json_depth(raw: bytes) -> int:
         running = np.cumsum(steps) + depth
         deepest, depth = max(deepest, int(running.max())), int(running[-1])
     return deepest
+
+
+def depth_problem(raw: bytes, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """Why a JSON body is refused for its nesting (None when it is not)."""
+    depth = json_depth(raw)
+    if depth <= limit:
+        return None
+    return (
+        f"the JSON body nests arrays and objects {depth} levels deep; the limit is {limit} (MAX_JSON_DEPTH)"
+    )
 
 
 class BodyLimits:
@@ -53,7 +66,8 @@ class BodyLimits:
         if length.isdigit() and int(length) > self.max_bytes:
             await self._refuse(scope, receive, send, 413, self._too_large(int(length)))
             return
-        if headers.get(b"content-type", b"").split(b";")[0].strip().lower() in _FORMS:
+        media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if media_type in _FORMS:
             await self.app(scope, receive, send)
             return
         body = bytearray()
@@ -67,13 +81,9 @@ class BodyLimits:
                 return
             if not message.get("more_body", False):
                 break
-        depth = json_depth(bytes(body))
-        if depth > self.max_depth:
-            detail = (
-                f"the JSON body nests arrays and objects {depth} levels deep; the limit is {self.max_depth} "
-                "(MAX_JSON_DEPTH)"
-            )
-            await self._refuse(scope, receive, send, 400, detail)
+        problem = depth_problem(bytes(body), self.max_depth) if _MAYBE_JSON.fullmatch(media_type) else None
+        if problem is not None:
+            await self._refuse(scope, receive, send, 400, problem)
             return
         await self.app(scope, _replay(bytes(body), receive), send)
 

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Form, HTTPException, Request, UploadFile, WebSock
 from fastapi.responses import FileResponse, JSONResponse
 
 from sdlab.images import DEFAULT_LIMITS, ImageError, ImageLimits, ImageTooLarge, open_image
+from sdlab.server.bodies import depth_problem
 from sdlab.server.graph import NodeFailure, Validation, execute, validate
 from sdlab.server.jobs import (
     CANCELLED,
@@ -164,6 +165,8 @@ async def json_object(request: Request, required: bool = True) -> dict[str, Any]
     raw = await request.body()
     if not raw and not required:
         return {}
+    if (problem := depth_problem(raw)) is not None:  # whatever the content type (BodyLimits checks some)
+        raise HTTPException(400, problem)
     try:
         body = await request.json()
     except ValueError as e:
