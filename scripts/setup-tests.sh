@@ -4,11 +4,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PIP="python3 -m pip"
-$PIP install -q -e ".[test,serve]"
+$PIP install -q -e ".[test,serve,queue]"
 # The web UI test drives Debian's Chromium through playwright (no browser download).
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 ||
     echo "note: could not install chromium; the browser test will be skipped" >&2
+fi
+# The PostgreSQL queue tests start a throw-away server from Debian's binaries (tests/conftest.py).
+if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && command -v apt-get >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq postgresql) >/dev/null 2>&1 ||
+    echo "note: could not install postgresql; the PostgreSQL queue tests will be skipped" >&2
 fi
 # k-diffusion's sampling functions are the oracle for the samplers; its package __init__ needs far
 # more than its sampling module, so install it and its maths dependencies without their extras.

@@ -71,3 +71,53 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     yield context
     context.close()
     playwright.stop()
+
+
+def _postgres_bin() -> Path | None:
+    """The newest Debian PostgreSQL server binaries (/usr/lib/postgresql/N/bin), or None."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parent.parent.name))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throw-away PostgreSQL server (initdb + pg_ctl in a temp folder, a free loopback port) for the
+    session, as a `postgresql://` URL; run as the `postgres` user when the tests run as root (the server
+    refuses root). Skips only when no server binaries are installed or the server cannot start."""
+    import os
+    import subprocess
+    import tempfile
+
+    from test_server_api import free_port
+
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server installed (apt-get install postgresql; .ci/run installs it)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed (pip install 'sdlab[queue]')")
+    # not under pytest's temp root: it is private to the user running the tests, and the server may not be
+    folder = Path(tempfile.mkdtemp(prefix="sdlab-postgres-"))
+    data, port = folder / "data", free_port()
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=60)
+
+    init = run(str(bin_dir / "initdb"), "-D", str(data), "-U", "sdlab", "-A", "trust", "-E", "UTF8")
+    if init.returncode != 0:
+        pytest.skip(f"initdb failed: {init.stderr.strip()[-500:]}")
+    options = f"-h 127.0.0.1 -p {port} -k {folder} -c fsync=off -c max_connections=200"
+    pg_ctl = (str(bin_dir / "pg_ctl"), "-D", str(data))
+    start = run(*pg_ctl, "-l", str(folder / "log"), "-o", options, "-w", "start")
+    if start.returncode != 0:
+        pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-500:]}")
+    try:
+        yield f"postgresql://sdlab@127.0.0.1:{port}/postgres"
+    finally:
+        run(*pg_ctl, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(folder, ignore_errors=True)

@@ -663,7 +663,7 @@ def _remove_job_images(server: Server, request: dict[str, Any]) -> None:
 
 
 def _read_base64(server: Server, ref: dict[str, str]) -> str:
-    path = confined(server.folders.by_type(ref["type"]), ref["subfolder"], ref["filename"])
+    path = server.file(ref["type"], ref["subfolder"], ref["filename"])
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 

@@ -49,10 +49,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server.worker.start()
+        server.start()
         yield
-        server.worker.stop()
-        server.store.close()
+        server.stop()
 
     app = FastAPI(title="sdlab", lifespan=lifespan)
     app.state.server = server

@@ -94,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    problem = frontend_problem(args.ui, args.front_end_root)
+    problem = frontend_problem(args.ui, args.front_end_root) or queue_problem(args.queue, args.workers)
     if problem is not None:
         print(f"sdlab serve: error: {problem}", file=sys.stderr)
         return 2
@@ -108,6 +108,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ui=args.ui,
         front_end_root=args.front_end_root,
         image_limits=ImageLimits(args.max_image_pixels, args.max_image_bytes),
+        queue=args.queue,
+        workers=args.workers,
+        lease_s=args.lease,
     )
     app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
@@ -125,21 +128,15 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    add_folder_arguments(p)
+    add_queue_arguments(p)
     p.add_argument(
-        "--models-dir",
-        type=Path,
-        help="checkpoints, with Stable-diffusion/, VAE/, Lora/ and embeddings/ inside (default: ./models if "
-        "it exists); the shipped model is always listed",
-    )
-    p.add_argument(
-        "--outputs-dir", type=Path, default=Path("outputs"), help="saved images (default: ./outputs)"
-    )
-    p.add_argument("--input-dir", type=Path, default=Path("input"), help="uploaded images (default: ./input)")
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        default=Path(".sdlab-server"),
-        help="the job queue database and temp images (default: ./.sdlab-server)",
+        "--workers",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1 (default): run jobs in this process; 0: only queue them for `sdlab worker` processes "
+        "(needs --queue)",
     )
     p.add_argument(
         "--api-key",
@@ -179,6 +176,108 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     p.set_defaults(func=cmd_serve)
+    add_worker_parser(subparsers)
+    return p
+
+
+def add_folder_arguments(p: argparse.ArgumentParser) -> None:
+    """The folders a server or worker reads and writes."""
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        help="checkpoints, with Stable-diffusion/, VAE/, Lora/ and embeddings/ inside (default: ./models if "
+        "it exists); the shipped model is always listed",
+    )
+    p.add_argument(
+        "--outputs-dir", type=Path, default=Path("outputs"), help="saved images (default: ./outputs)"
+    )
+    p.add_argument("--input-dir", type=Path, default=Path("input"), help="uploaded images (default: ./input)")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".sdlab-server"),
+        help="the job queue database and temp images (default: ./.sdlab-server)",
+    )
+
+
+def add_queue_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the job queue lives: SQLite in the state folder, or a PostgreSQL server many processes share."""
+    p.add_argument(
+        "--queue",
+        metavar="URL",
+        help="postgresql://USER@HOST:PORT/DB: one queue for many front ends and workers (needs "
+        "'sdlab[queue]'); default: SQLite in --state-dir, one process",
+    )
+    p.add_argument(
+        "--lease",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on --queue: a worker that does not renew its hold on a job this long has died; its job is "
+        "retried once by another worker, then failed (default: 30)",
+    )
+
+
+def queue_problem(queue: str | None, workers: int) -> str | None:
+    """Why `--queue`/`--workers` cannot work as given, or None."""
+    if queue is not None and not queue.startswith(("postgresql://", "postgres://")):
+        return f"--queue {queue!r}: expected a postgresql:// URL"
+    if queue is not None:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            return "--queue needs psycopg: pip install 'sdlab[queue]'"
+    if workers == 0 and queue is None:
+        return "--workers 0 needs --queue postgresql://...: with the embedded queue nothing else runs jobs"
+    return None
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run jobs from the shared queue until interrupted (SIGINT or SIGTERM)."""
+    import signal
+    import threading
+
+    problem = queue_problem(args.queue, 1) or (None if args.queue else "--queue postgresql://... is required")
+    if problem is not None:
+        print(f"sdlab worker: error: {problem}", file=sys.stderr)
+        return 2
+    import torch
+
+    from sdlab.images import ImageLimits
+    from sdlab.server.app import RUNNERS
+    from sdlab.server.paths import Folders
+    from sdlab.server.state import Server, Settings
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folders = Folders(args.models_dir, args.outputs_dir, args.input_dir, args.state_dir)
+    limits = ImageLimits(args.max_image_pixels, args.max_image_bytes)
+    settings = Settings(folders, queue=args.queue, lease_s=args.lease, image_limits=limits)
+    server = Server.open(settings, RUNNERS)
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    server.start()
+    print(f"sdlab worker: worker id {server.store.worker_id} on the queue", flush=True)
+    stopping.wait()
+    server.stop()
+    return 0
+
+
+def add_worker_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `worker` on the `sdlab` command line."""
+    p = subparsers.add_parser(
+        "worker",
+        help="run jobs from a PostgreSQL queue that `sdlab serve --queue URL` front ends fill",
+        description="Run the jobs of a shared PostgreSQL queue, one at a time (run one worker per GPU, on "
+        "any machine that reaches the database). Result images are stored in the database, so every front "
+        "end serves them.",
+    )
+    add_folder_arguments(p)
+    add_queue_arguments(p)
+    add_image_limit_arguments(p)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_worker)
     return p
 
 

@@ -107,7 +107,7 @@ def routes(server: Server) -> APIRouter:
     @api.get("/view")
     def view(filename: str, subfolder: str = "", type: str = "output") -> FileResponse:  # noqa: A002 (ComfyUI's name)
         try:
-            path = confined(server.folders.by_type(type), subfolder, filename)
+            path = server.file(type, subfolder, filename)
         except PathError as e:
             raise HTTPException(400, str(e)) from e
         if not path.is_file():

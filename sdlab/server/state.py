@@ -13,7 +13,7 @@ from sdlab.images import DEFAULT_LIMITS, ImageLimits
 from sdlab.server.jobs import PENDING, RUNNING, Job, JobStore, Live, Outcome, Worker, log
 from sdlab.server.library import Library, ModelCache
 from sdlab.server.nodes import Env
-from sdlab.server.paths import Folders
+from sdlab.server.paths import Folders, confined
 
 Message = dict[str, Any] | bytes
 
@@ -33,6 +33,9 @@ class Settings:
     preview_method: str = "none"
     ui: str = "sdlab"  # the page at `/`: sdlab's web UI, or "comfy" for ComfyUI's frontend (also at /comfy/)
     front_end_root: Path | None = None  # a ComfyUI frontend build (None: the installed frontend package)
+    queue: str | None = None  # a postgresql:// URL many processes share (None: SQLite in the state folder)
+    workers: int = 1  # job-running threads here; 0: a front end of the `queue` (workers elsewhere)
+    lease_s: float = 30.0  # how long a worker holds a job on `queue` without renewing its lease
 
 
 class Events:
@@ -101,6 +104,7 @@ class Server:
     events: Events = field(default_factory=Events)
     options: dict[str, Any] = field(default_factory=dict)  # A1111 options settable over the API
     worker: Worker = field(init=False)
+    listener: Any = None  # on a PostgreSQL queue: the thread relaying notifications (queue_pg.Listener)
 
     @classmethod
     def open(cls, settings: Settings, runners: dict[str, Callable[[Server, Job, Live], Outcome]]) -> Server:
@@ -108,20 +112,49 @@ class Server:
         folders = settings.folders
         folders.create()
         library = Library(folders.models)
-        store = JobStore(folders.database, settings.max_queue)
+        if settings.queue:
+            from sdlab.server.queue_pg import open_queue, queue_listener
+
+            store, events, worker_class = open_queue(settings)
+        else:
+            store, events, worker_class = JobStore(folders.database, settings.max_queue), Events(), Worker
         failed = store.recover()
         if failed:
             log.warning(
                 "%d job(s) were running when the server stopped; marked failed: %s", len(failed), failed
             )
-        server = cls(settings, library, ModelCache(library), store)
+        server = cls(settings, library, ModelCache(library), store, events)
         bound = {kind: _bind(run, server) for kind, run in runners.items()}
-        server.worker = Worker(store, bound, server.queue_changed)
+        server.worker = worker_class(store, bound, server.queue_changed)
+        if settings.queue:
+            server.listener = queue_listener(server)
         server.options = {
             "sd_model_checkpoint": next(iter(library.checkpoints()), None),
             "CLIP_stop_at_last_layers": 1,
         }
         return server
+
+    def start(self) -> None:
+        """Start running jobs (and relaying the shared queue's notifications)."""
+        self.worker.start()
+        if self.listener is not None:
+            self.listener.start()
+
+    def stop(self) -> None:
+        """Stop the worker (failing its running job) and the listener; close the queue."""
+        self.worker.stop()
+        if self.listener is not None:
+            self.listener.stop()
+        self.store.close()
+
+    def file(self, kind: str, subfolder: str, filename: str) -> Path:
+        """The local path of a file of a ComfyUI type (output, input, temp); on a PostgreSQL queue a result
+        file a worker elsewhere made is fetched from the database first."""
+        if not self.settings.queue:
+            return confined(self.folders.by_type(kind), subfolder, filename)
+        from sdlab.server.queue_pg import fetch_file
+
+        return fetch_file(self.store, self.folders, kind, subfolder, filename)
 
     @property
     def folders(self) -> Folders:

@@ -1,0 +1,482 @@
+"""The job queue on PostgreSQL (`--queue postgresql://...`): many front ends and workers, one queue.
+
+The same jobs and states as the SQLite `JobStore`, in a database every process reaches. Workers claim the
+oldest pending job with `SELECT ... FOR UPDATE SKIP LOCKED` (no two claim the same row) and hold a lease
+they renew; a job whose lease ran out (its worker died) goes back to pending once and is failed with the
+reason the second time, so a job is never run by two workers at once and never lost. A worker's finish
+counts only while it still holds the job, and stores the result's image files in the database in the same
+transaction, so any front end serves them. Front ends learn of finished jobs, progress messages and
+interrupts through LISTEN/NOTIFY. The schema is created and migrated here, versioned in `sdlab_schema`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from sdlab.server.jobs import CANCELLED, FAILED, FINISHED, PENDING, RUNNING, Job, QueueFull, Worker, log
+from sdlab.server.paths import Folders, confined
+from sdlab.server.state import Events, Message
+
+SCHEMA_VERSION = 1
+# version -> the SQL that brings the previous version to it; applied in order, each in one transaction
+MIGRATIONS = {
+    1: """
+CREATE TABLE jobs (
+    number BIGSERIAL PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    request JSONB NOT NULL,
+    state TEXT NOT NULL,
+    result JSONB,
+    error TEXT,
+    created DOUBLE PRECISION NOT NULL,
+    started DOUBLE PRECISION,
+    finished DOUBLE PRECISION,
+    worker TEXT,
+    lease_until TIMESTAMPTZ,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    interrupt BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE INDEX jobs_by_state ON jobs (state, number);
+CREATE TABLE files (
+    type TEXT NOT NULL,
+    subfolder TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    job TEXT NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (type, subfolder, filename)
+);
+CREATE INDEX files_by_job ON files (job);
+""",
+}
+COLUMNS = "id, number, kind, request, state, result, error, created, started, finished"
+MAX_ATTEMPTS = 2  # a job whose worker died is retried once, then failed
+LEASE_ERROR = "its worker stopped answering (lease expired) on both attempts"
+QUEUE, DONE_CHANNEL, EVENTS, INTERRUPT = "sdlab_queue", "sdlab_done", "sdlab_events", "sdlab_interrupt"
+MAX_NOTIFY = 7900  # PostgreSQL's NOTIFY payload limit is 8000 bytes
+
+
+def is_queue_url(value: str | None) -> bool:
+    """Whether `--queue` names a PostgreSQL server (otherwise the embedded SQLite queue is used)."""
+    return bool(value) and value.startswith(("postgresql://", "postgres://"))
+
+
+def connect(url: str) -> psycopg.Connection:
+    """An autocommit connection returning rows as dicts."""
+    return psycopg.connect(url, autocommit=True, row_factory=dict_row)
+
+
+def migrate(db: psycopg.Connection) -> int:
+    """Create or upgrade the schema to SCHEMA_VERSION (one process at a time); returns the version."""
+    with db.transaction():
+        db.execute("SELECT pg_advisory_xact_lock(7860)")
+        db.execute("CREATE TABLE IF NOT EXISTS sdlab_schema (version INTEGER NOT NULL)")
+        row = db.execute("SELECT version FROM sdlab_schema").fetchone()
+        version = 0 if row is None else row["version"]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"the queue database has schema {version}; this sdlab knows {SCHEMA_VERSION}")
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            db.execute(MIGRATIONS[step])
+        if row is None:
+            db.execute("INSERT INTO sdlab_schema VALUES (%s)", (SCHEMA_VERSION,))
+        else:
+            db.execute("UPDATE sdlab_schema SET version = %s", (SCHEMA_VERSION,))
+    return SCHEMA_VERSION
+
+
+class PgJobStore:
+    """`JobStore`'s methods on PostgreSQL, plus leases, stored result files and notifications."""
+
+    def __init__(self, url: str, max_pending: int, folders: Folders, lease_s: float = 30.0) -> None:
+        self.url, self.max_pending, self.folders, self.lease_s = url, max_pending, folders, lease_s
+        self.worker_id = f"{uuid.uuid4().hex[:12]}"
+        self._lock = threading.Lock()
+        self._db = connect(url)
+        migrate(self._db)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection]:
+        with self._lock, self._db.transaction():
+            yield self._db
+
+    def _query(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def recover(self) -> list[str]:
+        """Re-queue (once) or fail the jobs whose worker's lease ran out; returns the ids failed."""
+        return self.expire()
+
+    def expire(self) -> list[str]:
+        """Jobs running under an expired lease go back to pending, or fail after MAX_ATTEMPTS; ids failed."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "UPDATE jobs SET state = CASE WHEN attempts >= %s THEN %s ELSE %s END, worker = NULL, "
+                "error = CASE WHEN attempts >= %s THEN %s END, "
+                "finished = CASE WHEN attempts >= %s THEN %s END, interrupt = FALSE "
+                "WHERE state = %s AND lease_until < now() RETURNING id, state",
+                (
+                    MAX_ATTEMPTS,
+                    FAILED,
+                    PENDING,
+                    MAX_ATTEMPTS,
+                    LEASE_ERROR,
+                    MAX_ATTEMPTS,
+                    time.time(),
+                    RUNNING,
+                ),
+            ).fetchall()
+            failed = [r["id"] for r in rows if r["state"] == FAILED]
+            for job_id in failed:
+                db.execute("SELECT pg_notify(%s, %s)", (DONE_CHANNEL, job_id))
+            if len(failed) < len(rows):
+                db.execute("SELECT pg_notify(%s, '')", (QUEUE,))
+        if rows:
+            log.warning("jobs whose worker stopped answering: %s", [(r["id"], r["state"]) for r in rows])
+        return failed
+
+    def add(self, kind: str, request: dict[str, Any], job_id: str | None = None) -> Job:
+        """Queue a job at the back and wake a worker; QueueFull when `max_pending` jobs already wait."""
+        with self._transaction() as db:
+            (pending,) = (
+                db.execute("SELECT COUNT(*) FROM jobs WHERE state = %s", (PENDING,)).fetchone().values()
+            )
+            if pending >= self.max_pending:
+                raise QueueFull(f"the queue is full ({pending} jobs waiting)")
+            row = db.execute(
+                f"INSERT INTO jobs (id, kind, request, state, created) VALUES (%s, %s, %s, %s, %s) "
+                f"RETURNING {COLUMNS}",
+                (job_id or str(uuid.uuid4()), kind, json.dumps(request), PENDING, time.time()),
+            ).fetchone()
+            db.execute("SELECT pg_notify(%s, %s)", (QUEUE, row["id"]))
+        return Job(**row)
+
+    def claim(self) -> Job | None:
+        """Lease the oldest pending job no other worker holds (None when nothing waits)."""
+        self.expire()
+        with self._transaction() as db:
+            row = db.execute(
+                f"UPDATE jobs SET state = %s, started = %s, worker = %s, attempts = attempts + 1, "
+                f"lease_until = now() + %s * interval '1 second' WHERE number = (SELECT number FROM jobs "
+                f"WHERE state = %s ORDER BY number LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {COLUMNS}",
+                (RUNNING, time.time(), self.worker_id, self.lease_s, PENDING),
+            ).fetchone()
+        return None if row is None else Job(**row)
+
+    def renew(self) -> list[str]:
+        """Extend this worker's leases; returns the ids of its jobs a client asked to interrupt."""
+        rows = self._query(
+            "UPDATE jobs SET lease_until = now() + %s * interval '1 second' WHERE worker = %s AND state = %s "
+            "RETURNING id, interrupt",
+            (self.lease_s, self.worker_id, RUNNING),
+        )
+        return [r["id"] for r in rows if r["interrupt"]]
+
+    def finish(self, job_id: str, state: str, result: dict[str, Any], error: str | None) -> None:
+        """Record the end of a job this worker still holds, with its image files; a job whose lease was
+        lost meanwhile (and went to another worker) is left alone."""
+        with self._transaction() as db:
+            held = db.execute(
+                "SELECT 1 FROM jobs WHERE id = %s AND state = %s AND worker = %s FOR UPDATE",
+                (job_id, RUNNING, self.worker_id),
+            ).fetchone()
+            if held is None:
+                log.warning("job %s: lease lost before it finished; its result is dropped", job_id)
+                return
+            for ref in file_refs(result):
+                self._store_file(db, job_id, ref)
+            db.execute(
+                "UPDATE jobs SET state = %s, result = %s, error = %s, finished = %s, worker = NULL "
+                "WHERE id = %s",
+                (state, json.dumps(result), error, time.time(), job_id),
+            )
+            db.execute("SELECT pg_notify(%s, %s)", (DONE_CHANNEL, job_id))
+
+    def _store_file(self, db: psycopg.Connection, job_id: str, ref: dict[str, Any]) -> None:
+        """Store one result file, renamed (in ref too) when another job's file has its name."""
+        path = confined(self.folders.by_type(ref["type"]), ref.get("subfolder", ""), ref["filename"])
+        data = path.read_bytes()
+        name = PurePosixPath(ref["filename"])
+        for candidate in (
+            name.name,
+            f"{name.stem}-{job_id[:8]}{name.suffix}",
+            f"{name.stem}-{job_id}{name.suffix}",
+        ):
+            stored = db.execute(
+                "INSERT INTO files (type, subfolder, filename, job, data) VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT DO NOTHING RETURNING 1",
+                (ref["type"], ref.get("subfolder", ""), candidate, job_id, data),
+            ).fetchone()
+            if stored is not None:
+                ref["filename"] = candidate
+                return
+        raise RuntimeError(f"job {job_id}: no free name for {ref['filename']}")
+
+    def read_file(self, kind: str, subfolder: str, filename: str) -> bytes | None:
+        """The bytes of a stored result file, or None."""
+        rows = self._query(
+            "SELECT data FROM files WHERE type = %s AND subfolder = %s AND filename = %s",
+            (kind, subfolder, filename),
+        )
+        return bytes(rows[0]["data"]) if rows else None
+
+    def request_interrupt(self, job_id: str | None = None) -> bool:
+        """Ask the worker running `job_id` (any running job for None) to stop it; whether one was running."""
+        chosen = "" if job_id is None else " AND id = %s"
+        with self._transaction() as db:
+            rows = db.execute(
+                f"UPDATE jobs SET interrupt = TRUE WHERE state = %s{chosen} RETURNING id",
+                (RUNNING, *([job_id] if job_id else [])),
+            ).fetchall()
+            for row in rows:
+                db.execute("SELECT pg_notify(%s, %s)", (INTERRUPT, row["id"]))
+        return bool(rows)
+
+    def cancel(self, job_ids: list[str] | None = None) -> list[str]:
+        """Cancel the given pending jobs (all pending jobs for None); returns the ids cancelled."""
+        chosen = "" if job_ids is None else " AND id = ANY(%s)"
+        with self._transaction() as db:
+            rows = db.execute(
+                f"UPDATE jobs SET state = %s, error = 'cancelled', finished = %s WHERE state = %s{chosen} "
+                "RETURNING id",
+                (CANCELLED, time.time(), PENDING, *([job_ids] if job_ids is not None else [])),
+            ).fetchall()
+            for row in rows:
+                db.execute("SELECT pg_notify(%s, %s)", (DONE_CHANNEL, row["id"]))
+        return [r["id"] for r in rows]
+
+    def forget(self, job_ids: list[str] | None = None, kind: str | None = None) -> list[str]:
+        """Delete finished jobs (all of them for None), of one kind if given, with their stored files."""
+        chosen = "" if job_ids is None else " AND id = ANY(%s)"
+        args = (list(FINISHED), *([job_ids] if job_ids is not None else []), *([kind] if kind else []))
+        with self._transaction() as db:
+            rows = db.execute(
+                f"DELETE FROM jobs WHERE state = ANY(%s){chosen}"
+                + (" AND kind = %s" if kind else "")
+                + " RETURNING id",
+                args,
+            ).fetchall()
+            ids = [r["id"] for r in rows]
+            db.execute("DELETE FROM files WHERE job = ANY(%s)", (ids,))
+        return ids
+
+    def get(self, job_id: str) -> Job | None:
+        """The job with this id, or None."""
+        rows = self._query(f"SELECT {COLUMNS} FROM jobs WHERE id = %s", (job_id,))
+        return Job(**rows[0]) if rows else None
+
+    def jobs(self, states: tuple[str, ...], kind: str | None = None, limit: int = -1) -> list[Job]:
+        """Jobs in the given states, oldest first (the last `limit` of them when limit >= 0)."""
+        query = f"SELECT {COLUMNS} FROM jobs WHERE state = ANY(%s)" + (" AND kind = %s" if kind else "")
+        query = f"SELECT * FROM ({query} ORDER BY number DESC LIMIT %s) AS last ORDER BY number"
+        args = (list(states), *([kind] if kind else []), None if limit < 0 else limit)
+        return [Job(**r) for r in self._query(query, args)]
+
+    def count(self, states: tuple[str, ...]) -> int:
+        """How many jobs are in the given states."""
+        return self._query("SELECT COUNT(*) AS n FROM jobs WHERE state = ANY(%s)", (list(states),))[0]["n"]
+
+    def notify(self, channel: str, payload: str) -> None:
+        """Send a notification to every process listening on channel."""
+        self._query("SELECT pg_notify(%s, %s)", (channel, payload))
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+
+def file_refs(value: Any) -> Iterator[dict[str, Any]]:
+    """The `{"filename", "subfolder", "type"}` file references anywhere in a job's result."""
+    if isinstance(value, dict):
+        if isinstance(value.get("filename"), str) and value.get("type") in ("output", "temp", "input"):
+            yield value
+            return
+        for item in value.values():
+            yield from file_refs(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from file_refs(item)
+
+
+def fetch_file(store: PgJobStore, folders: Folders, kind: str, subfolder: str, filename: str) -> Path:
+    """The local path of a file of the given type; a result file another process made is written there
+    from the queue database first."""
+    path = confined(folders.by_type(kind), subfolder, filename)
+    if not path.exists():
+        data = store.read_file(kind, subfolder, filename)
+        if data is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+            partial.write_bytes(data)
+            partial.replace(path)
+    return path
+
+
+class Listener:
+    """A thread on its own connection: LISTENs on channels, calls `on_notify(channel, payload)` for each
+    notification and `tick()` at least every `tick_s` seconds (lease renewal, polling for lost messages)."""
+
+    def __init__(
+        self,
+        url: str,
+        channels: tuple[str, ...],
+        on_notify: Callable[[str, str], None],
+        tick: Callable[[], None],
+        tick_s: float = 1.0,
+    ) -> None:
+        self.url, self.channels, self.on_notify, self.tick, self.tick_s = (
+            url,
+            channels,
+            on_notify,
+            tick,
+            tick_s,
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sdlab-listen", daemon=True)
+
+    def start(self) -> None:
+        """Start listening."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening (within one tick)."""
+        self._stop.set()
+        self._thread.join(self.tick_s + 5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with connect(self.url) as db:
+                    for channel in self.channels:
+                        db.execute(f"LISTEN {channel}")
+                    self._loop(db)
+            except psycopg.Error as e:  # the database went away: retry, the queue state is in the database
+                log.warning("queue listener: %s; reconnecting", e)
+                self._stop.wait(1.0)
+
+    def _loop(self, db: psycopg.Connection) -> None:
+        last = 0.0
+        while not self._stop.is_set():
+            for note in db.notifies(timeout=self.tick_s, stop_after=64):
+                self.on_notify(note.channel, note.payload)
+            if time.monotonic() - last >= self.tick_s:
+                last = time.monotonic()
+                try:
+                    self.tick()
+                except Exception:  # a failed tick must not end the listener
+                    log.exception("queue listener tick failed")
+
+
+def encode_event(message: dict[str, Any] | bytes, client_id: str | None) -> str | None:
+    """A /ws message as a NOTIFY payload (binary previews base64), or None when it is too large to send."""
+    body = {"json": message} if isinstance(message, dict) else {"bytes": base64.b64encode(message).decode()}
+    payload = json.dumps({"client": client_id, **body})
+    return payload if len(payload) <= MAX_NOTIFY else None
+
+
+def decode_event(payload: str) -> tuple[dict[str, Any] | bytes, str | None]:
+    """The message and client id of a payload from `encode_event`."""
+    body = json.loads(payload)
+    message = body["json"] if "json" in body else base64.b64decode(body["bytes"])
+    return message, body["client"]
+
+
+class FrontEnd(Worker):
+    """A `Worker` that runs no job (`sdlab serve --queue URL --workers 0`): it queues jobs for the workers,
+    resolves waiters when any worker finishes a job, and forwards interrupts to the worker running it."""
+
+    live = None
+
+    def start(self) -> None:
+        """Nothing to run here; the listener (see `serve_queue`) resolves waiters."""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Nothing to stop."""
+
+    def interrupt(self, job_id: str | None = None) -> bool:
+        """Ask the worker running the job (any running job for None) to stop it."""
+        assert isinstance(self.store, PgJobStore)
+        return self.store.request_interrupt(job_id)
+
+    def poll(self) -> None:
+        """Resolve waiters whose jobs finished without a notification reaching this process."""
+        with self._wake:
+            waiting = list(self._waiters)
+        for job_id in waiting:
+            job = self.store.get(job_id)
+            if job is None or job.state in FINISHED:
+                self._resolve(job_id)
+
+
+def queue_listener(server: Any) -> Listener:
+    """The listener of a process on the PostgreSQL queue: wakes its worker for new jobs and stops the job
+    a client interrupted; renews its leases; in a front end, resolves waiters and relays workers' /ws
+    messages to its WebSocket clients."""
+    store, worker = server.store, server.worker
+    front_end = isinstance(worker, FrontEnd)
+
+    def on_notify(channel: str, payload: str) -> None:
+        if channel == DONE_CHANNEL:
+            worker._resolve(payload)
+            server.queue_changed()
+        elif channel == EVENTS:
+            message, client_id = decode_event(payload)
+            server.events.publish(message, client_id)
+        elif channel == INTERRUPT:
+            worker.interrupt(payload)
+        elif channel == QUEUE:
+            with worker._wake:
+                worker._wake.notify()
+
+    def tick() -> None:
+        if front_end:
+            worker.poll()
+            store.expire()
+            return
+        for job_id in store.renew():
+            worker.interrupt(job_id)
+
+    channels = (DONE_CHANNEL, EVENTS) if front_end else (QUEUE, INTERRUPT)
+    return Listener(
+        store.url, channels, on_notify, tick, tick_s=1.0 if front_end else min(1.0, store.lease_s / 3)
+    )
+
+
+class PgEvents(Events):
+    """A worker's /ws messages, sent through NOTIFY to every front end (each delivers them to its clients;
+    a preview too large for a notification is dropped)."""
+
+    def __init__(self, store: PgJobStore) -> None:
+        super().__init__()
+        self.store = store
+
+    def connected(self, client_id: str) -> bool:
+        """Always: the client may be connected to any front end (those it is not on drop its messages)."""
+        return True
+
+    def publish(self, message: Message, client_id: str | None = None) -> None:
+        """Send to the client (all for None) through whichever front end it is connected to."""
+        payload = encode_event(message, client_id)
+        if payload is not None:
+            self.store.notify(EVENTS, payload)
+
+
+def open_queue(settings: Any) -> tuple[PgJobStore, Events, type[Worker]]:
+    """The store, events and worker class of a process on `settings.queue`: a front end (`workers == 0`)
+    keeps its WebSocket clients' events local, a worker sends them to the front ends."""
+    store = PgJobStore(settings.queue, settings.max_queue, settings.folders, settings.lease_s)
+    if settings.workers == 0:
+        return store, Events(), FrontEnd
+    return store, PgEvents(store), Worker

@@ -1,0 +1,275 @@
+"""The job queue on PostgreSQL: the same store behaviour as SQLite, exclusive claims, leases retried once
+then failed, and front ends + workers as separate processes (kill -9 of a worker mid-job and of a front
+end: every job finishes exactly once, results readable through either front end, /ws progress relayed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from test_server_api import MODEL, free_port, txt2img_workflow, wait_history, write_models
+
+from sdlab.server.jobs import CANCELLED, DONE, FAILED, PENDING, RUNNING, JobStore, QueueFull
+from sdlab.server.paths import Folders
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'sdlab[queue]')")
+from sdlab.server.queue_pg import LEASE_ERROR, SCHEMA_VERSION, PgJobStore, file_refs, migrate  # noqa: E402
+
+
+def fresh_database(server_url: str) -> str:
+    """A new, empty database on the test server; its URL."""
+    name = f"q{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def folders(root: Path) -> Folders:
+    result = Folders(None, root / "outputs", root / "input", root / "state")
+    result.create()
+    return result
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """`open_store(max_pending, lease_s)`: a new store on one queue, SQLite or PostgreSQL."""
+    stores: list[Any] = []
+    url = fresh_database(request.getfixturevalue("postgres_url")) if request.param == "postgresql" else None
+
+    def open_(max_pending: int = 100, lease_s: float = 30.0) -> Any:
+        if url is None:
+            store = JobStore(tmp_path / "jobs.sqlite3", max_pending)
+        else:
+            store = PgJobStore(url, max_pending, folders(tmp_path / f"p{len(stores)}"), lease_s)
+        stores.append(store)
+        return store
+
+    yield open_
+    for store in stores:
+        store.close()
+
+
+def test_same_queue_behaviour_on_both_backends(open_store: Any) -> None:
+    store = open_store(max_pending=2)
+    first, second = store.add("comfy", {"n": 1}), store.add("a1111", {"n": 2})
+    with pytest.raises(QueueFull):
+        store.add("comfy", {"n": 3})
+    assert [j.id for j in store.jobs((PENDING,))] == [first.id, second.id] and store.count((PENDING,)) == 2
+    claimed = store.claim()
+    assert claimed.id == first.id and claimed.request == {"n": 1} and store.get(first.id).state == RUNNING
+    assert store.cancel() == [second.id] and store.get(second.id).state == CANCELLED
+    store.finish(first.id, DONE, {"answer": 42}, None)
+    done = store.get(first.id)
+    assert (done.state, done.result, done.error) == (DONE, {"answer": 42}, None)
+    assert done.finished >= done.started
+    assert [j.id for j in store.jobs((DONE, CANCELLED), limit=1)] == [second.id]
+    assert store.forget(kind="comfy") == [first.id] and store.get(first.id) is None
+    assert store.claim() is None and store.count((PENDING, RUNNING)) == 0
+
+
+def test_claims_are_exclusive_across_connections(postgres_url: str, tmp_path: Path) -> None:
+    url = fresh_database(postgres_url)
+    stores = [PgJobStore(url, 1000, folders(tmp_path / str(i))) for i in range(4)]
+    added = [stores[0].add("noop", {"i": i}).id for i in range(120)]
+    claimed: list[list[str]] = [[] for _ in stores]
+
+    def drain(i: int) -> None:
+        while (job := stores[i].claim()) is not None:
+            claimed[i].append(job.id)
+            stores[i].finish(job.id, DONE, {}, None)
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    everything = [j for ids in claimed for j in ids]
+    assert sorted(everything) == sorted(added)  # each claimed exactly once: none lost, none twice
+    assert sum(1 for ids in claimed if ids) >= 2  # the claims really were concurrent
+    assert stores[0].count((DONE,)) == 120
+    assert migrate(stores[1]._db) == SCHEMA_VERSION  # migrating again is a no-op
+    for store in stores:
+        store.close()
+
+
+def test_expired_lease_is_retried_once_then_failed(postgres_url: str, tmp_path: Path) -> None:
+    url = fresh_database(postgres_url)
+    dead, other, third = (PgJobStore(url, 10, folders(tmp_path / n), lease_s=0.3) for n in "abc")
+    job = dead.add("comfy", {})
+    assert dead.claim().id == job.id
+    assert other.claim() is None  # held: not claimable while the lease lasts
+    time.sleep(0.5)
+    retried = other.claim()  # the lease ran out: back to pending, claimed again
+    assert retried.id == job.id and retried.state == RUNNING
+    dead.finish(job.id, DONE, {"late": True}, None)  # the first holder lost it: its finish is dropped
+    assert other.get(job.id).state == RUNNING and other.get(job.id).result is None
+    assert other.renew() == [] and other.request_interrupt(job.id) and other.renew() == [job.id]
+    time.sleep(0.5)
+    assert third.expire() == [job.id] and third.claim() is None  # second loss: failed, not run a third time
+    failed = third.get(job.id)
+    assert (failed.state, failed.error) == (FAILED, LEASE_ERROR)
+    for store in (dead, other, third):
+        store.close()
+
+
+def test_result_files_are_stored_and_renamed_apart(postgres_url: str, tmp_path: Path) -> None:
+    url = fresh_database(postgres_url)
+    one, two = PgJobStore(url, 10, folders(tmp_path / "1")), PgJobStore(url, 10, folders(tmp_path / "2"))
+    for store, colour in ((one, b"red"), (two, b"blue")):
+        (store.folders.outputs / "ComfyUI_00001_.png").write_bytes(colour)
+        job = store.add("comfy", {})
+        assert store.claim().id == job.id
+        ref = {"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}
+        store.finish(job.id, DONE, {"outputs": {"9": {"images": [ref]}}}, None)
+    stored = [list(file_refs(j.result))[0]["filename"] for j in one.jobs((DONE,))]
+    # the same name from two workers: the second is stored under a name of its own
+    assert stored[0] == "ComfyUI_00001_.png" and stored[1].startswith("ComfyUI_00001_-")
+    assert [two.read_file("output", "", name) for name in stored] == [b"red", b"blue"]
+    one.close()
+    two.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# processes: front ends and workers on one queue
+
+
+def _wait_up(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + 90
+    while True:
+        try:
+            httpx.get(url + "/queue", timeout=1)
+            return
+        except httpx.TransportError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(log.read_text()) from None
+            time.sleep(0.1)
+
+
+@contextmanager
+def processes(root: Path, queue: str, front_ends: int, workers: int) -> Iterator[tuple[list, list, list]]:
+    """(front-end URLs, front-end processes, worker processes), each with its own folders."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, args: list[str]) -> subprocess.Popen:
+        home = root / name
+        args += ["--models-dir", str(root / "models"), "--queue", queue, "--lease", "2"]
+        args += ["--outputs-dir", str(home / "outputs"), "--input-dir", str(home / "input")]
+        args += ["--state-dir", str(home / "state"), "--threads", "1"]
+        home.mkdir()
+        with (home / "log").open("ab") as log:
+            procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT))
+        return procs[-1]
+
+    try:
+        ports = [free_port() for _ in range(front_ends)]
+        serve = [sys.executable, "-m", "sdlab.server", "-q", "--workers", "0", "--port"]
+        fronts = [start(f"front{i}", [*serve, str(p)]) for i, p in enumerate(ports)]
+        backs = [start(f"worker{i}", [sys.executable, "-m", "sdlab.cli", "worker"]) for i in range(workers)]
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        for i, (url, proc) in enumerate(zip(urls, fronts)):
+            _wait_up(url, proc, root / f"front{i}" / "log")
+        yield urls, fronts, backs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_front_ends_and_workers_survive_kill_9(postgres_url: str, tmp_path: Path) -> None:
+    from websockets.sync.client import connect
+
+    write_models(tmp_path)
+    queue = fresh_database(postgres_url)
+    with processes(tmp_path, queue, front_ends=2, workers=3) as (urls, fronts, workers):
+        a, b = (httpx.Client(base_url=u, timeout=120) for u in urls)
+        # a long job: its worker is killed mid-job; it is retried by the other worker, then interrupted
+        posted = a.post("/prompt", json={"prompt": txt2img_workflow(steps=10000, size=64, prefix="long")})
+        long_id = posted.json()["prompt_id"]
+        deadline = time.time() + 60
+        while a.get(f"/sdlab/v1/jobs/{long_id}").json()["state"] != RUNNING and time.time() < deadline:
+            time.sleep(0.05)
+        with psycopg.connect(queue) as db:
+            (holder,) = db.execute("SELECT worker FROM jobs WHERE id = %s", (long_id,)).fetchone()
+        time.sleep(1.0)  # well into sampling
+        victim = next(w for w in workers if _worker_id(tmp_path, workers.index(w)) == holder)
+        victim.kill()
+
+        def comfy(i: int, client: httpx.Client) -> str:
+            body = {"prompt": txt2img_workflow(seed=i, steps=2, prefix=f"c{i}")}
+            prompt_id = client.post("/prompt", json=body).json()["prompt_id"]
+            assert wait_history(client, prompt_id, timeout=120)["status"]["status_str"] == "success"
+            return prompt_id
+
+        def a1111(i: int, client: httpx.Client) -> tuple[int, str]:
+            body: dict[str, Any] = {"prompt": "q", "steps": 2, "width": 32, "height": 32, "seed": 100 + i}
+            body |= {"save_images": True}
+            body["override_settings"] = {"sd_model_checkpoint": MODEL}
+            answer = client.post("/sdapi/v1/txt2img", json=body)
+            assert answer.status_code == 200, answer.text
+            return json.loads(answer.json()["info"])["seed"], answer.json()["images"][0]
+
+        with ThreadPoolExecutor(8) as pool:
+            comfy_ids = list(pool.map(comfy, range(4), [a, b] * 2))
+            a1111_results = list(pool.map(a1111, range(4), [b, a] * 2))
+        assert sorted(seed for seed, _ in a1111_results) == list(range(100, 104))
+
+        while a.get(f"/sdlab/v1/jobs/{long_id}").json()["state"] != RUNNING:  # retried by the survivor
+            time.sleep(0.05)
+        client_id = "watcher"
+        with connect(urls[1].replace("http", "ws") + f"/ws?clientId={client_id}", open_timeout=10) as ws:
+            body = {"prompt": txt2img_workflow(seed=9, steps=3, prefix="ws"), "client_id": client_id}
+            b.post("/interrupt", json={"prompt_id": long_id})  # reaches the worker through the database
+            ws_id = b.post("/prompt", json=body).json()["prompt_id"]
+            seen = _messages_until_done(ws, ws_id)
+        assert ("progress", ws_id) in seen and ("executed", ws_id) in seen
+        fronts[0].kill()  # a front end dies: the other serves every result
+        fronts[0].wait()
+        history = b.get("/history").json()
+        assert history[long_id]["status"]["status_str"] == "error"  # interrupted on its second attempt
+        for prompt_id in [*comfy_ids, ws_id]:
+            assert history[prompt_id]["status"]["status_str"] == "success"
+            (image,) = history[prompt_id]["outputs"]["9"]["images"]
+            view = b.get("/view", params=image)
+            assert view.status_code == 200 and view.content[:8] == b"\x89PNG\r\n\x1a\n"
+    with psycopg.connect(queue) as db:
+        rows = db.execute("SELECT id, state, attempts, error FROM jobs").fetchall()
+        files = db.execute("SELECT job, count(*) FROM files GROUP BY job").fetchall()
+    states = {row[0]: row[1:] for row in rows}
+    assert len(rows) == 10 and states[long_id][:2] == (CANCELLED, 2)  # killed once, retried, interrupted
+    assert all(state == DONE and attempts == 1 for i, (state, attempts, _) in states.items() if i != long_id)
+    assert sorted(n for _, n in files) == [1] * 9  # one image per finished job: no duplicates, none lost
+
+
+def _worker_id(root: Path, i: int) -> str | None:
+    for line in (root / f"worker{i}" / "log").read_text().splitlines():
+        if "worker id " in line:
+            return line.rsplit("worker id ", 1)[1].split()[0]
+    return None
+
+
+def _messages_until_done(ws: Any, prompt_id: str) -> set[tuple[str, str]]:
+    seen: set[tuple[str, str]] = set()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        message = ws.recv(timeout=60)
+        if isinstance(message, bytes):
+            continue
+        parsed = json.loads(message)
+        data = parsed.get("data", {})
+        seen.add((parsed["type"], data.get("prompt_id")))
+        if parsed["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+            return seen
+    raise TimeoutError(f"no end of {prompt_id} on /ws")
