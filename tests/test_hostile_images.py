@@ -356,8 +356,12 @@ def test_same_pixels_and_mask_on_every_path(
     assert comfy_upload(client, name, data).status_code == 200
     pixels, comfy_mask = nodes.load_image(state.env(), name)
     comfy_init = nodes.to_pil(pixels)[0]
-    for image in (cli_init, api_init, comfy_init):
+    for image in (cli_init, api_init):  # A1111's rule: alpha composited on white
         np.testing.assert_array_equal(np.asarray(image.convert("RGB")), expected)
+    kept = np.asarray(open_image(data, name, mode="RGBA"))[..., :3]  # ComfyUI's: the hidden colour kept
+    np.testing.assert_array_equal(np.asarray(comfy_init), kept)
+    if alpha is None:
+        np.testing.assert_array_equal(kept, expected)
     np.testing.assert_array_equal(np.asarray(cli_mask), np.asarray(api_mask))
     np.testing.assert_array_equal(np.asarray(cli_mask), np.asarray(open_image(data, name, mode="L")))
     comfy_alpha = np.broadcast_to(255 if alpha is None else alpha, expected.shape[:2])

@@ -36,7 +36,6 @@ from sdlab.images import (
     DEFAULT_LIMITS,
     ImageError,
     ImageLimits,
-    flatten,
     open_image,
     prepare_mask,
     probe_image,
@@ -481,11 +480,11 @@ def _crop_to(pixels: Tensor, multiple: int) -> Tensor:
 
 
 def load_image(env: Env, image: str) -> tuple[Tensor, Tensor]:
-    """An input image as pixels (alpha composited on white, as on every sdlab path) and its mask
-    (1 - alpha; zeros without alpha)."""
+    """An input image as pixels and its mask (1 - alpha; zeros without alpha), as ComfyUI's LoadImage:
+    the colour under transparent pixels is kept (a mask-editor image keeps its picture), not composited."""
     rgba = open_image(_input_path(env, image), image, env.image_limits, mode="RGBA")
     alpha = rgba.getchannel("A")
-    return to_tensor(flatten(rgba)), prepare_mask(alpha, alpha.width, alpha.height, invert=True)
+    return to_tensor(rgba.convert("RGB")), prepare_mask(alpha, alpha.width, alpha.height, invert=True)
 
 
 def load_image_mask(env: Env, image: str, channel: str) -> tuple[Tensor]:
