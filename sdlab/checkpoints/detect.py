@@ -21,8 +21,10 @@ from sdlab.config import (
     TextConfig,
     UNetConfig,
     VAEConfig,
+    per_level_depths,
 )
 from sdlab.families import Family
+from sdlab.models.controlnet import ControlNetConfig
 
 StateDict = dict[str, Tensor]
 
@@ -46,6 +48,31 @@ def _depth(sd: StateDict, prefix: str) -> int:
 
 def detect_unet(sd: StateDict, what: str = "U-Net") -> UNetConfig:
     """UNetConfig of an `openaimodel` state dict (keys like `input_blocks.1.0.in_layers.2.weight`)."""
+    out_depths = [_depth(sd, f"output_blocks.{i}.1.") for i in _indices(sd, r"output_blocks\.(\d+)\.")]
+    out_channels = _need(sd, "out.2.weight", what).shape[0]
+    return _unet_config(sd, what, out_channels, tuple(out_depths))
+
+
+def detect_controlnet(sd: StateDict, what: str = "ControlNet") -> ControlNetConfig:
+    """ControlNetConfig of a cldm ControlNet state dict (`control_model.` stripped): the U-Net it copies
+    (no output side: output depths mirror the input levels, out_channels = in_channels) and its hint
+    embedding (convolutions at the even indices of `input_hint_block`, stages before each stride 2)."""
+    convs = _indices(sd, r"input_hint_block\.(\d+)\.weight")
+    if len(convs) < 2:
+        raise CheckpointError(f"{what}: not a ControlNet (no input_hint_block convolutions)")
+    stages = [convs[0], *convs[2:-1:2]]
+    return ControlNetConfig(
+        unet=_unet_config(sd, what, None, None),
+        hint_channels=sd[f"input_hint_block.{convs[0]}.weight"].shape[1],
+        hint_block_channels=tuple(sd[f"input_hint_block.{i}.weight"].shape[0] for i in stages),
+    )
+
+
+def _unet_config(
+    sd: StateDict, what: str, out_channels: int | None, out_depths: tuple[int, ...] | None
+) -> UNetConfig:
+    """The config read off the input blocks, middle block and embeddings, with the given output side
+    (None: a regular one mirroring the input levels, and out_channels = in_channels)."""
     conv_in = _need(sd, "input_blocks.0.0.weight", what)
     mc = conv_in.shape[0]
     channel_mult: list[int] = []
@@ -63,7 +90,12 @@ def detect_unet(sd: StateDict, what: str = "U-Net") -> UNetConfig:
         count += 1
         depths.append(_depth(sd, f"input_blocks.{i}.1."))
     num_res_blocks.append(count)
-    out_depths = [_depth(sd, f"output_blocks.{i}.1.") for i in _indices(sd, r"output_blocks\.(\d+)\.")]
+    if out_depths is None:
+        starts = [sum(num_res_blocks[:level]) for level in range(len(num_res_blocks))]
+        level_depths = tuple(
+            max(depths[a : a + n], default=0) for a, n in zip(starts, num_res_blocks, strict=True)
+        )
+        out_depths = per_level_depths(tuple(num_res_blocks), level_depths)[1]
     linear = sd.get("middle_block.1.proj_in.weight")
     if linear is None:
         linear = next((v for k, v in sd.items() if k.endswith(".proj_in.weight")), None)
@@ -73,12 +105,12 @@ def detect_unet(sd: StateDict, what: str = "U-Net") -> UNetConfig:
     try:
         return UNetConfig(
             in_channels=conv_in.shape[1],
-            out_channels=_need(sd, "out.2.weight", what).shape[0],
+            out_channels=conv_in.shape[1] if out_channels is None else out_channels,
             model_channels=mc,
             channel_mult=tuple(channel_mult),
             num_res_blocks=tuple(num_res_blocks),
             transformer_depth=tuple(depths),
-            transformer_depth_output=tuple(out_depths),
+            transformer_depth_output=out_depths,
             transformer_depth_middle=_depth(sd, "middle_block.1."),
             num_heads=-1 if use_linear else 8,
             num_head_channels=64 if use_linear else -1,

@@ -154,6 +154,43 @@ def unet_diffusers_to_ldm(sd: StateDict) -> StateDict:
 
 
 # ---------------------------------------------------------------------------------------------
+# ControlNet: cldm ControlNet (`control_model.*` without its prefix) <-> diffusers ControlNetModel
+
+
+def _controlnet_prefixes(num_res_blocks: Sequence[int], mid_attention: bool, hint_convs: int) -> Prefixes:
+    """LDM -> diffusers prefixes: the U-Net encoder's table, the hint embedding (convs at even indices of
+    `input_hint_block`: conv_in, `hint_convs - 2` blocks, conv_out), one zero conv per input block."""
+    p = _unet_prefixes(num_res_blocks, mid_attention, [1] * len(num_res_blocks))
+    p = {k: v for k, v in p.items() if not k.startswith(("output_blocks.", "out."))}
+    p["input_hint_block.0."] = "controlnet_cond_embedding.conv_in."
+    p |= {
+        f"input_hint_block.{2 * i}.": f"controlnet_cond_embedding.blocks.{i - 1}."
+        for i in range(1, hint_convs - 1)
+    }
+    p[f"input_hint_block.{2 * hint_convs - 2}."] = "controlnet_cond_embedding.conv_out."
+    inputs = 1 + sum(num_res_blocks) + len(num_res_blocks) - 1
+    p |= {f"zero_convs.{i}.0.": f"controlnet_down_blocks.{i}." for i in range(inputs)}
+    p["middle_block_out.0."] = "controlnet_mid_block."
+    return p
+
+
+def controlnet_ldm_to_diffusers(sd: StateDict, cfg: UNetConfig) -> StateDict:
+    """ControlNet keys `input_hint_block/input_blocks/zero_convs/middle_block_out` -> diffusers names."""
+    hint_convs = _count(sd, "input_hint_block.") // 2 + 1
+    prefixes = _controlnet_prefixes(cfg.num_res_blocks, cfg.transformer_depth_middle > 0, hint_convs)
+    return _rename(sd, prefixes, "ControlNet (ldm -> diffusers)")
+
+
+def controlnet_diffusers_to_ldm(sd: StateDict) -> StateDict:
+    """diffusers ControlNetModel keys -> cldm keys; the block structure is read off the keys."""
+    levels = _count(sd, "down_blocks.")
+    nrb = [_count(sd, f"down_blocks.{level}.resnets.") for level in range(levels)]
+    hint_convs = _count(sd, "controlnet_cond_embedding.blocks.") + 2
+    prefixes = _inverse(_controlnet_prefixes(nrb, _has(sd, "mid_block.attentions.0."), hint_convs))
+    return _rename(sd, prefixes, "ControlNet (diffusers -> ldm)")
+
+
+# ---------------------------------------------------------------------------------------------
 # VAE: ldm AutoencoderKL <-> diffusers AutoencoderKL
 
 _VAE_RESNET = {
@@ -461,17 +498,31 @@ def _transformer_layers(u: UNetConfig, down: list[list[int]], up: list[list[int]
 def _unet_config(model: ModelConfig, family: Family) -> dict:
     """UNet2DConditionModel config; mirrors diffusers' `create_unet_diffusers_config_from_ldm`."""
     u = model.unet
-    down = _per_level(u.transformer_depth, u.num_res_blocks)
-    up = _per_level(u.transformer_depth_output, [n + 1 for n in u.num_res_blocks[::-1]])  # up-block order
-    nrb = u.num_res_blocks
-    config = {
+    return {
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": DIFFUSERS_VERSION,
         "sample_size": family.native_size // model.vae.downscale,
-        "in_channels": u.in_channels,
         "out_channels": u.out_channels,
+        "up_block_types": [_block_type(d, "CrossAttnUpBlock2D", "UpBlock2D") for d in _up_depths(u)],
+        # SD2.1 overflows fp16 attention scores; its published config upcasts them
+        "upcast_attention": family.upcast_attention,
+        **_encoder_config(u),
+    }
+
+
+def _up_depths(u: UNetConfig) -> list[list[int]]:
+    """The transformer depths of the output ResBlocks, per up block (diffusers' order)."""
+    return _per_level(u.transformer_depth_output, [n + 1 for n in u.num_res_blocks[::-1]])
+
+
+def _encoder_config(u: UNetConfig) -> dict:
+    """The config entries a UNet2DConditionModel and a ControlNetModel share: input side, mid block,
+    embeddings."""
+    down = _per_level(u.transformer_depth, u.num_res_blocks)
+    nrb = u.num_res_blocks
+    config = {
+        "in_channels": u.in_channels,
         "down_block_types": [_block_type(d, "CrossAttnDownBlock2D", "DownBlock2D") for d in down],
-        "up_block_types": [_block_type(d, "CrossAttnUpBlock2D", "UpBlock2D") for d in up],
         "block_out_channels": [u.model_channels * m for m in u.channel_mult],
         "layers_per_block": nrb[0] if len(set(nrb)) == 1 else list(nrb),
         "cross_attention_dim": u.context_dim,
@@ -480,9 +531,7 @@ def _unet_config(model: ModelConfig, family: Family) -> dict:
         if u.num_head_channels == -1
         else [u.model_channels * m // u.num_head_channels for m in u.channel_mult],
         "use_linear_projection": u.use_linear_in_transformer,
-        # SD2.1 overflows fp16 attention scores; its published config upcasts them
-        "upcast_attention": family.upcast_attention,
-        **_transformer_layers(u, down, up),
+        **_transformer_layers(u, down, _up_depths(u)),
     }
     if u.adm_in_channels is not None:
         config |= {
@@ -490,6 +539,22 @@ def _unet_config(model: ModelConfig, family: Family) -> dict:
             "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
             "projection_class_embeddings_input_dim": u.adm_in_channels,
         }
+    return config
+
+
+def controlnet_diffusers_config(
+    u: UNetConfig, hint_channels: int, hint_block_channels: Sequence[int]
+) -> dict:
+    """ControlNetModel config of a ControlNet copying the encoder of U-Net `u`, taking `hint_channels`
+    image channels through a hint embedding with `hint_block_channels`."""
+    config = {
+        "_class_name": "ControlNetModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "conditioning_channels": hint_channels,
+        "conditioning_embedding_out_channels": list(hint_block_channels),
+        **_encoder_config(u),
+    }
+    config.pop("reverse_transformer_layers_per_block", None)  # a ControlNetModel has no up blocks
     return config
 
 

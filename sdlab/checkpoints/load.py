@@ -109,7 +109,7 @@ def _read_single_file(path: Path) -> Checkpoint:
     )
 
 
-def _folder_weights(folder: Path, stem: str) -> StateDict:
+def folder_weights(folder: Path, stem: str) -> StateDict:
     """The weights of one diffusers component folder (`.safetensors` preferred, shards included)."""
     for name in (f"{stem}.safetensors", f"{stem}.bin", f"{stem}.fp16.safetensors", f"{stem}.fp16.bin"):
         if (folder / name).is_file():
@@ -142,7 +142,7 @@ def _read_diffusers(folder: Path) -> Checkpoint:
     for name, tokenizer in zip(TEXT_FOLDERS, ("tokenizer", "tokenizer_2"), strict=True):
         if not (folder / name).is_dir():
             continue
-        sd = _folder_weights(folder / name, "model" if _has_stem(folder / name, "model") else "pytorch_model")
+        sd = folder_weights(folder / name, "model" if _has_stem(folder / name, "model") else "pytorch_model")
         text.append(keymaps.text_from_transformers(sd))
         config = _read_json(folder / name / "config.json")
         layouts.append("openclip" if config.get("hidden_act") == "gelu" else "openai")
@@ -156,8 +156,8 @@ def _read_diffusers(folder: Path) -> Checkpoint:
     sched = folder / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         prediction = "v" if _read_json(sched).get("prediction_type") == "v_prediction" else "eps"
-    unet = keymaps.unet_diffusers_to_ldm(_folder_weights(folder / "unet", "diffusion_pytorch_model"))
-    vae = keymaps.vae_diffusers_to_ldm(_folder_weights(folder / "vae", "diffusion_pytorch_model"))
+    unet = keymaps.unet_diffusers_to_ldm(folder_weights(folder / "unet", "diffusion_pytorch_model"))
+    vae = keymaps.vae_diffusers_to_ldm(folder_weights(folder / "vae", "diffusion_pytorch_model"))
     return Checkpoint(
         source=folder,
         unet=unet,

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,62 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def _transformer(cfg: UNetConfig, ch: int, depth: int) -> SpatialTransformer:
+    heads, dim_head = cfg.heads_for(ch)
+    return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer)
+
+
+def embeddings(cfg: UNetConfig) -> tuple[nn.Sequential, nn.Sequential | None]:
+    """(`time_embed`, `label_emb` or None): the timestep MLP and SDXL's vector-input MLP."""
+    mc, ted = cfg.model_channels, cfg.time_embed_dim
+    time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+    if cfg.adm_in_channels is None:
+        return time_embed, None
+    label = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted)))
+    return time_embed, label
+
+
+def embed(net: nn.Module, cfg: UNetConfig, timesteps: Tensor, y: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The embedding every ResBlock adds: `net.time_embed` of the timesteps (B,), plus `net.label_emb(y)`
+    when the config has a vector input (SDXL)."""
+    emb = net.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))
+    if cfg.adm_in_channels is None:
+        return emb
+    if y is None:
+        raise ValueError("this network needs the vector conditioning y (adm_in_channels is set)")
+    return emb + net.label_emb(y.to(dtype))
+
+
+def encoder_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """`input_blocks` (conv_in, ResBlocks with transformers, downsamplers) and the channels of each one's
+    output (the skip connections); shared by the U-Net and the ControlNet that copies its encoder."""
+    mc, ted = cfg.model_channels, cfg.time_embed_dim
+    blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    skip_channels, ch, block = [mc], mc, 0
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks[level]):
+            layers: list[nn.Module] = [ResBlock(ch, ted, mult * mc)]
+            ch = mult * mc
+            if cfg.transformer_depth[block]:
+                layers.append(_transformer(cfg, ch, cfg.transformer_depth[block]))
+            block += 1
+            blocks.append(TimestepEmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skip_channels.append(ch)
+    return blocks, skip_channels
+
+
+def middle_block(cfg: UNetConfig, ch: int) -> TimestepEmbedSequential:
+    """ResBlock, SpatialTransformer (when transformer_depth_middle > 0), ResBlock."""
+    middle: list[nn.Module] = [ResBlock(ch, cfg.time_embed_dim, ch)]
+    if cfg.transformer_depth_middle:
+        middle.append(_transformer(cfg, ch, cfg.transformer_depth_middle))
+    middle.append(ResBlock(ch, cfg.time_embed_dim, ch))
+    return TimestepEmbedSequential(*middle)
+
+
 class UNetModel(nn.Module):
     """Noise (or v) predictor conditioned on timestep, text context and optional vector `y`."""
 
@@ -103,40 +160,12 @@ class UNetModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         mc, ted = cfg.model_channels, cfg.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
-        if cfg.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
-            )
-
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            heads, dim_head = cfg.heads_for(ch)
-            return SpatialTransformer(
-                ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer
-            )
-
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))]
-        )
-        skip_channels, ch, block = [mc], mc, 0
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks[level]):
-                layers: list[nn.Module] = [ResBlock(ch, ted, mult * mc)]
-                ch = mult * mc
-                if cfg.transformer_depth[block]:
-                    layers.append(transformer(ch, cfg.transformer_depth[block]))
-                block += 1
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-
-        middle: list[nn.Module] = [ResBlock(ch, ted, ch)]
-        if cfg.transformer_depth_middle:
-            middle.append(transformer(ch, cfg.transformer_depth_middle))
-        middle.append(ResBlock(ch, ted, ch))
-        self.middle_block = TimestepEmbedSequential(*middle)
+        self.time_embed, label_emb = embeddings(cfg)
+        if label_emb is not None:
+            self.label_emb = label_emb
+        self.input_blocks, skip_channels = encoder_blocks(cfg)
+        ch = skip_channels[-1]
+        self.middle_block = middle_block(cfg, ch)
 
         self.output_blocks = nn.ModuleList()
         block = 0
@@ -145,7 +174,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), ted, mult * mc)]
                 ch = mult * mc
                 if cfg.transformer_depth_output[block]:
-                    layers.append(transformer(ch, cfg.transformer_depth_output[block]))
+                    layers.append(_transformer(cfg, ch, cfg.transformer_depth_output[block]))
                 block += 1
                 if level and i == cfg.num_res_blocks[level]:
                     layers.append(Upsample(ch))
@@ -153,19 +182,28 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
-        """Predict from latents x (B, C, H, W), timesteps (B,), context (B, T, context_dim)."""
-        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
-        if self.cfg.adm_in_channels is not None:
-            if y is None:
-                raise ValueError("this U-Net needs the vector conditioning y (adm_in_channels is set)")
-            emb = emb + self.label_emb(y.to(x.dtype))
+    def forward(
+        self,
+        x: Tensor,
+        timesteps: Tensor,
+        context: Tensor,
+        y: Tensor | None = None,
+        control: Sequence[Tensor] | None = None,
+    ) -> Tensor:
+        """Predict from latents x (B, C, H, W), timesteps (B,), context (B, T, context_dim). `control`: a
+        ControlNet's residuals, one per input block then one for the middle block, added to the skip
+        connections and the middle block's output (ComfyUI's `apply_control`, diffusers' residuals)."""
+        emb = embed(self, self.cfg, timesteps, y, x.dtype)
         skips = []
         h = x
         for module in self.input_blocks:
             h = module(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            *down, mid = control
+            skips = [s + c for s, c in zip(skips, down, strict=True)]
+            h = h + mid
         for module in self.output_blocks:
             skip = skips.pop()
             h = torch.cat([h, skip], dim=1)

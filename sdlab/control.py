@@ -1,0 +1,281 @@
+"""ControlNet in the pipeline: what a request asks for (`ControlSpec`), the ControlNet files, the control
+image prepared once, and the residuals the U-Net adds on each model call.
+
+Semantics follow AUTOMATIC1111's sd-webui-controlnet (`scripts/hook.py`): a unit is active while the
+step fraction `sampling_step / total_steps` lies in [guidance_start, guidance_end], where sampling_step
+is the index of the last finished sampler step (A1111's `state.sampling_step`, 0 before the first).
+Control modes: "balanced" adds `weight` x residuals to both classifier-free-guidance halves (diffusers'
+`guess_mode=False`); "prompt" ("My prompt is more important") scales residual i by
+weight·0.825^(12−i) (soft injection); "control" ("ControlNet is more important") does the same on the
+conditional half only. Several units add their residuals.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from sdlab.checkpoints import keymaps
+from sdlab.checkpoints.detect import detect_controlnet
+from sdlab.checkpoints.io import WEIGHT_SUFFIXES, CheckpointError, read_state_dict
+from sdlab.checkpoints.load import build_module, folder_weights
+from sdlab.config import UNetConfig
+from sdlab.images import RESIZE_MODES, resize_image
+from sdlab.models.controlnet import ControlNetModel
+from sdlab.models.unet import UNetModel
+from sdlab.preprocess import preprocess
+
+StateDict = dict[str, Tensor]
+CONTROL_MODES = ("balanced", "prompt", "control")
+# sd-webui-controlnet's names (and its API's integers 0, 1, 2) for the modes above
+A1111_CONTROL_MODES = {
+    "Balanced": "balanced",
+    "My prompt is more important": "prompt",
+    "ControlNet is more important": "control",
+}
+SOFT_INJECTION = 0.825  # residual i of 13 scaled by 0.825^(12 - i) in the "prompt" and "control" modes
+SINGLE_FILE_PREFIX = "control_model."
+CONTROLNET_FOLDERS = ("ControlNet", "controlnet")  # A1111's models/ControlNet, ComfyUI's models/controlnet
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """One ControlNet unit of a request: the model (a path, or a name in the ControlNet folders), the
+    control image, and how it is applied."""
+
+    model: str
+    image: Image.Image | None = field(default=None, compare=False)
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: str = "balanced"
+    resize_mode: str = "resize"  # sdlab.images.RESIZE_MODES (A1111's resize modes; "resize" = diffusers)
+    preprocessor: str = "none"  # a name of sdlab.preprocess.preprocessor_names()
+    mask: Image.Image | None = field(default=None, compare=False)  # the `inpaint` preprocessor's
+    threshold_a: float | None = None  # the preprocessor's first and second settings (A1111's sliders)
+    threshold_b: float | None = None
+
+    def validate(self, index: int) -> None:
+        """Raise ValueError naming the unit and its first bad field."""
+        what = f"controls[{index}]"
+        if self.image is None:
+            raise ValueError(f"{what}: no control image")
+        if not np.isfinite(self.weight) or not 0.0 <= self.weight <= 2.0:
+            raise ValueError(f"{what}.weight must be in [0, 2], got {self.weight}")
+        if not 0.0 <= self.guidance_start <= self.guidance_end <= 1.0:
+            raise ValueError(
+                f"{what}: need 0 <= guidance_start <= guidance_end <= 1, "
+                f"got {self.guidance_start}, {self.guidance_end}"
+            )
+        if self.control_mode not in CONTROL_MODES:
+            raise ValueError(f"{what}.control_mode must be one of {', '.join(CONTROL_MODES)}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"{what}.resize_mode must be one of {', '.join(RESIZE_MODES)}")
+
+
+def control_mode(value: str | int) -> str:
+    """sdlab's mode name from itself, A1111's display name or A1111's API integer (0, 1, 2)."""
+    if isinstance(value, int) and 0 <= value < len(CONTROL_MODES):
+        return CONTROL_MODES[value]
+    if value in CONTROL_MODES:
+        return str(value)
+    if value in A1111_CONTROL_MODES:
+        return A1111_CONTROL_MODES[str(value)]
+    raise ValueError(f"unknown control mode {value!r}; expected one of {', '.join(A1111_CONTROL_MODES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def controlnet_dirs(extra: Sequence[str | Path] = ()) -> list[Path]:
+    """Folders ControlNet names are looked up in: the given ones, then ControlNet/ and controlnet/ under
+    $SDLAB_MODELS_DIR and ./models."""
+    roots = [Path(p) for p in os.environ.get("SDLAB_MODELS_DIR", "").split(os.pathsep) if p]
+    return [Path(p) for p in extra] + [
+        r / sub for r in [*roots, Path("models")] for sub in CONTROLNET_FOLDERS
+    ]
+
+
+def find_controlnet(name: str, folders: Sequence[Path]) -> Path:
+    """A ControlNet file or diffusers folder: a path, or a name (with or without suffix) in `folders`."""
+    path = Path(name)
+    if path.exists():
+        return path
+    for folder in folders:
+        for candidate in (folder / name, *(folder / f"{name}{s}" for s in WEIGHT_SUFFIXES)):
+            if candidate.exists():
+                return candidate
+    searched = ", ".join(str(f) for f in folders)
+    raise CheckpointError(f"{name}: no such ControlNet file or folder (searched {searched})")
+
+
+def read_controlnet(source: str | Path, base_unet: StateDict | None = None) -> StateDict:
+    """A ControlNet's tensors in the cldm layout: single files with `control_model.` keys (whole
+    checkpoints holding one too) or bare ones, diffusers ControlNetModel files and folders. A
+    "difference" ControlNet (a `difference` key; ComfyUI's DiffControlNetLoader) stores its weights minus
+    the U-Net's, so it needs `base_unet` (the U-Net's state dict) to add back."""
+    source = Path(source)
+    sd = folder_weights(source, "diffusion_pytorch_model") if source.is_dir() else read_state_dict(source)
+    if "lora_controlnet" in sd:
+        raise CheckpointError(f"{source}: Control-LoRA files are not supported (only full ControlNets)")
+    difference = sd.pop("difference", None) is not None
+    if "controlnet_cond_embedding.conv_in.weight" in sd:
+        sd = keymaps.controlnet_diffusers_to_ldm(sd)
+    elif any(k.startswith(SINGLE_FILE_PREFIX) for k in sd):
+        sd = {
+            k.removeprefix(SINGLE_FILE_PREFIX): v for k, v in sd.items() if k.startswith(SINGLE_FILE_PREFIX)
+        }
+    if "input_hint_block.0.weight" not in sd:
+        raise CheckpointError(
+            f"{source}: not a ControlNet (no input_hint_block.0.weight, control_model.* or "
+            "controlnet_cond_embedding.* tensors); T2I-Adapters and other control models are not supported"
+        )
+    if difference:
+        if base_unet is None:
+            raise CheckpointError(f"{source}: a difference ControlNet needs the model it was made from")
+        sd = {k: v + base_unet[k].to(v) if k in base_unet else v for k, v in sd.items()}
+    return sd
+
+
+def load_controlnet(
+    source: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    base_unet: StateDict | None = None,
+) -> ControlNetModel:
+    """A ControlNet module from a file or diffusers folder, its configuration detected from the shapes."""
+    sd = read_controlnet(source, base_unet)
+    cfg = detect_controlnet(sd, str(source))
+    return build_module(ControlNetModel, cfg, sd, f"{source} (ControlNet)", dtype, device)  # type: ignore[return-value]
+
+
+def load_controls(
+    specs: Sequence[ControlSpec], loaded: Mapping[str, ControlNetModel], unet: UNetModel
+) -> dict[str, ControlNetModel]:
+    """The ControlNet of each unit: taken from `loaded` by its `model` name, else read from its file (a
+    path or a name in `controlnet_dirs()`) at the U-Net's dtype and device; each checked against `unet`."""
+    nets = dict(loaded)
+    param = next(unet.parameters())
+    for i, spec in enumerate(specs):
+        if spec.model not in nets:
+            path = find_controlnet(spec.model, controlnet_dirs())
+            base = unet.state_dict()
+            nets[spec.model] = load_controlnet(path, dtype=param.dtype, device=param.device, base_unet=base)
+        _check_fits(nets[spec.model].cfg.unet, unet.cfg, f"controls[{i}] ({spec.model})")
+    return nets
+
+
+def _check_fits(control: UNetConfig, unet: UNetConfig, what: str) -> None:
+    """A ControlNet made for another model family gives residuals of the wrong shapes: name the mismatch."""
+    for name in ("model_channels", "channel_mult", "num_res_blocks", "context_dim", "adm_in_channels"):
+        theirs, ours = getattr(control, name), getattr(unet, name)
+        if theirs != ours:
+            raise ValueError(f"{what}: a ControlNet for a U-Net with {name} {theirs}, this model has {ours}")
+
+
+# ---------------------------------------------------------------------------------------------
+# applying
+
+
+@dataclass
+class Control:
+    """A unit ready to sample with: its network, the control image (1, C, H, W) and how it applies."""
+
+    net: ControlNetModel
+    hint: Tensor
+    weight: float
+    start: float
+    end: float
+    mode: str
+
+    def active(self, fraction: float) -> bool:
+        return self.start <= fraction <= self.end
+
+    def scales(self, count: int) -> list[float]:
+        """Per-residual weights: flat when balanced, else A1111's soft injection weight·0.825^(12−i)
+        (SDXL's 10 residuals take the first 10 of those 13, as the extension does)."""
+        if self.mode == "balanced":
+            return [self.weight] * count
+        return [self.weight * SOFT_INJECTION ** float(12 - i) for i in range(count)]
+
+
+def hint_tensor(image: Image.Image) -> Tensor:
+    """An RGB control image -> (1, 3, H, W) in [0, 1]. An RGBA image from the `inpaint` preprocessor
+    carries the repaint mask in alpha: masked pixels become −1 (the ControlNet inpaint protocol)."""
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    if image.mode != "RGBA":
+        return arr.contiguous()
+    rgb, mask = arr[:, :3], (arr[:, 3:] > 0.5).float()
+    return rgb * (1 - mask) - mask
+
+
+def _resized(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
+    """`resize_image` for RGB, and for RGBA (an inpaint control) with the alpha resized alike."""
+    rgb = resize_image(image.convert("RGB"), width, height, mode)
+    if image.mode == "RGBA":
+        rgb.putalpha(resize_image(image.getchannel("A").convert("RGB"), width, height, mode).getchannel(0))
+    return rgb
+
+
+def prepare_controls(
+    specs: Sequence[ControlSpec],
+    nets: Mapping[str, ControlNetModel],
+    width: int,
+    height: int,
+    latent_factor: int = 8,
+) -> list[Control]:
+    """Each unit's control image preprocessed, resized to the image size (width x height, or for a model
+    whose VAE does not downscale by the ControlNet's 8, the latent size times 8) and made a tensor, once."""
+    controls = []
+    for i, spec in enumerate(specs):
+        spec.validate(i)
+        net = nets[spec.model]
+        assert spec.image is not None
+        image = preprocess(spec.preprocessor, spec.image, spec.mask, spec.threshold_a, spec.threshold_b)
+        w, h = (n // latent_factor * net.cfg.downscale for n in (width, height))
+        hint = hint_tensor(_resized(image, w, h, spec.resize_mode))
+        if hint.shape[1] != net.cfg.hint_channels:
+            raise ValueError(
+                f"controls[{i}]: {spec.model} takes {net.cfg.hint_channels}-channel control images, "
+                f"the prepared image has {hint.shape[1]}"
+            )
+        controls.append(
+            Control(net, hint, spec.weight, spec.guidance_start, spec.guidance_end, spec.control_mode)
+        )
+    return controls
+
+
+def control_residuals(
+    controls: Sequence[Control],
+    x: Tensor,
+    t: Tensor,
+    context: Tensor,
+    y: Tensor | None,
+    cond_mark: Tensor | None,
+    fraction: float,
+) -> list[Tensor] | None:
+    """The summed, scaled residuals of the units active at step fraction `fraction` for U-Net inputs
+    x (B, 4, h, w), t (B,), context, y; `cond_mark` (B,) is 1 on conditional rows, 0 on unconditional
+    ones (the "control" mode leaves those without control). None when no unit is active."""
+    total: list[Tensor] | None = None
+    for c in controls:
+        if not c.active(fraction):
+            continue
+        net_dtype = next(c.net.parameters()).dtype
+        hint = c.hint.to(x.device, net_dtype).expand(len(x), -1, -1, -1)
+        outs = c.net(x.to(net_dtype), hint, t, context.to(net_dtype), None if y is None else y.to(net_dtype))
+        mark = 1.0
+        if c.mode == "control" and cond_mark is not None:
+            mark = cond_mark.to(x.device, x.dtype)[:, None, None, None]
+        outs = [o.to(x.dtype) * (s * mark) for o, s in zip(outs, c.scales(len(outs)), strict=True)]
+        total = outs if total is None else [a + b for a, b in zip(total, outs, strict=True)]
+    return total
