@@ -4,6 +4,7 @@ end: every job finishes exactly once, results readable through either front end,
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 from test_server_api import MODEL, free_port, txt2img_workflow, wait_history, write_models
 
 from sdlab.server.jobs import CANCELLED, DONE, FAILED, PENDING, RUNNING, JobStore, QueueFull
@@ -273,3 +275,45 @@ def _messages_until_done(ws: Any, prompt_id: str) -> set[tuple[str, str]]:
         if parsed["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
             return seen
     raise TimeoutError(f"no end of {prompt_id} on /ws")
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[str], str]]:
+    """One front end and one worker on a fresh queue, each with its own input and output folders
+    (the front-end URLs, the queue URL); shared by the tests below."""
+    root = tmp_path_factory.mktemp("cluster")
+    write_models(root)
+    queue = fresh_database(postgres_url)
+    with processes(root, queue, front_ends=1, workers=1) as (urls, _, _):
+        yield urls, queue
+
+
+def test_uploaded_inputs_reach_a_worker_elsewhere(cluster: tuple[list[str], str]) -> None:
+    from test_server_api import b64png, png, unb64
+
+    (url,), _ = cluster
+    client = httpx.Client(base_url=url, timeout=120)
+    workflow = txt2img_workflow(steps=2, prefix="i2i")
+    workflow["10"] = {"class_type": "LoadImage", "inputs": {"image": "up/init.png"}}
+    workflow["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    workflow["3"]["inputs"] |= {"latent_image": ["11", 0], "denoise": 0.6}
+    for size in ((40, 32), (24, 48)):  # the second upload replaces the first: the worker reads the new one
+        image = ("init.png", png(Image.new("RGB", size, (20, 160, 60))))
+        upload = client.post(
+            "/upload/image", files={"image": image}, data={"subfolder": "up", "overwrite": "1"}
+        )
+        assert upload.status_code == 200, upload.text
+        prompt_id = client.post("/prompt", json={"prompt": workflow}).json()["prompt_id"]
+        entry = wait_history(client, prompt_id, timeout=120)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        (ref,) = entry["outputs"]["9"]["images"]
+        assert Image.open(io.BytesIO(client.get("/view", params=ref).content)).size == size
+    init, mask = Image.new("RGB", (48, 40), (200, 30, 30)), Image.new("L", (48, 40), 0)
+    mask.paste(255, (0, 0, 24, 40))
+    body = {"prompt": "a cat", "init_images": [b64png(init)], "mask": b64png(mask), "mask_blur": 0}
+    body |= {"denoising_strength": 0.5, "steps": 2, "width": 32, "height": 32, "seed": 5}
+    answer = client.post("/sdapi/v1/img2img", json=body)
+    assert answer.status_code == 200, answer.text
+    result = unb64(answer.json()["images"][0])
+    # "only masked" pastes the inpainted region into the init image: its unmasked right half is unchanged
+    assert result.size == (48, 40) and result.crop((24, 0, 48, 40)).getcolors() == [(24 * 40, (200, 30, 30))]

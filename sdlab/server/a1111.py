@@ -653,6 +653,7 @@ def _store_image(server: Server, job_id: str, key: str, image: Image.Image | Non
     path = confined(server.folders.inputs, *split_name(name))
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
+    server.share_input(*split_name(name), job_id)
     return name
 
 
@@ -708,7 +709,7 @@ def run(server: Server, job: Job, live: Live) -> Outcome:
 def _open_input(server: Server, name: str | None) -> Image.Image | None:
     if name is None:
         return None
-    with Image.open(confined(server.folders.inputs, *split_name(name))) as im:
+    with Image.open(server.file("input", *split_name(name))) as im:
         im.load()
         return im
 

@@ -138,6 +138,7 @@ def routes(server: Server) -> APIRouter:
             raise HTTPException(413, str(e)) from e
         except (PathError, ImageError) as e:
             raise HTTPException(400, str(e)) from e
+        server.share_input(subfolder, name)
         return {"name": name, "subfolder": subfolder, "type": "input"}
 
     @api.get("/object_info")

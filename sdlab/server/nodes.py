@@ -16,7 +16,7 @@ import random
 import re
 import string
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from sdlab.pipeline import (
     sampling_sigmas,
     seed_noise,
 )
+from sdlab.regions import guidance_sides
 from sdlab.server.jobs import Live
 from sdlab.server.library import Library, ModelCache
 from sdlab.server.paths import Folders, PathError, confined, image_files, relative_parts, split_name
@@ -101,6 +102,7 @@ class Latent:
     samples: Tensor | None = None  # (B, C, H/f, W/f) scaled; None: zeros of the sampling model's shape
     noise_mask: Tensor | None = None  # (B or 1, 1, H', W') in [0, 1]: where sampling may change the latents
     scaling: tuple[float, float] = (1.0, 0.0)  # (scale, shift) the samples are in: z' = (z − shift)·scale
+    batch_index: tuple[int, ...] | None = None  # each image's place in its first batch (its noise seed + i)
 
 
 def _rescaled(samples: Tensor, source: tuple[float, float], target: tuple[float, float]) -> Tensor:
@@ -124,6 +126,8 @@ class Env:
     folders: Folders
     live: Live | None = None
     image_limits: ImageLimits = DEFAULT_LIMITS  # of the input images LoadImage and LoadImageMask read
+    # the path of a file by type, subfolder, name (a server on a shared queue fetches it from the database)
+    file: Callable[[str, str, str], Path] | None = None
 
     def step(self, step: int, total: int, latent: Tensor) -> None:
         """Report a sampling step to the running job (which may raise to stop it)."""
@@ -163,6 +167,25 @@ class NodeType:
     output_node: bool = False
     # ComfyUI's VALIDATE_INPUTS: (env, **literal inputs) -> {input name: problem}, checked before queueing
     check: Callable[..., dict[str, str]] | None = None
+    display_name: str | None = None  # ComfyUI's NODE_DISPLAY_NAME_MAPPINGS entry (None: the class name)
+    optional: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # INPUT_TYPES "optional"
+    hidden: dict[str, str] = field(default_factory=dict)  # INPUT_TYPES "hidden" (filled by the server)
+    output_names: tuple[str, ...] | None = None  # RETURN_NAMES (None: the types)
+
+
+def node(name: str, display_name: str, category: str, outputs: tuple[str, ...], **options: Any) -> Callable:
+    """Register the decorated function as node class `name` (ComfyUI's node class, declared where it runs):
+    `inputs` as INPUT_TYPES "required", the other `NodeType` fields by name; the docstring describes it."""
+
+    def register(run: Callable[..., Any]) -> Callable[..., Any]:
+        description = (run.__doc__ or "").split("\n\n")[0].replace("\n", " ")
+        inputs = options.pop("inputs", {})
+        NODE_TYPES[name] = NodeType(
+            inputs, outputs, run, category, description, display_name=display_name, **options
+        )
+        return run
+
+    return register
 
 
 def _int(default: int, lo: int, hi: int, step: int = 1) -> tuple[str, dict[str, int]]:
@@ -289,7 +312,7 @@ def ksampler(
         return (latent_image,)
     else:
         sigmas = sampling_sigmas(model.sd, sampler_name, scheduler, int(steps / denoise))[-(steps + 1) :]
-    guidance = Guidance(positive, negative, cfg)
+    guidance = Guidance(*guidance_sides(positive, negative), cfg)
     return (_sample(env, model, latent_image, seed, sigmas, guidance, sampler_name, add_noise=True),)
 
 
@@ -316,7 +339,7 @@ def ksampler_advanced(
         if return_with_leftover_noise == "disable":
             sigmas[-1] = 0
     sigmas = sigmas[start_at_step:]
-    guidance = Guidance(positive, negative, cfg)
+    guidance = Guidance(*guidance_sides(positive, negative), cfg)
     noisy = add_noise == "enable"
     return (_sample(env, model, latent_image, noise_seed, sigmas, guidance, sampler_name, noisy),)
 
@@ -330,8 +353,10 @@ def _sample(
     guidance: Guidance,
     sampler: str,
     add_noise: bool,
+    callback: Callable[[int, int, Tensor], None] | None = None,
 ) -> Latent:
-    """Noise the latents to sigmas[0] and run the sampler; a noise mask keeps the rest of the latents."""
+    """Noise the latents to sigmas[0] and run the sampler; a noise mask keeps the rest of the latents.
+    `callback(step, total, denoised)` instead of the job's progress report."""
     if len(sigmas) < 2:
         return latent
     sd = model.sd
@@ -339,7 +364,8 @@ def _sample(
     init = _rescaled(
         _samples(latent, sd.config.unet.out_channels, sd.config.vae.downscale), latent.scaling, scaling
     )
-    seeds = [(seed + i) % (MAX_SEED + 1) for i in range(init.shape[0])]
+    places = latent.batch_index or range(init.shape[0])
+    seeds = [(seed + i) % (MAX_SEED + 1) for i in places]
     noise = seed_noise(seeds, tuple(init.shape[1:])) if add_noise else torch.zeros_like(init)
     mask = None if latent.noise_mask is None else _fit_mask(latent.noise_mask, init)
     guidance = replace(guidance, extra=_inpaint_inputs(sd, latent, init, mask))
@@ -348,7 +374,7 @@ def _sample(
     if env.live is not None:
         env.live.latent_format = sd.family.latent
     use_loras(sd, model.loras, ("unet",))
-    samples = sample(sd, x, sigmas, guidance, sampler, seeds, init, keep, env.step)
+    samples = sample(sd, x, sigmas, guidance, sampler, seeds, init, keep, callback or env.step)
     return replace(latent, samples=samples, scaling=scaling)
 
 
@@ -513,6 +539,8 @@ def check_pixels(env: Env, width: int = 0, height: int = 0, batch_size: int = 1,
 
 
 def _input_path(env: Env, name: str) -> Path:
+    if env.file is not None:
+        return env.file("input", *split_name(name))
     return confined(env.folders.inputs, *split_name(name))
 
 
@@ -750,20 +778,58 @@ NODE_TYPES: dict[str, NodeType] = {
 }
 
 
+# ComfyUI's NODE_DISPLAY_NAME_MAPPINGS of the nodes declared above (those registered by `node` carry theirs)
+DISPLAY_NAMES = {
+    "KSampler": "KSampler",
+    "KSamplerAdvanced": "KSampler (Advanced)",
+    "CheckpointLoaderSimple": "Load Checkpoint",
+    "VAELoader": "Load VAE",
+    "LoraLoader": "Load LoRA",
+    "UpscaleModelLoader": "Load Upscale Model",
+    "CLIPTextEncode": "CLIP Text Encode (Prompt)",
+    "CLIPSetLastLayer": "CLIP Set Last Layer",
+    "VAEEncodeForInpaint": "VAE Encode (for Inpainting)",
+    "SetLatentNoiseMask": "Set Latent Noise Mask",
+    "VAEDecode": "VAE Decode",
+    "VAEEncode": "VAE Encode",
+    "EmptyLatentImage": "Empty Latent Image",
+    "LatentUpscale": "Upscale Latent",
+    "SaveImage": "Save Image",
+    "PreviewImage": "Preview Image",
+    "LoadImage": "Load Image",
+    "LoadImageMask": "Load Image (as Mask)",
+    "ImageScale": "Upscale Image",
+    "ImageUpscaleWithModel": "Upscale Image (using Model)",
+}
+_HIDDEN_PNG = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}  # SaveImage's, PreviewImage's
+for _saver in ("SaveImage", "PreviewImage"):
+    NODE_TYPES[_saver] = replace(NODE_TYPES[_saver], hidden=_HIDDEN_PNG)
+
+
+def _declared(env: Env, spec: tuple[Any, ...]) -> list[Any]:
+    """An input's declaration as /object_info lists it (a COMBO's choices listed now)."""
+    return [spec[0](env), *spec[1:]] if callable(spec[0]) else list(spec)
+
+
 def object_info(env: Env, name: str) -> dict[str, Any]:
     """A node type described as ComfyUI's GET /object_info does."""
     node = NODE_TYPES[name]
-    required = {
-        k: ([spec[0](env), *spec[1:]] if callable(spec[0]) else list(spec)) for k, spec in node.inputs.items()
+    kinds = {"required": node.inputs, "optional": node.optional}
+    inputs: dict[str, Any] = {
+        kind: {k: _declared(env, spec) for k, spec in specs.items()}
+        for kind, specs in kinds.items()
+        if specs or kind == "required"
     }
+    if node.hidden:
+        inputs["hidden"] = dict(node.hidden)
     return {
-        "input": {"required": required},
-        "input_order": {"required": list(required)},
+        "input": inputs,
+        "input_order": {kind: list(specs) for kind, specs in inputs.items()},
         "output": list(node.outputs),
         "output_is_list": [False] * len(node.outputs),
-        "output_name": list(node.outputs),
+        "output_name": list(node.output_names or node.outputs),
         "name": name,
-        "display_name": name,
+        "display_name": node.display_name or DISPLAY_NAMES.get(name, name),
         "description": node.description,
         "python_module": "nodes",
         "category": node.category,

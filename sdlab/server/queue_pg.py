@@ -223,6 +223,17 @@ class PgJobStore:
                 return
         raise RuntimeError(f"job {job_id}: no free name for {ref['filename']}")
 
+    def put_file(self, kind: str, subfolder: str, filename: str, data: bytes, job: str = "") -> None:
+        """Store (or replace) a file every process reads: an uploaded input, a queued job's image (deleted
+        with that job)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO files (type, subfolder, filename, job, data) VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (type, subfolder, filename) DO UPDATE SET job = EXCLUDED.job, "
+                "data = EXCLUDED.data",
+                (kind, subfolder, filename, job, data),
+            )
+
     def read_file(self, kind: str, subfolder: str, filename: str) -> bytes | None:
         """The bytes of a stored result file, or None."""
         rows = self._query(
@@ -311,12 +322,12 @@ def file_refs(value: Any) -> Iterator[dict[str, Any]]:
 
 
 def fetch_file(store: PgJobStore, folders: Folders, kind: str, subfolder: str, filename: str) -> Path:
-    """The local path of a file of the given type; a result file another process made is written there
-    from the queue database first."""
+    """The local path of a file of the given type; a file another process made or received is written there
+    from the queue database first (an input every time it differs: a later upload may have replaced it)."""
     path = confined(folders.by_type(kind), subfolder, filename)
-    if not path.exists():
+    if kind == "input" or not path.exists():
         data = store.read_file(kind, subfolder, filename)
-        if data is not None:
+        if data is not None and not (path.is_file() and path.read_bytes() == data):
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
             partial.write_bytes(data)

@@ -156,6 +156,13 @@ class Server:
 
         return fetch_file(self.store, self.folders, kind, subfolder, filename)
 
+    def share_input(self, subfolder: str, filename: str, job_id: str = "") -> None:
+        """On a PostgreSQL queue, store an input file just written here (an upload, a request's image, which
+        goes with its job) in the database, so a worker or front end elsewhere reads it through `file`."""
+        if self.settings.queue:
+            data = confined(self.folders.inputs, subfolder, filename).read_bytes()
+            self.store.put_file("input", subfolder, filename, data, job_id)
+
     @property
     def folders(self) -> Folders:
         """The server's folders."""
@@ -163,7 +170,7 @@ class Server:
 
     def env(self, live: Live | None = None) -> Env:
         """What ComfyUI nodes may use, with the running job's live state."""
-        return Env(self.library, self.models, self.folders, live, self.settings.image_limits)
+        return Env(self.library, self.models, self.folders, live, self.settings.image_limits, self.file)
 
     def queue_remaining(self) -> int:
         """Jobs pending or running."""

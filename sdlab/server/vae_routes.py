@@ -64,7 +64,7 @@ def routes(server: Server) -> APIRouter:
 def run(server: Server, job: Job, live: Live) -> Outcome:
     """Round-trip the job's image through its checkpoint's VAE; write the reconstruction and channels."""
     model = server.models.model(job.request["checkpoint"])
-    with Image.open(confined(server.folders.inputs, *split_name(job.request["image"]))) as im:
+    with Image.open(server.file("input", *split_name(job.request["image"]))) as im:
         image = im.convert("RGB")
     try:
         report = roundtrip(model, image)
