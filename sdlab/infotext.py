@@ -171,9 +171,14 @@ def _inpainting_infotext(req: GenerationRequest) -> dict[str, object]:
 
 
 def request_infotext(
-    req: GenerationRequest, seed: int, model: StableDiffusion, refiner: StableDiffusion | None = None
+    req: GenerationRequest,
+    seed: int,
+    model: StableDiffusion,
+    refiner: StableDiffusion | None = None,
+    scripts: dict[str, str] | None = None,
 ) -> str:
-    """The infotext of image `seed` of a finished request (sampler and schedule already resolved)."""
+    """The infotext of image `seed` of a finished request (sampler and schedule already resolved);
+    `scripts`: entries an extension writes (sd-webui-controlnet's `ControlNet 0`), after the hires fields."""
     extra: dict[str, object] = {}
     if refiner is not None:
         digest = model_hash(refiner.source)
@@ -191,12 +196,15 @@ def request_infotext(
         extra["Clip skip"] = req.clip_skip
     if req.hires is not None:
         extra |= _hires_fields(req.hires, req.sampler, req.scheduler)
+    extra |= scripts or {}
     if req.loras:  # A1111's extra network hashes: "name: short hash, ..."
         hashes = (f"{Path(f).stem.replace(':', '').replace(',', '')}: {lora_hash(f)}" for f, _ in req.loras)
         extra["Lora hashes"] = ", ".join(hashes)
     if req.embeddings:  # A1111's `TI hashes`: "name: first 12 hex digits of the file's SHA-256, ..."
         ti = (f"{n.replace(':', '').replace(',', '')}: {embedding_hash(f)}" for n, f in req.embeddings)
         extra["TI hashes"] = ", ".join(ti)
+    if req.fast is not None and not req.fast.exact:  # says the image is an approximation (sdlab.fast)
+        extra["Fast"] = req.fast.label
     return format_infotext(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,

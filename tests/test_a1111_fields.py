@@ -126,7 +126,7 @@ REFUSED_VALUES: dict[str, dict[str, Any]] = {
     "s_noise": {"s_noise": 0.9},
     "firstpass_image": {"firstpass_image": INIT},
     "script_name": {"script_name": "x/y/z plot"},
-    "alwayson_scripts": {"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}},
+    "alwayson_scripts": {"alwayson_scripts": {"ADetailer": {"args": [{"ad_model": "face_yolov8n.pt"}]}}},
     "infotext": {"infotext": "y\nSteps: 3, Seed: 2"},
     "hr_checkpoint_name": {"enable_hr": True, "hr_checkpoint_name": "other"},
     "firstphase_width": {"firstphase_width": 16},

@@ -27,6 +27,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from sdlab.checkpoints.load import StableDiffusion
+from sdlab.control import ControlSpec
 from sdlab.diffusion.samplers import SAMPLERS, display_name, get_sampler, resolve_sampler
 from sdlab.diffusion.schedule import SCHEDULE_DISPLAY, schedule_display_name
 from sdlab.hires import LATENT_UPSCALE_MODES
@@ -42,6 +43,7 @@ from sdlab.images import (
 from sdlab.infotext import parse_infotext, request_infotext
 from sdlab.networks import TAG
 from sdlab.pipeline import GenerationRequest, generate, resolve_seed
+from sdlab.server import controlnet_api
 from sdlab.server.extras import extras_routes
 from sdlab.server.jobs import (
     CANCELLED,
@@ -62,6 +64,7 @@ from sdlab.server.state import Server
 
 A1111_RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill", 3: "resize"}  # 3: see the `resize_mode` row below
 JOB_IMAGES = ".jobs"  # input subfolder holding the images of queued A1111 jobs
+CONTROL_IMAGES = ("image", "mask")  # a ControlNet unit's images, stored with the job
 SETTABLE_OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae", "eta_noise_seed_delta")
 PATH_OPTION = re.compile(r"dir|path|filename")  # options naming paths (outdir_samples, ...) are never set
 # override_settings keys that change nothing in the image (others than SETTABLE_OPTIONS get a 422)
@@ -275,7 +278,11 @@ COMMON_FIELDS: dict[str, FieldSupport] = {
     "script_args": FieldSupport(HARMLESS, "read only with script_name"),
     "send_images": FieldSupport(HONOURED),
     "save_images": FieldSupport(HONOURED),
-    "alwayson_scripts": FieldSupport(REFUSED, "always-on scripts (extensions)", _unset),
+    "alwayson_scripts": FieldSupport(
+        REFUSED,
+        "always-on scripts other than controlnet (units: sdlab.server.controlnet_api)",
+        lambda v, b: all(key.lower() == "controlnet" for key in v),
+    ),
     "force_task_id": FieldSupport(HARMLESS, "a progress-tracking id"),
     "infotext": FieldSupport(REFUSED, "parameters from an infotext", _unset),
 }
@@ -465,13 +472,18 @@ def _job_request(server: Server, mode: str, body: _Request, job_id: str) -> dict
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
         generation["hires"] = _hires(server, body)
     images: dict[str, Image.Image | None] = {"init_image": None, "mask": None}
+    limits = server.settings.image_limits
     parameters = body.model_dump()
     if isinstance(body, Img2ImgRequest):
-        images = _img2img(body, generation, server.settings.image_limits)
+        images = _img2img(body, generation, limits)
         if not body.include_init_images:
             parameters |= {"init_images": None, "mask": None}
-    try:
-        GenerationRequest(**generation, **images).validate(1)  # sizes are checked against the model later
+    units = controlnet_api.parse_units(
+        server.library, body.alwayson_scripts, (body.width, body.height), images["init_image"], limits
+    )
+    controls = tuple(unit.spec for unit in units)
+    try:  # sizes are checked against the model later
+        GenerationRequest(**generation, **images, controls=controls).validate(1)
     except ValueError as e:
         raise HTTPException(422, str(e)) from e
     if not 1 <= body.n_iter <= 100:
@@ -490,6 +502,15 @@ def _job_request(server: Server, mode: str, body: _Request, job_id: str) -> dict
         "save_images": body.save_images,
         "parameters": parameters,
         **{key: _store_image(server, job_id, key, image) for key, image in images.items()},
+        "controls": [
+            controlnet_api.spec_record(unit.spec)
+            | {
+                key: _store_image(server, job_id, f"control{i}-{key}", getattr(unit.spec, key))
+                for key in CONTROL_IMAGES
+            }
+            for i, unit in enumerate(units)
+        ],
+        "controlnet_infotext": {f"ControlNet {unit.index}": unit.infotext for unit in units},
     }
 
 
@@ -658,9 +679,11 @@ def _store_image(server: Server, job_id: str, key: str, image: Image.Image | Non
 
 
 def _remove_job_images(server: Server, request: dict[str, Any]) -> None:
-    for key in ("init_image", "mask"):
-        if request.get(key):
-            confined(server.folders.inputs, *split_name(request[key])).unlink(missing_ok=True)
+    names = [request.get(key) for key in ("init_image", "mask")]
+    names += [control[key] for control in request.get("controls", []) for key in CONTROL_IMAGES]
+    for name in names:
+        if name:
+            confined(server.folders.inputs, *split_name(name)).unlink(missing_ok=True)
 
 
 def _read_base64(server: Server, ref: dict[str, str]) -> str:
@@ -677,7 +700,11 @@ def run(server: Server, job: Job, live: Live) -> Outcome:
     req = job.request
     model = server.models.model(req["checkpoint"], req["vae"])
     images = {key: _open_input(server, req[key]) for key in ("init_image", "mask")}
-    base = GenerationRequest(**req["generation"], **images)
+    controls = tuple(
+        ControlSpec(**(record | {key: _open_input(server, record[key]) for key in CONTROL_IMAGES}))
+        for record in req.get("controls", [])
+    )
+    base = GenerationRequest(**req["generation"], **images, controls=controls)
     refiner = server.models.model(base.refiner) if base.refiner else None
     live.latent_format = model.family.latent
     folder, kind = _output_folder(server, req)
@@ -693,7 +720,8 @@ def run(server: Server, job: Job, live: Live) -> Outcome:
             except Skipped:
                 continue
             for image, seed in zip(result.images, result.seeds, strict=True):
-                infotexts.append(request_infotext(result.request, seed, model, refiner))
+                scripts = req.get("controlnet_infotext")
+                infotexts.append(request_infotext(result.request, seed, model, refiner, scripts))
                 path = save_png(image, next_output_path(folder, seed), infotexts[-1])
                 saved.append({"filename": path.name, "subfolder": folder.name, "type": kind})
             if result.interrupted:  # A1111 keeps the interrupted batch as far as it got, then stops

@@ -28,14 +28,19 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sdlab.server import a1111, comfy, vae_routes
+from sdlab.server import a1111, comfy, comfy_frontend, controlnet_api, vae_routes
 from sdlab.server.bodies import BodyLimits
 from sdlab.server.cli import host_name, is_loopback
 from sdlab.server.jobs import PENDING
 from sdlab.server.state import Server, Settings
 
 STATIC = Path(__file__).parent / "static"
-RUNNERS = {"a1111": a1111.run, "comfy": comfy.run, vae_routes.KIND: vae_routes.run}
+RUNNERS = {
+    "a1111": a1111.run,
+    "comfy": comfy.run,
+    vae_routes.KIND: vae_routes.run,
+    comfy_frontend.FREE_KIND: comfy_frontend.run_free,
+}
 # the web UI loads nothing from elsewhere (no CDN) and talks only to this server
 UI_POLICY = (
     "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; "
@@ -44,7 +49,14 @@ UI_POLICY = (
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """An application serving `settings`; its worker runs while the application does."""
+    """An application serving `settings`; its worker runs while the application does.
+
+    ComfyUI's frontend (the installed `comfyui-frontend-package`, or `settings.front_end_root`) is served
+    at `/comfy/`, and at `/` with `settings.ui == "comfy"`; sdlab's own web UI is at `/sdlab/` and
+    otherwise at `/`."""
+    web_root = settings.front_end_root or comfy_frontend.installed_frontend()
+    if settings.ui == "comfy" and web_root is None:
+        raise ValueError("ui 'comfy' needs ComfyUI's frontend: pip install comfyui-frontend-package")
     server = Server.open(settings, RUNNERS)
 
     @asynccontextmanager
@@ -58,15 +70,21 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimits)  # inside the guard: refused clients send no body to read
     app.add_middleware(Guard, api_key=settings.api_key, allowed_hosts=settings.allowed_hosts)
     app.include_router(a1111.routes(server))
+    app.include_router(controlnet_api.routes(server))
     comfy_routes = comfy.routes(server)
-    app.include_router(comfy_routes)
-    app.include_router(comfy_routes, prefix="/api")
+    frontend_routes = comfy_frontend.routes(server, web_root)
+    for router in (comfy_routes, frontend_routes):
+        app.include_router(router)
+        app.include_router(router, prefix="/api")
     app.include_router(vae_routes.routes(server))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/", include_in_schema=False)
+    @app.get("/sdlab/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": UI_POLICY})
+
+    if settings.ui != "comfy":
+        app.get("/", include_in_schema=False)(index)
 
     @app.get("/sdlab/v1/jobs/{job_id}")
     def job_status(job_id: str) -> dict[str, Any]:
@@ -76,12 +94,17 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/sdlab/v1/jobs/{job_id}/cancel")
     def cancel_job(job_id: str) -> dict[str, Any]:
         """Cancel a pending job, or interrupt it if it is running."""
-        if server.worker.cancel([job_id]) or server.worker.interrupt(job_id):
+        if comfy_frontend.cancel(server, job_id):
             return _job_status(server, job_id)
         if server.store.get(job_id) is None:
             raise HTTPException(404, f"no job {job_id}")
         raise HTTPException(409, f"job {job_id} has already finished")
 
+    if web_root is not None:  # last: its static files take the paths left under its prefix
+        routers = (comfy_routes, frontend_routes)
+        comfy_frontend.mount(app, "/comfy", web_root, routers)
+        if settings.ui == "comfy":
+            comfy_frontend.mount(app, "", web_root, routers)
     return app
 
 

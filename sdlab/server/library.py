@@ -10,6 +10,12 @@ Layout (AUTOMATIC1111's, rooted at `--models-dir`):
       embeddings/                                textual-inversion embeddings (.safetensors, .pt, .bin)
       ESRGAN/, RealESRGAN/, SwinIR/              upscaler models (A1111's folders; .pth, .pt, .safetensors)
       upscale_models/                            upscaler models (ComfyUI's folder)
+      ControlNet/, controlnet/                   ControlNets (A1111's folder, then ComfyUI's)
+
+ComfyUI's layout is read too: checkpoints/, vae/, loras/, embeddings/, upscale_models/, controlnet/,
+clip_vision/, configs/ (and diffusion_models/ or unet/, text_encoders/ or clip/), so a ComfyUI models
+folder works as `--models-dir`; `extra_model_paths.yaml` (ComfyUI's format: sections such as `a111` and
+`comfyui`, each with an optional `base_path` and folder kinds mapped to paths) adds folders of each kind.
 
 plus the shipped model as `sdlab-mini.safetensors` when it is installed. A request names a model by
 its listed name (or, for checkpoints, its stem or A1111 title "name [hash]"); names are only ever
@@ -25,11 +31,27 @@ from pathlib import Path
 
 from sdlab.checkpoints.io import WEIGHT_SUFFIXES
 from sdlab.checkpoints.load import SHIPPED_MODEL, StableDiffusion, default_model_path, load_model
+from sdlab.control import CONTROLNET_FOLDERS
 from sdlab.infotext import model_hash
 from sdlab.models.vae import AutoencoderKL
 
 CHECKPOINT_DIR, VAE_DIR, LORA_DIR, EMBEDDING_DIR = "Stable-diffusion", "VAE", "Lora", "embeddings"
 UPSCALER_DIRS = ("ESRGAN", "RealESRGAN", "SwinIR", "upscale_models")  # A1111's, then ComfyUI's
+# each kind's folders under the models folder: A1111's names, then ComfyUI's (the first holding a name wins)
+FOLDERS = {
+    "checkpoints": (CHECKPOINT_DIR, "checkpoints"),
+    "vae": (VAE_DIR, "vae"),
+    "loras": (LORA_DIR, "loras"),
+    "embeddings": (EMBEDDING_DIR,),
+    "upscale_models": UPSCALER_DIRS,
+    "controlnet": ("ControlNet", "controlnet"),
+    "clip_vision": ("clip_vision",),
+    "configs": ("configs",),
+    "diffusion_models": ("diffusion_models", "unet"),
+    "text_encoders": ("text_encoders", "clip"),
+}
+LEGACY_KINDS = {"unet": "diffusion_models", "clip": "text_encoders"}  # ComfyUI's old names for two kinds
+EXTRA_MODEL_PATHS = "extra_model_paths.yaml"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 VAE_SUFFIXES = LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -45,6 +67,20 @@ class Library:
     """Listings of the models folder, rescanned on every call (folders change while serving)."""
 
     root: Path | None
+    extra: tuple[tuple[str, Path], ...] = ()  # (kind, folder) from extra_model_paths.yaml
+
+    def dirs(self, kind: str) -> list[Path]:
+        """The folders models of a kind (a `FOLDERS` key) are found in, in order."""
+        own = [] if self.root is None else [self.root / sub for sub in FOLDERS[kind]]
+        return own + [folder for k, folder in self.extra if k == kind]
+
+    def listing(self, kind: str, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> dict[str, Path]:
+        """Name (path relative to its folder) -> file of a kind; the first folder holding a name wins."""
+        found: dict[str, Path] = {}
+        for folder in self.dirs(kind):
+            for name, path in _scan(folder, suffixes, recursive=True).items():
+                found.setdefault(name, path)
+        return found
 
     def checkpoints(self) -> dict[str, Path]:
         """Checkpoint name -> file or diffusers folder."""
@@ -52,19 +88,23 @@ class Library:
         shipped = default_model_path()
         if shipped.is_file():
             found[f"{SHIPPED_MODEL}.safetensors"] = shipped
-        if self.root is not None:
-            for folder, recursive in ((self.root, False), (self.root / CHECKPOINT_DIR, True)):
-                for name, path in _scan(folder, CHECKPOINT_SUFFIXES, recursive, diffusers=True).items():
-                    found.setdefault(name, path)
+        roots = [] if self.root is None else [(self.root, False)]
+        for folder, recursive in roots + [(d, True) for d in self.dirs("checkpoints")]:
+            for name, path in _scan(folder, CHECKPOINT_SUFFIXES, recursive, diffusers=True).items():
+                found.setdefault(name, path)
         return found
+
+    def configs(self) -> dict[str, Path]:
+        """Model config name -> file (ComfyUI's CheckpointLoader lists them)."""
+        return self.listing("configs", (".yaml",))
 
     def vaes(self) -> dict[str, Path]:
         """VAE name -> file."""
-        return self._files(VAE_DIR, VAE_SUFFIXES)
+        return self.listing("vae", VAE_SUFFIXES)
 
     def loras(self) -> dict[str, Path]:
         """LoRA name -> file."""
-        return self._files(LORA_DIR, LORA_SUFFIXES)
+        return self.listing("loras", LORA_SUFFIXES)
 
     def lora_folder(self) -> Path | None:
         """Where `<lora:NAME:W>` prompt tags are looked up."""
@@ -76,17 +116,22 @@ class Library:
 
     def embeddings(self) -> dict[str, Path]:
         """Embedding name -> file."""
-        return self._files(EMBEDDING_DIR, EMBEDDING_SUFFIXES)
+        return self.listing("embeddings", EMBEDDING_SUFFIXES)
 
     def upscaler_dirs(self) -> list[Path]:
         """The folders upscaler models are found in (A1111 names them by file stem: `sdlab.upscale`)."""
-        return [] if self.root is None else [self.root / sub for sub in UPSCALER_DIRS]
+        return self.dirs("upscale_models")
 
     def upscale_models(self) -> dict[str, Path]:
         """ComfyUI's upscale model name (path relative to its folder) -> file; the first folder wins."""
+        return self.listing("upscale_models")
+
+    def controlnets(self) -> dict[str, Path]:
+        """ControlNet name (path relative to its folder) -> file: models/ControlNet (A1111's), then
+        models/controlnet (ComfyUI's); the first folder wins."""
         found: dict[str, Path] = {}
-        for folder in self.upscaler_dirs():
-            for name, path in _scan(folder, WEIGHT_SUFFIXES, recursive=True).items():
+        for sub in CONTROLNET_FOLDERS:
+            for name, path in self._files(sub, WEIGHT_SUFFIXES).items():
                 found.setdefault(name, path)
         return found
 
@@ -108,6 +153,50 @@ class Library:
             if name in (key, stem(key)):
                 return path
         raise UnknownName(f"{what} {name!r} not found; available: {', '.join(listing) or 'none'}")
+
+
+class ModelPathsError(ValueError):
+    """An extra_model_paths.yaml that cannot be read as ComfyUI reads it."""
+
+
+def extra_model_paths(path: Path) -> tuple[tuple[str, Path], ...]:
+    """(kind, folder) pairs of a ComfyUI `extra_model_paths.yaml` (ComfyUI's `load_extra_path_config`):
+    each section's folders joined onto its `base_path` (relative to the file; `~` and `$VARS` expanded),
+    a value may list several folders on separate lines; `unet`/`clip` are read as their new names. Kinds
+    sdlab does not read (custom_nodes, hypernetworks, ...) are kept and never listed."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ModelPathsError(f"{path}: {e}") from e
+    if config is None:
+        return ()
+    if not isinstance(config, dict):
+        raise ModelPathsError(f"{path}: expected sections of folder kinds, got {type(config).__name__}")
+    here, found = path.resolve().parent, []
+    for section, conf in config.items():
+        if conf is None:
+            continue
+        if not isinstance(conf, dict):
+            raise ModelPathsError(f"{path}: section {section!r} must map folder kinds to paths")
+        conf = dict(conf)
+        base = conf.pop("base_path", None)
+        conf.pop("is_default", None)
+        if base is not None:
+            base = here / _expanded(path, section, "base_path", base)
+        for kind, value in conf.items():
+            for line in _expanded(path, section, kind, value).split("\n"):
+                if line.strip():
+                    folder = (base or here) / line.strip()
+                    found.append((LEGACY_KINDS.get(str(kind), str(kind)), Path(os.path.normpath(folder))))
+    return tuple(found)
+
+
+def _expanded(path: Path, section: str, key: str, value: object) -> str:
+    if not isinstance(value, str) or "\0" in value:
+        raise ModelPathsError(f"{path}: {section}.{key} must be a folder path (text), got {value!r}")
+    return os.path.expandvars(os.path.expanduser(value))
 
 
 def stem(name: str) -> str:
