@@ -69,8 +69,8 @@ def _contexts_per_call(model, prompt: str, negative: str = "blurry", steps: int 
 
     seen = []
     forward = model.unet.forward
-    model.unet.forward = lambda x, t, context, y=None: (
-        seen.append(context.clone()) or forward(x, t, context, y)
+    model.unet.forward = lambda x, t, context, *rest: (
+        seen.append(context.clone()) or forward(x, t, context, *rest)
     )
     try:
         generate(model, GenerationRequest(prompt, negative, 32, 32, steps=steps, sampler="euler", seed=1))
