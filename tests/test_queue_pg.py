@@ -317,3 +317,20 @@ def test_uploaded_inputs_reach_a_worker_elsewhere(cluster: tuple[list[str], str]
     result = unb64(answer.json()["images"][0])
     # "only masked" pastes the inpainted region into the init image: its unmasked right half is unchanged
     assert result.size == (48, 40) and result.crop((24, 0, 48, 40)).getcolors() == [(24 * 40, (200, 30, 30))]
+
+
+def test_a_second_server_on_one_state_folder_refuses_to_start(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    # the first server: a process holding the lock `sdlab serve` takes at start (a whole server is slower)
+    hold = "import sys, time; from sdlab.server.cli import lock_state_folder as lock; "
+    hold += "print(lock(__import__('pathlib').Path(sys.argv[1])), flush=True); time.sleep(60)"
+    first = subprocess.Popen([sys.executable, "-c", hold, str(state)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "None\n"  # it took the lock
+        args = [sys.executable, "-m", "sdlab.server", "-q", "--state-dir", str(state)]
+        second = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert f"state folder {state}" in second.stderr and "--queue postgresql://" in second.stderr
+    finally:
+        first.kill()
+        first.wait()

@@ -77,6 +77,7 @@ def frontend_problem(ui: str, front_end_root: Path | None) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Check the bind address, then serve until interrupted."""
     problem = bind_problem(args.host, args.api_key)
+    problem = problem or (None if args.queue else lock_state_folder(args.state_dir))
     if problem is not None:
         print(f"sdlab serve: error: {problem}", file=sys.stderr)
         return 2
@@ -98,7 +99,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"sdlab serve: error: {problem}", file=sys.stderr)
         return 2
+    from sdlab.server.library import ModelPathsError
+
     folders = Folders(models, args.outputs_dir, args.input_dir, args.state_dir)
+    try:
+        extra = model_paths(models, args.extra_model_paths)
+    except ModelPathsError as e:
+        print(f"sdlab serve: error: --extra-model-paths: {e}", file=sys.stderr)
+        return 2
     settings = Settings(
         folders,
         api_key=args.api_key or None,
@@ -111,10 +119,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         queue=args.queue,
         workers=args.workers,
         lease_s=args.lease,
+        extra_model_paths=extra,
+        placement=Placement.from_args(args),
     )
     app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0
+
+
+def model_paths(models: Path | None, given: Path | None) -> tuple[tuple[str, Path], ...]:
+    """The (kind, folder) pairs of the extra_model_paths.yaml in the models folder, then of `given`."""
+    from sdlab.server.library import EXTRA_MODEL_PATHS, extra_model_paths
+
+    files = [] if models is None else [models / EXTRA_MODEL_PATHS]
+    files = [f for f in files if f.is_file()] + ([] if given is None else [given])
+    return tuple(pair for f in files for pair in extra_model_paths(f))
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -189,6 +208,13 @@ def add_folder_arguments(p: argparse.ArgumentParser) -> None:
         "it exists); the shipped model is always listed",
     )
     p.add_argument(
+        "--extra-model-paths",
+        type=Path,
+        metavar="FILE",
+        help="ComfyUI's extra_model_paths.yaml: more model folders by kind (its a111 and comfyui sections); "
+        "one in the models folder is read too",
+    )
+    p.add_argument(
         "--outputs-dir", type=Path, default=Path("outputs"), help="saved images (default: ./outputs)"
     )
     p.add_argument("--input-dir", type=Path, default=Path("input"), help="uploaded images (default: ./input)")
@@ -216,6 +242,24 @@ def add_queue_arguments(p: argparse.ArgumentParser) -> None:
         help="on --queue: a worker that does not renew its hold on a job this long has died; its job is "
         "retried once by another worker, then failed (default: 30)",
     )
+
+
+def lock_state_folder(folder: Path) -> str | None:
+    """Take this process's exclusive lock on the state folder (the embedded SQLite queue is one process's;
+    a second server on it would take the first's jobs for crashed ones), held until exit; or why not."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / "server.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return (
+            f"another sdlab server is running on the state folder {folder}: the embedded queue is one "
+            "process's; give each server its own --state-dir, or share one queue with --queue postgresql://..."
+        )
+    return None  # the descriptor stays open: the lock lasts until the process exits
 
 
 def queue_problem(queue: str | None, workers: int) -> str | None:
