@@ -27,7 +27,7 @@ from sdlab.server.jobs import CANCELLED, DONE, FAILED, PENDING, RUNNING, JobStor
 from sdlab.server.paths import Folders
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'sdlab[queue]')")
-from sdlab.server.queue_pg import LEASE_ERROR, SCHEMA_VERSION, PgJobStore, file_refs, migrate  # noqa: E402
+from sdlab.server.queue_pg import LEASE_ERROR, LOOK_AHEAD, SCHEMA_VERSION, PgJobStore, file_refs, migrate  # noqa: E402
 
 
 def fresh_database(server_url: str) -> str:
@@ -104,6 +104,39 @@ def test_claims_are_exclusive_across_connections(postgres_url: str, tmp_path: Pa
     assert migrate(stores[1]._db) == SCHEMA_VERSION  # migrating again is a no-op
     for store in stores:
         store.close()
+
+
+def test_a_worker_prefers_jobs_for_its_loaded_model_within_the_look_ahead(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    url = fresh_database(postgres_url)
+    has_a, has_b, fresh = (PgJobStore(url, 100, folders(tmp_path / n)) for n in "abc")
+    has_a.models_held, has_b.models_held = (lambda: ["a.safetensors"]), (lambda: ["b.safetensors"])
+
+    def add(model: str) -> str:  # an A1111 job and a ComfyUI one name their checkpoints differently
+        if model == "a":
+            return has_a.add("a1111", {"checkpoint": "a.safetensors"}).id
+        prompt = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "b.safetensors"}}}
+        return has_a.add("comfy", {"prompt": prompt}).id
+
+    b1, a1, b2, a2 = (add(m) for m in "baba")
+    assert [has_a.claim().id, has_b.claim().id, fresh.claim().id] == [a1, b1, b2]  # fresh: plain FIFO
+    assert has_b.claim().id == a2  # nothing of its own left: the oldest
+    behind = [add("b") for _ in range(LOOK_AHEAD)] + [add("a")]
+    assert has_a.claim().id == behind[0]  # its model's job is beyond the look-ahead: FIFO holds
+    for store in (has_a, has_b):
+        store.heartbeat()
+    with psycopg.connect(url) as db:
+        rows = db.execute(
+            "SELECT id, models, heartbeat > now() - interval '1 minute' FROM workers"
+        ).fetchall()
+    assert sorted(rows) == sorted(
+        [(has_a.worker_id, ["a.safetensors"], True), (has_b.worker_id, ["b.safetensors"], True)]
+    )
+    for store in (has_a, has_b, fresh):
+        store.close()
+    with psycopg.connect(url) as db:
+        assert db.execute("SELECT count(*) FROM workers").fetchone() == (0,)  # a closed worker leaves
 
 
 def test_expired_lease_is_retried_once_then_failed(postgres_url: str, tmp_path: Path) -> None:
@@ -291,7 +324,7 @@ def cluster(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def test_uploaded_inputs_reach_a_worker_elsewhere(cluster: tuple[list[str], str]) -> None:
     from test_server_api import b64png, png, unb64
 
-    (url,), _ = cluster
+    (url,), queue = cluster
     client = httpx.Client(base_url=url, timeout=120)
     workflow = txt2img_workflow(steps=2, prefix="i2i")
     workflow["10"] = {"class_type": "LoadImage", "inputs": {"image": "up/init.png"}}
@@ -317,6 +350,8 @@ def test_uploaded_inputs_reach_a_worker_elsewhere(cluster: tuple[list[str], str]
     result = unb64(answer.json()["images"][0])
     # "only masked" pastes the inpainted region into the init image: its unmasked right half is unchanged
     assert result.size == (48, 40) and result.crop((24, 0, 48, 40)).getcolors() == [(24 * 40, (200, 30, 30))]
+    with psycopg.connect(queue) as db:  # the worker advertises the checkpoint it loaded
+        assert db.execute("SELECT models FROM workers").fetchall() == [([MODEL],)]
 
 
 def test_a_second_server_on_one_state_folder_refuses_to_start(tmp_path: Path) -> None:

@@ -248,6 +248,11 @@ class ModelCache:
         self._models[key] = model
         return model
 
+    def loaded(self) -> list[str]:
+        """The listed names of the checkpoints loaded now (a shared queue's worker advertises them)."""
+        paths = {path for path, _ in self._models}
+        return [name for name, path in self.library.checkpoints().items() if path in paths]
+
     def vae(self, name: str) -> AutoencoderKL:
         """A listed standalone VAE (SD1/SD2 latent scale), kept once loaded."""
         from sdlab.vae_tools import load_vae

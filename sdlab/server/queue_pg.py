@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 import time
 import uuid
@@ -28,7 +29,7 @@ from sdlab.server.jobs import CANCELLED, FAILED, FINISHED, PENDING, RUNNING, Job
 from sdlab.server.paths import Folders, confined
 from sdlab.server.state import Events, Message
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # version -> the SQL that brings the previous version to it; applied in order, each in one transaction
 MIGRATIONS = {
     1: """
@@ -59,12 +60,25 @@ CREATE TABLE files (
 );
 CREATE INDEX files_by_job ON files (job);
 """,
+    2: """
+ALTER TABLE jobs ADD COLUMN model TEXT;
+CREATE TABLE workers (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    device TEXT NOT NULL,
+    models TEXT[] NOT NULL,
+    heartbeat TIMESTAMPTZ NOT NULL
+);
+""",
 }
 COLUMNS = "id, number, kind, request, state, result, error, created, started, finished"
 MAX_ATTEMPTS = 2  # a job whose worker died is retried once, then failed
 LEASE_ERROR = "its worker stopped answering (lease expired) on both attempts"
 QUEUE, DONE_CHANNEL, EVENTS, INTERRUPT = "sdlab_queue", "sdlab_done", "sdlab_events", "sdlab_interrupt"
 MAX_NOTIFY = 7900  # PostgreSQL's NOTIFY payload limit is 8000 bytes
+# A worker takes, among the LOOK_AHEAD oldest pending jobs, the oldest whose model it has loaded; a job that
+# has waited PREFER_WAIT_S counts as preferred by every worker, so none waits on preference longer than that.
+LOOK_AHEAD, PREFER_WAIT_S = 8, 30.0
 
 
 def is_queue_url(value: str | None) -> bool:
@@ -101,6 +115,9 @@ class PgJobStore:
     def __init__(self, url: str, max_pending: int, folders: Folders, lease_s: float = 30.0) -> None:
         self.url, self.max_pending, self.folders, self.lease_s = url, max_pending, folders, lease_s
         self.worker_id = f"{uuid.uuid4().hex[:12]}"
+        self.device = "cpu"  # what a worker advertises in the workers table
+        self.models_held: Callable[[], list[str]] = list  # the checkpoints a worker has loaded
+        self.held: list[str] = []  # as of its last claim
         self._lock = threading.Lock()
         self._db = connect(url)
         migrate(self._db)
@@ -155,24 +172,44 @@ class PgJobStore:
             if pending >= self.max_pending:
                 raise QueueFull(f"the queue is full ({pending} jobs waiting)")
             row = db.execute(
-                f"INSERT INTO jobs (id, kind, request, state, created) VALUES (%s, %s, %s, %s, %s) "
-                f"RETURNING {COLUMNS}",
-                (job_id or str(uuid.uuid4()), kind, json.dumps(request), PENDING, time.time()),
+                "INSERT INTO jobs (id, kind, request, state, created, model) "
+                f"VALUES (%s, %s, %s, %s, %s, %s) RETURNING {COLUMNS}",
+                (
+                    job_id or str(uuid.uuid4()),
+                    kind,
+                    json.dumps(request),
+                    PENDING,
+                    time.time(),
+                    job_model(request),
+                ),
             ).fetchone()
             db.execute("SELECT pg_notify(%s, %s)", (QUEUE, row["id"]))
         return Job(**row)
 
     def claim(self) -> Job | None:
-        """Lease the oldest pending job no other worker holds (None when nothing waits)."""
+        """Lease a pending job no other worker holds (None when nothing waits): the oldest, unless one of the
+        LOOK_AHEAD oldest needs a checkpoint this worker has loaded (see PREFER_WAIT_S)."""
         self.expire()
+        self.held = self.models_held()
         with self._transaction() as db:
             row = db.execute(
                 f"UPDATE jobs SET state = %s, started = %s, worker = %s, attempts = attempts + 1, "
                 f"lease_until = now() + %s * interval '1 second' WHERE number = (SELECT number FROM jobs "
-                f"WHERE state = %s ORDER BY number LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {COLUMNS}",
-                (RUNNING, time.time(), self.worker_id, self.lease_s, PENDING),
+                f"WHERE number IN (SELECT number FROM jobs WHERE state = %s ORDER BY number LIMIT %s) "
+                f"AND state = %s ORDER BY ((model = ANY(%s)) IS TRUE OR created < %s) DESC, number "
+                f"LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {COLUMNS}",
+                (RUNNING, time.time(), self.worker_id, self.lease_s, PENDING, LOOK_AHEAD, PENDING, self.held)
+                + (time.time() - PREFER_WAIT_S,),
             ).fetchone()
         return None if row is None else Job(**row)
+
+    def heartbeat(self) -> None:
+        """Record this worker in the workers table: its host, device and loaded checkpoints, now."""
+        self._query(
+            "INSERT INTO workers VALUES (%s, %s, %s, %s, now()) ON CONFLICT (id) DO UPDATE SET "
+            "models = EXCLUDED.models, heartbeat = EXCLUDED.heartbeat RETURNING id",
+            (self.worker_id, socket.gethostname(), self.device, self.held),
+        )
 
     def renew(self) -> list[str]:
         """Extend this worker's leases; returns the ids of its jobs a client asked to interrupt."""
@@ -303,9 +340,22 @@ class PgJobStore:
         self._query("SELECT pg_notify(%s, %s)", (channel, payload))
 
     def close(self) -> None:
-        """Close the connection."""
+        """Leave the workers table and close the connection."""
         with self._lock:
+            self._db.execute("DELETE FROM workers WHERE id = %s", (self.worker_id,))
             self._db.close()
+
+
+def job_model(request: dict[str, Any]) -> str | None:
+    """The checkpoint a job loads (A1111: its checkpoint; ComfyUI: the first loader's), for claims."""
+    if isinstance(request.get("checkpoint"), str):
+        return request["checkpoint"]
+    nodes = request.get("prompt")
+    for node in nodes.values() if isinstance(nodes, dict) else ():
+        name = (node.get("inputs") or {}).get("ckpt_name") if isinstance(node, dict) else None
+        if isinstance(name, str):
+            return name
+    return None
 
 
 def file_refs(value: Any) -> Iterator[dict[str, Any]]:
@@ -456,9 +506,11 @@ def queue_listener(server: Any) -> Listener:
             worker.poll()
             store.expire()
             return
+        store.heartbeat()
         for job_id in store.renew():
             worker.interrupt(job_id)
 
+    store.models_held = server.models.loaded
     channels = (DONE_CHANNEL, EVENTS) if front_end else (QUEUE, INTERRUPT)
     return Listener(
         store.url, channels, on_notify, tick, tick_s=1.0 if front_end else min(1.0, store.lease_s / 3)
