@@ -97,7 +97,7 @@ def loaded(models: Path) -> dict[str, StableDiffusion]:
 
 @pytest.fixture(scope="module")
 def url(models: Path, one_thread: None) -> Iterator[str]:
-    with serving(Settings(folders(models.parent, models))) as base:
+    with serving(Settings(folders(models.parent, models), preview_method="latent2rgb")) as base:  # previews
         yield base
 
 

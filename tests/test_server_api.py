@@ -142,10 +142,10 @@ def unb64(data: str) -> Image.Image:
 
 
 @contextmanager
-def serving(settings: Settings) -> Iterator[str]:
-    """Run a server for settings on a free loopback port; yields its base URL."""
+def serving(settings: Settings, port: int | None = None) -> Iterator[str]:
+    """Run a server for settings on a loopback port (a free one unless given); yields its base URL."""
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=free_port(), log_level="warning")
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port or free_port(), log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -179,7 +179,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(root: Path, one_thread: None) -> Iterator[str]:
-    with serving(Settings(folders(root, write_models(root)), max_queue=3)) as base:
+    # previews over /ws are sent only when the server's preview method asks for them (ComfyUI's default: none)
+    settings = Settings(folders(root, write_models(root)), max_queue=3, preview_method="latent2rgb")
+    with serving(settings) as base:
         httpx.post(base + "/sdapi/v1/options", json={"sd_model_checkpoint": MODEL})  # not the shipped model
         yield base
 

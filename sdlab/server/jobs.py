@@ -150,6 +150,17 @@ class JobStore:
             ).fetchall()
         return [r["id"] for r in rows]
 
+    def forget(self, job_ids: list[str] | None = None, kind: str | None = None) -> list[str]:
+        """Delete finished jobs (all of them for None), of one kind if given (ComfyUI's history clearing)."""
+        chosen = "1" if job_ids is None else "id IN (SELECT value FROM json_each(?))"
+        args = () if job_ids is None else (json.dumps(job_ids),)
+        marks = ", ".join("?" * len(FINISHED))
+        query = f"DELETE FROM jobs WHERE state IN ({marks}) AND {chosen}" + (" AND kind = ?" if kind else "")
+        values = (*FINISHED, *args, *([kind] if kind else []))
+        with self._transaction() as db:
+            rows = db.execute(query + " RETURNING id", values).fetchall()
+        return [r["id"] for r in rows]
+
     def get(self, job_id: str) -> Job | None:
         """The job with this id, or None."""
         with self._lock:

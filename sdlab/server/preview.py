@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
+from typing import Any
 
 import torch
 from PIL import Image
@@ -17,6 +19,7 @@ from torch import Tensor
 from sdlab.families import LatentFormat
 
 PREVIEW_IMAGE, PNG = 1, 2  # ComfyUI's binary WebSocket event type and image type
+PREVIEW_IMAGE_WITH_METADATA = 4  # for clients that announced `supports_preview_metadata`
 
 
 def latent_preview(latents: Tensor | None, latent_format: LatentFormat | None) -> Image.Image | None:
@@ -43,6 +46,10 @@ def png_base64(image: Image.Image) -> str:
     return base64.b64encode(png_bytes(image)).decode("ascii")
 
 
-def preview_frame(image: Image.Image) -> bytes:
-    """ComfyUI's binary preview message: big-endian event type 1, image type 2 (PNG), the PNG bytes."""
-    return struct.pack(">II", PREVIEW_IMAGE, PNG) + png_bytes(image)
+def preview_frame(image: Image.Image, metadata: dict[str, Any] | None = None) -> bytes:
+    """ComfyUI's binary preview message: big-endian event type 1, image type 2 (PNG), the PNG bytes; with
+    metadata, event type 4, the length of the metadata JSON (which names the image type), it, the PNG."""
+    if metadata is None:
+        return struct.pack(">II", PREVIEW_IMAGE, PNG) + png_bytes(image)
+    header = json.dumps({**metadata, "image_type": "image/png"}).encode()
+    return struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(header)) + header + png_bytes(image)
