@@ -26,6 +26,7 @@ from sdlab.text.schedule import prompt_schedule, split_and
 
 if TYPE_CHECKING:
     from sdlab.checkpoints.load import StableDiffusion
+    from sdlab.control import ComfyControl
     from sdlab.embeddings import Embeddings
 
 
@@ -39,6 +40,23 @@ class Conditioning:
     crop: tuple[int, int] = (0, 0)  # crop_coords_top_left (top, left)
     target_size: tuple[int, int] | None = None  # (height, width); None: the sampled image's size
     aesthetic_score: float | None = None  # refiner; None: the family's score for a positive/negative prompt
+    # ComfyUI's area / mask / timestep range (`sdlab.regions` weights the entries as ComfyUI samples them)
+    area: tuple | None = None  # (height, width, y, x) in latent pixels, or ("percentage", h, w, y, x)
+    strength: float = 1.0  # the area's weight
+    mask: Tensor | None = None  # (N, H, W) in [0, 1]: where this entry conditions, at any resolution
+    mask_strength: float = 1.0
+    set_area_to_bounds: bool = False  # the mask's bounding box becomes the area
+    start_percent: float | None = None  # active from this fraction of the schedule ...
+    end_percent: float | None = None  # ... to this one (ConditioningSetTimestepRange)
+    # ComfyUI's ControlNets on this entry (ControlNetApply/-Advanced): a chain, summed (sdlab.control)
+    control: tuple[ComfyControl, ...] = ()
+    control_apply_to_uncond: bool = False  # ControlNetApply's: the negative side gets it too
+
+    @property
+    def regional(self) -> bool:
+        """Whether this entry limits where or when it conditions (ComfyUI's weighting is then needed)."""
+        fields = (self.area, self.mask, self.start_percent, self.end_percent)
+        return any(f is not None for f in fields) or self.strength != 1.0
 
     def model_inputs(
         self, family: Family, batch: int, height: int, width: int, negative: bool = False

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -26,9 +27,11 @@ from sdlab.checkpoints import keymaps
 from sdlab.checkpoints.detect import detect_controlnet
 from sdlab.checkpoints.io import WEIGHT_SUFFIXES, CheckpointError, read_state_dict
 from sdlab.checkpoints.load import build_module, folder_weights
+from sdlab.conditioning import Conditioning
 from sdlab.config import UNetConfig
 from sdlab.images import RESIZE_MODES, resize_image
 from sdlab.models.controlnet import ControlNetModel
+from sdlab.models.ops import compute_dtype, device_of
 from sdlab.models.unet import UNetModel
 from sdlab.preprocess import preprocess
 
@@ -164,12 +167,12 @@ def load_controls(
     """The ControlNet of each unit: taken from `loaded` by its `model` name, else read from its file (a
     path or a name in `controlnet_dirs()`) at the U-Net's dtype and device; each checked against `unet`."""
     nets = dict(loaded)
-    param = next(unet.parameters())
+    dtype, device = compute_dtype(unet), device_of(unet)
     for i, spec in enumerate(specs):
         if spec.model not in nets:
             path = find_controlnet(spec.model, controlnet_dirs())
             base = unet.state_dict()
-            nets[spec.model] = load_controlnet(path, dtype=param.dtype, device=param.device, base_unet=base)
+            nets[spec.model] = load_controlnet(path, dtype=dtype, device=device, base_unet=base)
         _check_fits(nets[spec.model].cfg.unet, unet.cfg, f"controls[{i}] ({spec.model})")
     return nets
 
@@ -270,12 +273,99 @@ def control_residuals(
     for c in controls:
         if not c.active(fraction):
             continue
-        net_dtype = next(c.net.parameters()).dtype
-        hint = c.hint.to(x.device, net_dtype).expand(len(x), -1, -1, -1)
-        outs = c.net(x.to(net_dtype), hint, t, context.to(net_dtype), None if y is None else y.to(net_dtype))
+        outs = _net_outputs(c.net, c.hint, x, t, context, y)
         mark = 1.0
         if c.mode == "control" and cond_mark is not None:
             mark = cond_mark.to(x.device, x.dtype)[:, None, None, None]
-        outs = [o.to(x.dtype) * (s * mark) for o, s in zip(outs, c.scales(len(outs)), strict=True)]
-        total = outs if total is None else [a + b for a, b in zip(total, outs, strict=True)]
+        total = _added(total, [o * (s * mark) for o, s in zip(outs, c.scales(len(outs)), strict=True)])
     return total
+
+
+def _net_outputs(
+    net: ControlNetModel, hint: Tensor, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None
+) -> list[Tensor]:
+    """A ControlNet's residuals for U-Net inputs x, t, context, y, run at its own dtype, returned at x's;
+    a one-image hint serves the whole batch."""
+    dtype = compute_dtype(net)
+    hint = hint.to(x.device, dtype).expand(len(x), -1, -1, -1)
+    outs = net(x.to(dtype), hint, t, context.to(dtype), None if y is None else y.to(dtype))
+    return [o.to(x.dtype) for o in outs]
+
+
+def _added(total: list[Tensor] | None, outs: list[Tensor]) -> list[Tensor]:
+    return outs if total is None else [a + b for a, b in zip(total, outs, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI's ControlNet (ControlNetApply / ControlNetApplyAdvanced)
+
+
+@dataclass(frozen=True, eq=False)
+class ComfyControl:
+    """A ControlNet attached to a ComfyUI CONDITIONING entry: the control image as given (1, 3, H, W) in
+    [0, 1], its strength, and the part of the schedule it acts in as percents that become σ bounds with
+    `percent_to_sigma` (ComfyUI's rule, not A1111's step fraction). An entry holds a chain of these,
+    summed (ComfyUI's `set_previous_controlnet`); equal only to itself, so entries sharing a chain batch."""
+
+    net: ControlNetModel
+    image: Tensor
+    strength: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+
+
+def comfy_hint(image: Tensor, width: int, height: int) -> Tensor:
+    """ComfyUI's `common_upscale(image, width, height, "nearest-exact", "center")`: the centre cut to the
+    target's aspect ratio with ComfyUI's rounding, then resized by nearest-exact."""
+    old_h, old_w = image.shape[-2:]
+    old_aspect, new_aspect = old_w / old_h, width / height
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    cut = image[..., y : old_h - y, x : old_w - x]
+    return F.interpolate(cut, size=(height, width), mode="nearest-exact")
+
+
+def comfy_residuals(
+    chain: Sequence[ComfyControl],
+    bounds: Sequence[tuple[float, float]],
+    x: Tensor,
+    t: Tensor,
+    context: Tensor,
+    y: Tensor | None,
+    sigma: float,
+    total: list[Tensor] | None = None,
+) -> list[Tensor] | None:
+    """The summed residuals of an entry's ControlNets active at σ (`bounds`: each one's (σ_start, σ_end);
+    active while σ_end ≤ σ ≤ σ_start), each times its strength, for U-Net inputs x (B, C, h, w), t, context,
+    y; the control image cut and resized to the latents' size x the ControlNet's downscale at each call
+    (an area entry's latents give the area's size, as in ComfyUI); added to `total` (other residuals).
+    None when there are none."""
+    for c, (start, end) in zip(chain, bounds, strict=True):
+        if sigma > start or sigma < end:
+            continue
+        if device_of(c.net) != x.device:
+            c.net.to(x.device)
+        f = c.net.cfg.downscale
+        hint = comfy_hint(c.image.to(x.device, torch.float32), x.shape[-1] * f, x.shape[-2] * f)
+        total = _added(total, [o * c.strength for o in _net_outputs(c.net, hint, x, t, context, y)])
+    return total
+
+
+def controls_to_uncond(
+    positive: Sequence[Conditioning], negative: Sequence[Conditioning]
+) -> tuple[Conditioning, ...]:
+    """The negative entries after ComfyUI's `apply_empty_x_to_equal_area` for ControlNetApply: unless a
+    negative entry without an area has a ControlNet, the k-th positive entry without an area whose chain
+    is marked `control_apply_to_uncond` gives it to the (k mod n)-th of the n negative ones without."""
+    chains = [c.control for c in positive if c.control_apply_to_uncond and c.area is None and c.control]
+    plain = [i for i, c in enumerate(negative) if c.area is None and not c.control]
+    out = list(negative)
+    if any(c.area is None and c.control for c in negative) or not plain:
+        return tuple(out)
+    for k, chain in enumerate(chains):
+        i = plain[k % len(plain)]
+        out[i] = replace(negative[i], control=chain)
+    return tuple(out)

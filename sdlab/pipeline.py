@@ -17,13 +17,23 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from sdlab import regions
 from sdlab.checkpoints.load import StableDiffusion
 from sdlab.conditioning import Conditioning, Prompt, encode_prompts
-from sdlab.control import Control, ControlSpec, control_residuals, load_controls, prepare_controls
+from sdlab.control import (
+    ComfyControl,
+    Control,
+    ControlSpec,
+    comfy_residuals,
+    control_residuals,
+    load_controls,
+    prepare_controls,
+)
 from sdlab.diffusion.denoiser import Denoiser, DenoiserFn, add_noise, guide
 from sdlab.diffusion.samplers import DISCARD_PENULTIMATE_SIGMA, get_sampler, resolve_sampler
 from sdlab.diffusion.schedule import DiscreteSchedule, get_sigmas
 from sdlab.embeddings import Embeddings, embedding_dirs
+from sdlab.fast import FastMode, fast_mode
 from sdlab.finite import check_finite, overflow_cause
 from sdlab.hires import HiresFix, crop_latents, target, upscale_latents, upscale_to
 from sdlab.images import (
@@ -45,6 +55,7 @@ from sdlab.images import (
 )
 from sdlab.lora import use_loras
 from sdlab.models.controlnet import ControlNetModel
+from sdlab.models.ops import compute_dtype, device_of
 from sdlab.networks import find_lora, lora_dirs, lora_tags, no_tags
 from sdlab.vae_tools import decode_pixels, encode_pixels
 
@@ -93,6 +104,7 @@ class GenerationRequest:
     refiner_switch_by_steps: bool = False  # A1111 < 1.8: count steps instead of comparing timesteps
     hires: HiresFix | None = None  # A1111's hires fix: upscale, then a second (img2img) pass
     controls: tuple[ControlSpec, ...] = ()  # ControlNet units, their residuals summed (sdlab.control)
+    fast: FastMode | None = None  # opt-in approximations (feature caching, token merging; sdlab.fast)
 
     def __post_init__(self) -> None:  # lists from JSON job requests become tuples
         if isinstance(self.hires, dict):
@@ -141,6 +153,10 @@ class GenerationRequest:
             control.validate(i)
         if self.controls and (self.refiner is not None or self.hires is not None):
             raise ValueError("controls with a refiner or the hires fix: not supported yet")
+        if self.fast is not None:
+            self.fast.validate()
+            if self.refiner is not None and not self.fast.exact:
+                raise ValueError("fast with a refiner: not supported yet (the refiner would run exact)")
 
     def _validate_hires(self, latent_factor: int, max_pixels: int) -> None:
         """The hires fix: its settings, the final size against the pixel bound, its prompts' length; a
@@ -206,11 +222,11 @@ def _latents_of(model: StableDiffusion, image: Tensor, generator: torch.Generato
 
 
 def _device(model: StableDiffusion) -> torch.device:
-    return next(model.unet.parameters()).device
+    return device_of(model.unet)
 
 
 def _dtype(model: StableDiffusion) -> torch.dtype:
-    return next(model.unet.parameters()).dtype
+    return compute_dtype(model.unet)
 
 
 def decode(model: StableDiffusion, latents: Tensor) -> list[Image.Image]:
@@ -248,7 +264,7 @@ def generate(
     use_loras(model, req.loras)  # kept merged for the next request with the same set
     if refiner is not None:
         use_loras(refiner, ())
-    with torch.inference_mode():
+    with torch.inference_mode(), fast_mode(model.unet, req.fast):
         noise = seed_noise(seeds, shape).to(_device(model), _dtype(model))
         embeddings = Embeddings.a1111(model, embedding_dirs(req.embedding_dirs))
         guidance = _guidance(model, prompt, req, embeddings)
@@ -401,6 +417,7 @@ class Calls:
     n: int = 0
     step: int = 0
     total: int = 1
+    sigma: float = 0.0  # σ of the current call (the σ ranges of ComfyUI's ControlNets read it)
 
 
 def _at(c: Conditioning | Prompt, call: int) -> list[tuple[Conditioning, float]]:
@@ -427,6 +444,10 @@ def guided_denoiser(model: StableDiffusion, guidance: Guidance, x: Tensor, calls
     unet = _unet_fn(model, guidance.controls, calls)
     denoiser = Denoiser(unet, DiscreteSchedule.for_model(model.config), model.config.prediction)
     built: dict[tuple[int, bool], dict[str, Tensor]] = {}
+    sides = (guidance.cond, guidance.uncond)
+    comfy_controls = any(
+        c.control for side in sides if not isinstance(side, Prompt) for c in regions.entries(side)
+    )
 
     def inputs(cond: Conditioning, negative: bool) -> dict[str, Tensor]:
         key = (id(cond), negative)
@@ -434,7 +455,12 @@ def guided_denoiser(model: StableDiffusion, guidance: Guidance, x: Tensor, calls
             built[key] = {**cond.model_inputs(model.family, b, h * f, w * f, negative), **guidance.extra}
             if guidance.controls:  # which rows are conditional (ControlNet's "control" mode)
                 built[key]["control_mark"] = torch.full((b,), 0.0 if negative else 1.0, device=x.device)
+            if comfy_controls:  # ComfyUI's ControlNets, each entry its own (rows batch when they agree)
+                built[key]["control"] = cond.control  # type: ignore[assignment]
         return built[key]
+
+    if isinstance(guidance.cond, tuple):  # ComfyUI's conditioning lists (areas, masks, timestep ranges)
+        return _regional(denoiser, model, guidance, x, inputs)
 
     def guided(x: Tensor, sigma: Tensor, **extra: Tensor) -> Tensor:
         conds = [(inputs(c, False), weight) for c, weight in _at(guidance.cond, calls.n)]
@@ -442,6 +468,38 @@ def guided_denoiser(model: StableDiffusion, guidance: Guidance, x: Tensor, calls
         if more:
             raise ValueError("a negative prompt has no AND parts")
         return guide(denoiser, x, sigma, conds, inputs(uncond, True), guidance.scale, extra)
+
+    return guided
+
+
+def _regional(
+    denoiser: DenoiserFn,
+    model: StableDiffusion,
+    guidance: Guidance,
+    x: Tensor,
+    inputs: Callable[[Conditioning, bool], dict[str, Tensor]],
+) -> DenoiserFn:
+    """ComfyUI's guidance of conditioning lists (`sdlab.regions`): each side's entries weighted by area,
+    mask and timestep range, then D_u + scale·(D_c − D_u); at scale 1 the unconditional side is skipped."""
+    h, w = x.shape[-2:]
+    schedule = DiscreteSchedule.for_model(model.config)
+    sides = regions.resolve(guidance.cond, guidance.uncond, h, w, schedule)  # type: ignore[arg-type]
+
+    def side(index: int, x: Tensor, sigma: Tensor, extra: dict[str, Tensor]) -> Tensor:
+        def run(part: Tensor, cond: Conditioning, area: regions.Area) -> Tensor:
+            if guidance.controls and part.shape[-2:] != (h, w):
+                raise ValueError("ControlNet with area or mask-bounds conditioning is not supported")
+            own = {**inputs(cond, index == 1), **extra}
+            return denoiser(part, sigma, **regions.crop_inputs(own, area, h, w))
+
+        return regions.weighted_prediction(run, sides[index], x, sigma)
+
+    def guided(x: Tensor, sigma: Tensor, **extra: Tensor) -> Tensor:
+        cond = side(0, x, sigma, extra)
+        if math.isclose(guidance.scale, 1.0):
+            return cond
+        uncond = side(1, x, sigma, extra)
+        return uncond + (cond - uncond) * guidance.scale
 
     return guided
 
@@ -508,9 +566,14 @@ def sample(
 def _unet_fn(
     model: StableDiffusion, controls: list[Control] | None = None, calls: Calls | None = None
 ) -> Callable[..., Tensor]:
-    """The U-Net as `model(x_in, t, context=..., y=..., c_concat=..., control_mark=...)`; c_concat feeds
-    inpainting U-Nets; `controls` add their residuals at the step fraction `calls` reports, computed from
-    the latents without c_concat (as A1111's extension does for inpainting models)."""
+    """The U-Net as `model(x_in, t, context=..., y=..., c_concat=..., control_mark=..., control=...)`;
+    c_concat feeds inpainting U-Nets; `controls` add their residuals at the step fraction `calls` reports,
+    computed from the latents without c_concat (as A1111's extension does for inpainting models);
+    `control`, a ComfyUI entry's ControlNet chain, adds its residuals at the σ `calls` reports."""
+    schedule = DiscreteSchedule.for_model(model.config)
+
+    def sigma_at(percent: float) -> float:
+        return regions.percent_to_sigma(schedule, percent)
 
     def unet(
         x: Tensor,
@@ -519,11 +582,16 @@ def _unet_fn(
         c_concat: Tensor | None = None,
         y: Tensor | None = None,
         control_mark: Tensor | None = None,
+        control: tuple[ComfyControl, ...] = (),
     ) -> Tensor:
         residuals = None
         if controls:
             fraction = calls.step / calls.total if calls is not None else 0.0
             residuals = control_residuals(controls, x, t, context, y, control_mark, fraction)
+        if control:
+            assert calls is not None, "ComfyUI's ControlNets need the σ of each call"
+            bounds = [(sigma_at(c.start_percent), sigma_at(c.end_percent)) for c in control]
+            residuals = comfy_residuals(control, bounds, x, t, context, y, calls.sigma, residuals)
         if c_concat is not None:
             x = torch.cat([x, c_concat.to(x)], dim=1)
         return model.unet(x, t, context, y, residuals)
@@ -631,6 +699,7 @@ def _counted(denoiser: DenoiserFn, calls: Calls) -> DenoiserFn:
     """Count the calls of a denoiser (the index prompt schedules and the refiner switch read)."""
 
     def counted(x: Tensor, sigma: Tensor, **kw: Tensor) -> Tensor:
+        calls.sigma = float(sigma.reshape(-1)[0])
         try:
             return denoiser(x, sigma, **kw)
         finally:

@@ -835,3 +835,6 @@ def object_info(env: Env, name: str) -> dict[str, Any]:
         "category": node.category,
         "output_node": node.output_node,
     }
+
+
+from sdlab.server import nodes_controlnet, nodes_core  # noqa: E402, F401  (they register their nodes)
