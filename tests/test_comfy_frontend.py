@@ -31,6 +31,7 @@ from sdlab.server.app import create_app
 from sdlab.server.comfy import SERVER_FEATURES
 from sdlab.server.comfy_frontend import TEMPLATES, installed_frontend
 from sdlab.server.paths import Folders
+from sdlab.server.preview import png_bytes
 from sdlab.server.state import Settings
 
 MODEL = "sdlab-mini.safetensors"
@@ -209,6 +210,18 @@ def test_jobs_api_png_chunks_history_and_cancel(client: TestClient, tmp_path: Pa
     assert job["execution_end_time"] >= job["execution_start_time"]
     with Image.open(tmp_path / "outputs" / image["filename"]) as png:
         assert json.loads(png.text["prompt"]) == prompt and json.loads(png.text["workflow"]) == workflow
+        pixels = png.convert("RGB")
+    # the mask editor's upload: the output image with the painted alpha, its chunks kept, into input/
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 32, 64))
+    form = {"original_ref": json.dumps(image), "type": "input"}
+    stored = client.post("/upload/mask", data=form, files={"image": ("clipspace-mask.png", png_bytes(mask))})
+    assert stored.json() == {"name": "clipspace-mask.png", "subfolder": "", "type": "input"}
+    with Image.open(tmp_path / "input" / "clipspace-mask.png") as masked:
+        assert masked.getchannel("A").tobytes() == mask.getchannel("A").tobytes()
+        assert masked.convert("RGB").tobytes() == pixels.tobytes() and masked.text["workflow"] == json.dumps(
+            workflow
+        )
     # a long run waits behind another; cancel the waiting one, then interrupt the running one
     long_id = client.post("/prompt", json={"prompt": template_prompt(steps=10000)}).json()["prompt_id"]
     waiting = client.post("/prompt", json={"prompt": template_prompt(seed=1)}).json()["prompt_id"]
@@ -231,34 +244,33 @@ def test_jobs_api_png_chunks_history_and_cancel(client: TestClient, tmp_path: Pa
     assert client.post("/api/free", json={"unload_models": True, "free_memory": True}).status_code == 200
 
 
-def _previews(root: Path, method: str, flags: dict[str, Any] | None) -> list[bytes]:
+def _previews(c: TestClient, client_id: str, flags: dict[str, Any] | None) -> list[bytes]:
     """The binary /ws frames one 3-step run sends a client (which announces flags, if given)."""
-    with TestClient(create_app(settings(root, preview_method=method)), base_url="http://127.0.0.1") as c:
-        with c.websocket_connect("ws://127.0.0.1/ws?clientId=me") as ws:
-            assert ws.receive_json()["type"] == "status"
-            if flags is not None:
-                ws.send_json({"type": "feature_flags", "data": flags})
-                assert ws.receive_json() == {"type": "feature_flags", "data": SERVER_FEATURES}
-            body = {"prompt": template_prompt(steps=3), "client_id": "me"}
-            prompt_id = c.post("/prompt", json=body).json()["prompt_id"]
-            frames = []
-            while True:
-                message = ws.receive()
-                if message.get("bytes") is not None:
-                    frames.append(message["bytes"])
-                elif json.loads(message["text"]) == {
-                    "type": "executing",
-                    "data": {"node": None, "prompt_id": prompt_id},
-                }:
-                    return frames
+    with c.websocket_connect(f"ws://127.0.0.1/ws?clientId={client_id}") as ws:
+        assert ws.receive_json()["type"] == "status"
+        if flags is not None:
+            ws.send_json({"type": "feature_flags", "data": flags})
+            while (reply := ws.receive_json())["type"] == "status":  # queue updates may come first
+                pass
+            assert reply == {"type": "feature_flags", "data": SERVER_FEATURES}
+        body = {"prompt": template_prompt(steps=3), "client_id": client_id}
+        prompt_id = c.post("/prompt", json=body).json()["prompt_id"]
+        frames = []
+        done = {"type": "executing", "data": {"node": None, "prompt_id": prompt_id}}
+        while (message := ws.receive()).get("bytes") is not None or json.loads(message["text"]) != done:
+            if message.get("bytes") is not None:
+                frames.append(message["bytes"])
+        return frames
 
 
 def test_previews_follow_the_preview_method_and_the_client_flags(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    assert _previews(tmp_path / "none", "none", {"supports_preview_metadata": True}) == []
-    plain = _previews(tmp_path / "plain", "latent2rgb", None)
+    flags = {"supports_preview_metadata": True}
+    with TestClient(create_app(settings(tmp_path / "none")), base_url="http://127.0.0.1") as c:
+        assert _previews(c, "tagged", flags) == []  # ComfyUI's default: no previews
+    with TestClient(create_app(settings(tmp_path, preview_method="auto")), base_url="http://127.0.0.1") as c:
+        plain, tagged = _previews(c, "plain", None), _previews(c, "tagged", flags)
     assert len(plain) == 3 and all(struct.unpack(">II", f[:8]) == (1, 2) for f in plain)
-    tagged = _previews(tmp_path / "tagged", "auto", {"supports_preview_metadata": True})
     assert len(tagged) == 3
     kind, size = struct.unpack(">II", tagged[0][:8])
     metadata = json.loads(tagged[0][8 : 8 + size])
@@ -318,6 +330,7 @@ class Page:
 
 
 STEPS = "window.app.graph.getNodeById(3)?.widgets?.find(w => w.name === 'steps')"
+SET_STEPS = "window.app.graph.getNodeById(3).widgets.find(w => w.name === 'steps').value"
 DROP_OUTPUT = """async () => {
     const blob = await (await fetch('api/view?filename=ComfyUI_00001_.png&type=output')).blob();
     const files = new DataTransfer();
@@ -341,6 +354,7 @@ def test_the_frontend_runs_the_template_saves_reopens_and_restores(browser: Any,
         ui.page.get_by_text("sdlab-mini text to image").click()  # first start offers the template
         ui.wait("window.app.graph.getNodeById(9)?.type === 'SaveImage'")
         ui.shoot("template")
+        ui.js(f"{SET_STEPS} = 4")  # the template's 20 steps are more than the test needs
         ui.page.get_by_role("button", name="Run").first.click()
         ui.wait("window.app.nodeOutputs?.['9']?.images?.[0]?.filename === 'ComfyUI_00001_.png'")
         ui.shoot("ran")
@@ -353,7 +367,7 @@ def test_the_frontend_runs_the_template_saves_reopens_and_restores(browser: Any,
         ui.shoot("assets")
         ui.page.get_by_role("button", name="Assets (a)").click()
         # a long run, cancelled from the page
-        ui.js(f"{STEPS}.value = 10000".replace("?.", "."))
+        ui.js(f"{SET_STEPS} = 10000")
         ui.page.get_by_role("button", name="Run").first.click()
         ui.wait("fetch('api/jobs?status=in_progress').then(r => r.json()).then(j => j.jobs.length === 1)")
         ui.page.get_by_role("button", name="Cancel current run").click()
@@ -379,8 +393,8 @@ def test_the_frontend_runs_the_template_saves_reopens_and_restores(browser: Any,
         ui.page.get_by_text("sdlab-test").first.click()
         ui.wait(f"{STEPS}?.value === 10000")
         ui.shoot("reopened")
-        ui.js(DROP_OUTPUT)  # the first run's PNG brings back its graph (20 steps)
-        ui.wait(f"{STEPS}?.value === 20")
+        ui.js(DROP_OUTPUT)  # the first run's PNG brings back its graph (4 steps)
+        ui.wait(f"{STEPS}?.value === 4")
         ui.shoot("dropped")
         ui.close()
 
@@ -420,3 +434,21 @@ def test_sd_backend_client_finds_comfyui_and_gets_the_saved_image(tmp_path: Path
     with Image.open(saved) as png:
         assert [im.tobytes() for im in result.images] == [png.convert(result.images[0].mode).tobytes()]
     assert result.seed == 5
+
+
+def test_ui_comfy_and_front_end_root(tmp_path: Path) -> None:
+    """`--front-end-root DIR` serves another build; `--ui comfy` puts it at / and sdlab's page at /sdlab/."""
+    from sdlab.server.cli import frontend_problem
+
+    build = tmp_path / "build"
+    (build / "extensions" / "mine").mkdir(parents=True)
+    (build / "extensions" / "mine" / "a.js").write_text("export {}")
+    assert frontend_problem("sdlab", build) == f"{build}: not a ComfyUI frontend build (no index.html)"
+    (build / "index.html").write_text("<title>my build</title>")
+    assert frontend_problem("comfy", build) is None
+    config = settings(tmp_path, ui="comfy", front_end_root=build)
+    with TestClient(create_app(config), base_url="http://127.0.0.1") as c:
+        assert c.get("/").text == c.get("/comfy/").text == "<title>my build</title>"
+        assert c.get("/extensions/mine/a.js").text == "export {}"
+        assert c.get("/api/extensions").json() == ["/extensions/mine/a.js"]
+        assert "sdlab" in c.get("/sdlab/").text and c.get("/api/system_stats").status_code == 200

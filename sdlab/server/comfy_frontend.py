@@ -104,7 +104,7 @@ def mount(app: FastAPI, prefix: str, web_root: Path, routers: Iterable[APIRouter
         """The page's first stylesheet; the user's own is /api/userdata/user.css."""
         return Response("", media_type="text/css")
 
-    if prefix:  # the manifest's icons and the progress favicons are asked for at /assets/ whatever the base
+    if prefix and (web_root / "assets").is_dir():  # the manifest's icons and the favicons ask for /assets/
         app.mount("/assets", StaticFiles(directory=web_root / "assets"), name="comfy-frontend-assets")
     app.mount(prefix or "/", StaticFiles(directory=web_root), name=f"comfy-frontend{prefix}")
 
