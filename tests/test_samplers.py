@@ -253,7 +253,10 @@ def test_lcm_matches_diffusers_lcm_with_the_same_generator():
 DETERMINISTIC = ["euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "uni_pc", "uni_pc_bh2"]
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+OWN_STEPS = ("dpm_fast", "dpm_adaptive")  # step from σ_max to σ_min at their own λ, ending at σ_min
+
+
+@pytest.mark.parametrize("name", [n for n in SAMPLERS if n not in OWN_STEPS])
 def test_zero_denoiser_scales_x_with_sigma(name):
     """With D ≡ 0 the ODE is dx/dσ = x/σ: x_i = x_0·σ_i/σ_0 exactly, and every sampler ends at 0."""
     sigmas = get_sigmas("karras", SD, 8)
@@ -299,7 +302,21 @@ def test_ode_samplers_converge_at_their_order(name):
 DISTRIBUTION_STEPS = {"euler": 200, "ddim": 200, "euler_ancestral": 400}  # first order; 50 steps otherwise
 
 
-@pytest.mark.parametrize("name", [n for n in SAMPLERS if n != "lcm"])
+# not here: lcm (needs a consistency model); the *_gpu names (the same functions); CFG++ samplers (plain
+# ones without guidance; checked against ComfyUI with it); first-order/heuristic ones that need hundreds of
+# steps (ddpm, heunpp2, gradient_estimation) and the variants of samplers already here, for time
+NOT_LANDING = {
+    "lcm",
+    "euler_cfg_pp",
+    "euler_ancestral_cfg_pp",
+    "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_2m_cfg_pp",
+}
+NOT_LANDING |= {n for n in SAMPLERS if n.endswith(("_gpu", "_cfg_pp"))} | {"ddpm", "heunpp2", "ipndm"}
+NOT_LANDING |= {"gradient_estimation", "res_multistep", "exp_heun_2_x0_sde", "dpm_adaptive", "dpm_fast"}
+
+
+@pytest.mark.parametrize("name", [n for n in SAMPLERS if n not in NOT_LANDING])
 def test_samplers_land_on_gaussian_data(name):
     """Every sampler turns exact N(mu, s² + σ_max²) samples into N(mu, s²) ones."""
     mu, s = 0.7, 0.5
@@ -403,6 +420,337 @@ def test_extra_reaches_the_denoiser():
         lambda x, sigma, context: seen.append(context) or x * 0, start(sigmas), sigmas, extra={"context": 1}
     )
     assert seen == [1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI's other samplers: k-diffusion where it has them, else transcriptions of ComfyUI's
+# comfy/k_diffusion/sampling.py (VE models: α = 1, λ = −log σ) written out here as the reference
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_dpm_fast_matches_k_diffusion(kd, eta):
+    for steps in (7, 12):  # 12 % 3 == 0 ends with orders 2, 1
+        sigmas = get_sigmas("karras", SD, steps)
+        x = start(sigmas)
+        noise = keyed_noise(x.shape)
+        ref = kd.sampling.sample_dpm_fast(
+            mixture_denoiser, x, float(sigmas[-2]), float(sigmas[0]), steps, disable=True, eta=eta,
+            noise_sampler=noise,
+        )  # fmt: skip
+        ours = get_sampler("DPM fast")(mixture_denoiser, x, sigmas, eta=eta, noise_sampler=noise)
+        torch.testing.assert_close(ours, ref, **FP32)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_dpm_adaptive_matches_k_diffusion(kd, order):
+    sigmas = get_sigmas("karras", SD, 10)
+    x = start(sigmas)
+    ref, info = kd.sampling.sample_dpm_adaptive(
+        mixture_denoiser, x, float(sigmas[-2]), float(sigmas[0]), order=order, disable=True, return_info=True
+    )
+    calls = []
+    ours = get_sampler("DPM adaptive")(
+        mixture_denoiser, x, sigmas, order=order, callback=lambda i, *_: calls.append(i)
+    )
+    torch.testing.assert_close(ours, ref, **FP32)
+    assert info["n_reject"] > 0 and len(calls) == info["steps"]  # the controller rejected steps, as there
+
+
+def _comfy_euler_ancestral_cfg_pp(model, x, sigmas, eta, noise_sampler):
+    """ComfyUI `sample_euler_ancestral_cfg_pp` (α_s = α_t = 1); model returns (denoised, uncond_denoised)."""
+    for i in range(len(sigmas) - 1):
+        denoised, uncond_denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            d = (x - uncond_denoised) / sigmas[i]
+            sigma_up = min(
+                sigmas[i + 1],
+                eta * (sigmas[i + 1] ** 2 * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) / sigmas[i] ** 2) ** 0.5,
+            )  # noqa: E501
+            sigma_down = (sigmas[i + 1] ** 2 - sigma_up**2) ** 0.5
+            x = denoised + sigma_down * d
+            if eta > 0:
+                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigma_up
+    return x
+
+
+def _comfy_dpmpp_2m_cfg_pp(model, x, sigmas):
+    """ComfyUI `sample_dpmpp_2m_cfg_pp`."""
+    t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
+    old_uncond_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised, uncond_denoised = model(x, sigmas[i])
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        if old_uncond_denoised is None or sigmas[i + 1] == 0:
+            denoised_mix = -torch.exp(-h) * uncond_denoised
+        else:
+            r = (t - t_fn(sigmas[i - 1])) / h
+            denoised_mix = -torch.exp(-h) * uncond_denoised - torch.expm1(-h) * (1 / (2 * r)) * (
+                denoised - old_uncond_denoised
+            )  # noqa: E501
+        x = denoised + denoised_mix + torch.exp(-h) * x
+        old_uncond_denoised = uncond_denoised
+    return x
+
+
+def _comfy_res_multistep(model, x, sigmas, eta, cfg_pp, noise_sampler):
+    """ComfyUI `res_multistep`."""
+    sigma_fn, t_fn = (lambda t: t.neg().exp()), (lambda sigma: sigma.log().neg())
+    phi1_fn = lambda t: torch.expm1(t) / t  # noqa: E731
+    phi2_fn = lambda t: (phi1_fn(t) - 1.0) / t  # noqa: E731
+    old_sigma_down = old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised, uncond_denoised = model(x, sigmas[i])
+        if eta:
+            sigma_up = min(
+                sigmas[i + 1],
+                eta * (sigmas[i + 1] ** 2 * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) / sigmas[i] ** 2) ** 0.5,
+            )  # noqa: E501
+            sigma_down = (sigmas[i + 1] ** 2 - sigma_up**2) ** 0.5
+        else:
+            sigma_down, sigma_up = sigmas[i + 1], 0.0
+        if sigma_down == 0 or old_denoised is None:
+            if cfg_pp:
+                x = denoised + (x - uncond_denoised) / sigmas[i] * sigma_down
+            else:
+                x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
+        else:
+            t, t_old, t_next, t_prev = (
+                t_fn(sigmas[i]),
+                t_fn(old_sigma_down),
+                t_fn(sigma_down),
+                t_fn(sigmas[i - 1]),
+            )
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1_val, phi2_val = phi1_fn(-h), phi2_fn(-h)
+            b1 = torch.nan_to_num(phi1_val - phi2_val / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi2_val / c2, nan=0.0)
+            if cfg_pp:
+                x = x + (denoised - uncond_denoised)
+                x = sigma_fn(h) * x + h * (b1 * uncond_denoised + b2 * old_denoised)
+            else:
+                x = sigma_fn(h) * x + h * (b1 * denoised + b2 * old_denoised)
+        if sigmas[i + 1] > 0 and eta:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigma_up
+        old_denoised = uncond_denoised if cfg_pp else denoised
+        old_sigma_down = sigma_down
+    return x
+
+
+def _guided_pair(scale):
+    """A guided denoiser (sdlab's `cfg_denoiser`) and the reference's (guided, unconditional) model."""
+
+    def inner(x, sigma, shift):
+        return mixture_denoiser(x + shift[:, None, None, None], sigma)
+
+    cond, uncond = {"shift": torch.full((2,), 0.3)}, {"shift": torch.full((2,), -0.2)}
+
+    def reference(x, sigma):
+        sigma = sigma.expand(x.shape[0])
+        d_u = inner(x, sigma, uncond["shift"])
+        return d_u + scale * (inner(x, sigma, cond["shift"]) - d_u), d_u
+
+    return cfg_denoiser(inner, cond, uncond, scale), reference
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])  # scale 1 still evaluates D_u (ComfyUI's cfg1 shortcut off)
+def test_cfg_pp_samplers_match_comfyui(scale):
+    guided, reference = _guided_pair(scale)
+    sigmas = get_sigmas("karras", SD, 10)
+    x = start(sigmas)
+    noise = keyed_noise(x.shape)
+    cases = {
+        "euler_cfg_pp": _comfy_euler_ancestral_cfg_pp(reference, x, sigmas, 0.0, noise),
+        "euler_ancestral_cfg_pp": _comfy_euler_ancestral_cfg_pp(reference, x, sigmas, 1.0, noise),
+        "dpmpp_2m_cfg_pp": _comfy_dpmpp_2m_cfg_pp(reference, x, sigmas),
+        "res_multistep_cfg_pp": _comfy_res_multistep(reference, x, sigmas, 0.0, True, noise),
+        "res_multistep_ancestral_cfg_pp": _comfy_res_multistep(reference, x, sigmas, 1.0, True, noise),
+    }
+    for name, ref in cases.items():
+        options = {"noise_sampler": noise} if "ancestral" in name else {}
+        torch.testing.assert_close(SAMPLERS[name](guided, x, sigmas, **options), ref, **FP32, msg=name)
+    assert not torch.allclose(cases["euler_cfg_pp"], SAMPLERS["euler"](guided, x, sigmas), atol=1e-3)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_res_multistep_matches_comfyui(eta):
+    sigmas = get_sigmas("karras", SD, 10)
+    x = start(sigmas)
+    noise = keyed_noise(x.shape)
+    ref = _comfy_res_multistep(
+        lambda x, s: (mixture_denoiser(x, s.expand(2)),) * 2, x, sigmas, eta, False, noise
+    )
+    name = "res_multistep_ancestral" if eta else "res_multistep"
+    torch.testing.assert_close(SAMPLERS[name](mixture_denoiser, x, sigmas, noise_sampler=noise), ref, **FP32)
+
+
+def _comfy_ipndm_v(model, x, sigmas, max_order=4):
+    """ComfyUI `sample_ipndm_v` (from zju-pi/diff-sampler)."""
+    t_steps, buffer_model = sigmas, []
+    for i in range(len(sigmas) - 1):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, t_cur.expand(x.shape[0]))
+        d_cur = (x - denoised) / t_cur
+        order = min(max_order, i + 1)
+        if t_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x + (t_next - t_cur) * d_cur
+        elif order == 2:
+            h_n, h_n_1 = (t_next - t_cur), (t_cur - t_steps[i - 1])
+            coeff1, coeff2 = (2 + (h_n / h_n_1)) / 2, -(h_n / h_n_1) / 2
+            x_next = x + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer_model[-1])
+        elif order == 3:
+            h_n, h_n_1, h_n_2 = (t_next - t_cur), (t_cur - t_steps[i - 1]), (t_steps[i - 1] - t_steps[i - 2])
+            temp = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+            coeff1 = (2 + (h_n / h_n_1)) / 2 + temp
+            coeff2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp
+            coeff3 = temp * h_n_1 / h_n_2
+            x_next = x + (t_next - t_cur) * (
+                coeff1 * d_cur + coeff2 * buffer_model[-1] + coeff3 * buffer_model[-2]
+            )
+        else:
+            h_n, h_n_1, h_n_2 = (t_next - t_cur), (t_cur - t_steps[i - 1]), (t_steps[i - 1] - t_steps[i - 2])
+            h_n_3 = t_steps[i - 2] - t_steps[i - 3]
+            temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+            temp2 = (
+                (
+                    (1 - h_n / (3 * (h_n + h_n_1))) / 2
+                    + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))
+                )
+                * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2))
+                / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
+            )  # noqa: E501
+            coeff1 = (2 + (h_n / h_n_1)) / 2 + temp1 + temp2
+            coeff2 = (
+                -(h_n / h_n_1) / 2
+                - (1 + h_n_1 / h_n_2) * temp1
+                - (1 + (h_n_1 / h_n_2) + (h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3)))) * temp2
+            )  # noqa: E501
+            coeff3 = (
+                temp1 * h_n_1 / h_n_2
+                + (
+                    (h_n_1 / h_n_2)
+                    + (h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))) * (1 + h_n_2 / h_n_3)
+                )
+                * temp2
+            )  # noqa: E501
+            coeff4 = -temp2 * (h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))) * h_n_1 / h_n_2
+            x_next = x + (t_next - t_cur) * (
+                coeff1 * d_cur
+                + coeff2 * buffer_model[-1]
+                + coeff3 * buffer_model[-2]
+                + coeff4 * buffer_model[-3]
+            )  # noqa: E501
+        buffer_model = (buffer_model + [d_cur])[-(max_order - 1) :]
+        x = x_next
+    return x
+
+
+def _comfy_deis(model, x, sigmas, max_order=3, n=10000):
+    """ComfyUI `sample_deis` with `get_deis_coeff_list(..., deis_mode='tab')` (autograd for d log α/dτ)."""
+    import numpy as np
+
+    eps_s, smin, smax = 1e-3, 0.002, 80
+    beta_d = (
+        2 * (np.log(torch.tensor(smin) ** 2 + 1) / eps_s - np.log(torch.tensor(smax) ** 2 + 1)) / (eps_s - 1)
+    )
+    beta_min = np.log(torch.tensor(smax) ** 2 + 1) - 0.5 * beta_d
+    t_steps = ((beta_min**2 + 2 * beta_d * (sigmas**2 + 1).log()).sqrt() - beta_min) / beta_d
+    beta_0, beta_1 = beta_min, beta_d + beta_min
+    coeffs = []
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:], strict=True)):
+        order = min(i + 1, max_order)
+        if order == 1:
+            coeffs.append([])
+            continue
+        taus = torch.linspace(t_cur, t_next, n).requires_grad_(True)
+        with torch.enable_grad():
+            alpha = torch.exp(-0.5 * taus**2 * (beta_1 - beta_0) - taus * beta_0)
+            alpha.log().sum().backward()
+        integrand = (-0.5 * taus.grad / torch.sqrt(alpha * (1 - alpha))).detach()
+        prev_t = t_steps[[i - k for k in range(order)]]
+        polys = [
+            math.prod([(taus.detach() - prev_t[k]) / (prev_t[j] - prev_t[k]) for k in range(order) if k != j])
+            for j in range(order)
+        ]  # noqa: E501
+        coeffs.append([torch.sum(integrand * poly) * (t_next - t_cur) / n for poly in polys])
+    buffer_model = []
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i].expand(x.shape[0]))
+        d_cur = (x - denoised) / sigmas[i]
+        order = 1 if sigmas[i + 1] <= 0 else min(max_order, i + 1)
+        if order == 1:
+            x_next = x + (sigmas[i + 1] - sigmas[i]) * d_cur
+        else:
+            x_next = x + sum(c * d for c, d in zip(coeffs[i], [d_cur] + buffer_model[::-1], strict=False))
+        buffer_model = (buffer_model + [d_cur])[-(max_order - 1) :]
+        x = x_next
+    return x
+
+
+def test_ipndm_v_and_deis_match_comfyui():
+    sigmas = get_sigmas("karras", SD, 12)
+    x = start(sigmas)
+    torch.testing.assert_close(
+        SAMPLERS["ipndm_v"](mixture_denoiser, x, sigmas), _comfy_ipndm_v(mixture_denoiser, x, sigmas), **FP32
+    )  # noqa: E501
+    # ComfyUI sums 10,000 float32 points per weight: its DEIS weights carry ~1e-5 relative rounding
+    torch.testing.assert_close(
+        SAMPLERS["deis"](mixture_denoiser, x, sigmas),
+        _comfy_deis(mixture_denoiser, x, sigmas),
+        rtol=1e-4,
+        atol=1e-4,
+    )  # noqa: E501
+
+
+def _comfy_gradient_estimation(model, x, sigmas, ge_gamma=2.0):
+    """ComfyUI `sample_gradient_estimation` (cfg_pp=False)."""
+    old_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i].expand(x.shape[0]))
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = x + d * dt
+            if i >= 1:
+                x = x + (ge_gamma - 1) * (d - old_d) * dt
+        old_d = d
+    return x
+
+
+def _comfy_ddpm(model, x, sigmas, noise_sampler):
+    """ComfyUI `sample_ddpm` (`generic_step_sampler` with `DDPMSampler_step`)."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_prev = sigmas[i], sigmas[i + 1]
+        noise = (x - model(x, sigma.expand(x.shape[0]))) / sigma
+        alpha_cumprod, alpha_cumprod_prev = 1 / ((sigma * sigma) + 1), 1 / ((sigma_prev * sigma_prev) + 1)
+        alpha = alpha_cumprod / alpha_cumprod_prev
+        mu = (1.0 / alpha).sqrt() * (
+            x / torch.sqrt(1.0 + sigma**2.0) - (1 - alpha) * noise / (1 - alpha_cumprod).sqrt()
+        )  # noqa: E501
+        if sigma_prev > 0:
+            mu += ((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod)).sqrt() * noise_sampler(
+                sigma, sigma_prev
+            )  # noqa: E501
+            mu *= torch.sqrt(1.0 + sigma_prev**2.0)
+        x = mu
+    return x
+
+
+def test_gradient_estimation_and_ddpm_match_comfyui():
+    sigmas = get_sigmas("karras", SD, 10)
+    x = start(sigmas)
+    noise = keyed_noise(x.shape)
+    ours = SAMPLERS["gradient_estimation"](mixture_denoiser, x, sigmas)
+    torch.testing.assert_close(ours, _comfy_gradient_estimation(mixture_denoiser, x, sigmas), **FP32)
+    ours = get_sampler("DDPM")(mixture_denoiser, x, sigmas, noise_sampler=noise)
+    torch.testing.assert_close(ours, _comfy_ddpm(mixture_denoiser, x, sigmas, noise), **FP32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The DDPM schedule as σ against diffusers, and the σ schedules against their (ComfyUI) definitions."""
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -128,3 +129,23 @@ def test_discard_penultimate_sigma():
     sigmas = get_sigmas("karras", SD, 10, discard_penultimate=True)
     assert len(sigmas) == 11
     assert torch.equal(sigmas, torch.cat([longer[:-2], longer[-1:]]))
+
+
+@pytest.mark.parametrize("steps", [2, 5, 20])
+def test_kl_optimal_and_linear_quadratic_match_comfyui(steps):
+    """ComfyUI's `kl_optimal_scheduler` and `linear_quadratic_schedule` (comfy/samplers.py), transcribed."""
+    adj_idxs = torch.arange(steps, dtype=torch.float).div_(steps - 1)
+    ref = adj_idxs.new_zeros(steps + 1)
+    ref[:-1] = (adj_idxs * math.atan(SD.sigma_min) + (1 - adj_idxs) * math.atan(SD.sigma_max)).tan_()
+    torch.testing.assert_close(get_sigmas("KL Optimal", SD, steps), ref, rtol=1e-6, atol=0)
+    threshold_noise, linear_steps = 0.025, steps // 2
+    linear_sigma_schedule = [i * threshold_noise / linear_steps for i in range(linear_steps)]
+    threshold_noise_step_diff = linear_steps - threshold_noise * steps
+    quadratic_steps = steps - linear_steps
+    quadratic_coef = threshold_noise_step_diff / (linear_steps * quadratic_steps**2)
+    linear_coef = threshold_noise / linear_steps - 2 * threshold_noise_step_diff / (quadratic_steps**2)
+    const = quadratic_coef * (linear_steps**2)
+    quadratic = [quadratic_coef * (i**2) + linear_coef * i + const for i in range(linear_steps, steps)]
+    ref = torch.FloatTensor([1.0 - x for x in linear_sigma_schedule + quadratic + [1.0]]) * SD.sigmas[-1]
+    torch.testing.assert_close(get_sigmas("linear_quadratic", SD, steps), ref, rtol=1e-6, atol=0)
+    assert schedule_name("Linear Quadratic") == "linear_quadratic"

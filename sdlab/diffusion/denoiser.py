@@ -7,7 +7,9 @@ D(x, σ) = c_skip·x + c_out·F(c_in·x, t(σ)) with c_in = 1/√(σ²+1), the s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Literal
 
 import torch
@@ -17,6 +19,7 @@ from sdlab.diffusion.schedule import DiscreteSchedule
 
 Model = Callable[..., Tensor]  # model(x_in, t, **cond) -> ε or v, e.g. unet(x, t, context=..., y=...)
 DenoiserFn = Callable[..., Tensor]  # D(x, sigma (B,), **cond) -> denoised x_0
+_UNCOND_SINK: ContextVar[list[Tensor] | None] = ContextVar("uncond_sink", default=None)
 
 
 def _per_sample(sigma: Tensor, x: Tensor) -> Tensor:
@@ -72,7 +75,8 @@ def guide(
 
     `conds` and `uncond` map keyword names to batch-first tensors (e.g. {"context": (B, 77, 768)}).
     """
-    if scale == 1 and len(conds) == 1 and conds[0][1] == 1:
+    sink = _UNCOND_SINK.get()
+    if scale == 1 and len(conds) == 1 and conds[0][1] == 1 and sink is None:
         return denoiser(x, sigma, **conds[0][0], **extra)
     sides = [c for c, _ in conds] + [uncond]
     for side in sides[:-1]:
@@ -86,10 +90,24 @@ def guide(
     else:
         out = tuple(denoiser(x, sigma, **side, **extra) for side in sides)
     d_uncond = out[-1]
+    if sink is not None:
+        sink.append(d_uncond)
     result = d_uncond
     for d_cond, (_, weight) in zip(out[:-1], conds, strict=True):
         result = result + (d_cond - d_uncond) * (weight * scale)
     return result
+
+
+@contextmanager
+def recording_uncond() -> Iterator[list[Tensor]]:
+    """Collects the unconditional predictions D_u that `guide` computes inside the block, at every scale
+    (ComfyUI's post-CFG `uncond_denoised` with the scale-1 shortcut off): CFG++ samplers step along D_u."""
+    sink: list[Tensor] = []
+    token = _UNCOND_SINK.set(sink)
+    try:
+        yield sink
+    finally:
+        _UNCOND_SINK.reset(token)
 
 
 def cfg_denoiser(

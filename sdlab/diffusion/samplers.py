@@ -14,6 +14,7 @@ display names as aliases.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sdlab.diffusion.denoiser import recording_uncond
 from sdlab.diffusion.schedule import schedule_name
 
 DenoiserFn = Callable[..., Tensor]  # D(x, sigma (B,), **extra) -> denoised x_0
@@ -545,6 +547,669 @@ def _unipc_coefficients(
 
 
 # ---------------------------------------------------------------------------------------------
+# DPM-Solver with its own step sizes (k-diffusion's DPMSolver): the schedule only gives σ_max, σ_min, steps
+
+
+def _eps_fn(model: Model) -> Callable[[Tensor, Tensor], Tensor]:
+    """ε(x, λ) = (x − D(x, σ(λ)))/σ(λ): DPM-Solver's noise prediction at half log-SNR time λ."""
+    return lambda x, t: (x - model(x, _sigma(t))) / _sigma(t)
+
+
+def _dpm_solver_step(
+    eps_at: Callable[[Tensor, Tensor], Tensor], x: Tensor, eps: Tensor, t: Tensor, t_next: Tensor, order: int
+) -> tuple[Tensor, Tensor]:
+    """DPM-Solver-1/2/3 (Lu et al. 2022, Algorithms 1 and 2; r₁ = 1/2 at order 2, 1/3 and 2/3 at order 3)
+    from λ = t to t_next given ε at (x, t), and the order-lower estimate sharing its evaluations."""
+    h = t_next - t
+    x_1 = x - _sigma(t_next) * h.expm1() * eps
+    if order == 1:
+        return x_1, x_1
+    r1 = 1 / 2 if order == 2 else 1 / 3
+    eps_r1 = eps_at(x - _sigma(t + r1 * h) * (r1 * h).expm1() * eps, t + r1 * h)
+    x_2 = x_1 - _sigma(t_next) / (2 * r1) * h.expm1() * (eps_r1 - eps)
+    if order == 2:
+        return x_2, x_1
+    r2, s2 = 2 / 3, t + 2 / 3 * h
+    u2 = x - _sigma(s2) * (r2 * h).expm1() * eps
+    u2 = u2 - _sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps)
+    x_3 = x_1 - _sigma(t_next) / r2 * (h.expm1() / h - 1) * (eps_at(u2, s2) - eps)
+    return x_3, x_2
+
+
+def _sigma_range(sigmas: Tensor) -> tuple[Tensor, Tensor]:
+    """(σ_min, σ_max) ComfyUI hands DPM fast/adaptive: the last σ, or the one before a final 0."""
+    sigma_min = sigmas[-1] if sigmas[-1] > 0 or len(sigmas) < 2 else sigmas[-2]
+    return sigma_min.float().cpu(), sigmas[0].float().cpu()
+
+
+def _dpm_ancestral(t: Tensor, t_next: Tensor, t_end: Tensor, eta: float) -> tuple[Tensor, float | Tensor]:
+    """(λ to step to, σ of noise to add) of an ancestral DPM-Solver step (k-diffusion's, clamped at t_end)."""
+    if not eta:
+        return t_next, 0.0
+    sigma_down, _ = _ancestral_step(_sigma(t), _sigma(t_next), eta)
+    t_next_ = torch.minimum(t_end, _t(sigma_down))
+    return t_next_, (_sigma(t_next) ** 2 - _sigma(t_next_) ** 2) ** 0.5
+
+
+@torch.no_grad()
+def sample_dpm_fast(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: Generators = None,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """DPM-Solver-fast (Lu et al. 2022, §3.4): len(sigmas) − 1 evaluations as order-3 steps uniform in λ
+    from σ_max to σ_min (k-diffusion `sample_dpm_fast`); it ends at σ_min, as in ComfyUI and A1111."""
+    model = _bind(denoiser, extra, callback)
+    noise = noise_sampler or gaussian_noise_sampler(x, generator)
+    nfe = len(sigmas) - 1
+    if nfe < 1:
+        return x
+    sigma_min, sigma_max = _sigma_range(sigmas)
+    t_end, m = _t(sigma_min), nfe // 3 + 1
+    ts = torch.linspace(float(_t(sigma_max)), float(t_end), m + 1)
+    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    for i, order in enumerate(orders):
+        t, t_next = ts[i], ts[i + 1]
+        t_next_, sigma_up = _dpm_ancestral(t, t_next, t_end, eta)
+        eps = (x - model(x, _sigma(t), i)) / _sigma(t)
+        x = _dpm_solver_step(_eps_fn(model), x, eps, t, t_next_, order)[0]
+        if eta:
+            x = x + sigma_up * s_noise * noise(_sigma(t), _sigma(t_next))
+    return x
+
+
+class _PIDStepSize:
+    """PID control of the step size h on the inverse error (Söderlind 2003), k-diffusion's controller."""
+
+    def __init__(self, h: float, pcoeff: float, icoeff: float, dcoeff: float, order: float, safety: float):
+        self.h, self.safety = h, safety
+        self.b = ((pcoeff + icoeff + dcoeff) / order, -(pcoeff + 2 * dcoeff) / order, dcoeff / order)
+        self.errs: list[float] = []
+
+    def accept(self, error: float) -> bool:
+        """Scale h by the controller's factor; True if the step just taken is accepted."""
+        inv_error = 1 / (error + 1e-8)
+        self.errs = self.errs or [inv_error] * 3
+        self.errs[0] = inv_error
+        factor = self.errs[0] ** self.b[0] * self.errs[1] ** self.b[1] * self.errs[2] ** self.b[2]
+        factor = 1 + math.atan(factor - 1)
+        accept = factor >= self.safety
+        if accept:
+            self.errs[2], self.errs[1] = self.errs[1], self.errs[0]
+        self.h *= factor
+        return accept
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: Generators = None,
+    order: int = 3,
+    rtol: float = 0.05,
+    atol: float = 0.0078,
+    h_init: float = 0.05,
+    pcoeff: float = 0.0,
+    icoeff: float = 1.0,
+    dcoeff: float = 0.0,
+    accept_safety: float = 0.81,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """DPM-Solver-12/23 with adaptive steps (Lu et al. 2022, §3.4, Algorithm 4) from σ_max to σ_min of
+    `sigmas` (k-diffusion `sample_dpm_adaptive`): the number of steps is the solver's, not the schedule's."""
+    if order not in (2, 3):
+        raise ValueError(f"order must be 2 or 3, got {order}")
+    model = _bind(denoiser, extra, callback)
+    noise = noise_sampler or gaussian_noise_sampler(x, generator)
+    sigma_min, sigma_max = _sigma_range(sigmas)
+    s, t_end = _t(sigma_max), _t(sigma_min)
+    atol_t, rtol_t = torch.tensor(atol), torch.tensor(rtol)
+    pid = _PIDStepSize(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
+    x_prev, step = x, 0
+    while s < t_end - 1e-5:
+        t = torch.minimum(t_end, s + pid.h)
+        t_, sigma_up = _dpm_ancestral(s, t, t_end, eta)
+        eps = (x - model(x, _sigma(s), step)) / _sigma(s)
+        x_high, x_low = _dpm_solver_step(_eps_fn(model), x, eps, s, t_, order)
+        delta = torch.maximum(atol_t, rtol_t * torch.maximum(x_low.abs(), x_prev.abs()))
+        error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
+        if pid.accept(float(error)):
+            x_prev = x_low
+            x = x_high + sigma_up * s_noise * noise(_sigma(s), _sigma(t)) if eta else x_high
+            s = t
+        step += 1
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# CFG++ (Chung et al. 2024): the guided D_c̃ sets the data estimate, the unconditional D_u the noise
+
+
+def _bind_uncond(
+    denoiser: DenoiserFn, extra: dict[str, Any] | None, callback: Callback | None, record: bool = True
+) -> Callable[..., tuple[Tensor, Tensor]]:
+    """`_bind`'s model returning (guided D, unconditional D_u) as `guide` computed them; D_u = D when the
+    denoiser is not guided (or `record` is off, for the plain variants of a sampler)."""
+    model = _bind(denoiser, extra, callback)
+
+    def both(x: Tensor, sigma: Tensor, step: int | None = None) -> tuple[Tensor, Tensor]:
+        if not record:
+            denoised = model(x, sigma, step)
+            return denoised, denoised
+        with recording_uncond() as seen:
+            denoised = model(x, sigma, step)
+        return denoised, seen[-1] if seen else denoised
+
+    return both
+
+
+@torch.no_grad()
+def sample_euler_ancestral_cfg_pp(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: Generators = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """Euler ancestral with CFG++ (Chung et al. 2024, Algorithm 2): x = D + σ_down·(x − D_u)/σ + noise."""
+    model = _bind_uncond(denoiser, extra, callback)
+    noise = noise_sampler or gaussian_noise_sampler(x, generator)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised, uncond = model(x, sigma, i)
+        if sigma_next == 0:
+            x = denoised
+            continue
+        sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
+        x = denoised + _to_d(x, sigma, uncond) * sigma_down
+        if eta and s_noise:
+            x = x + noise(sigma, sigma_next) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_euler_cfg_pp(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: Generators = None,
+) -> Tensor:
+    """Euler steps with CFG++ (Chung et al. 2024, Algorithm 1; DDIM η = 0): x = D + σ_next·(x − D_u)/σ."""
+    return sample_euler_ancestral_cfg_pp(
+        denoiser, x, sigmas, extra=extra, callback=callback, generator=generator, eta=0.0
+    )
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral_cfg_pp(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: Generators = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """DPM-Solver++(2S) ancestral on D_u plus each step's guidance D − D_u (ComfyUI's CFG++ variant)."""
+    model = _bind_uncond(denoiser, extra, callback)
+    noise = noise_sampler or gaussian_noise_sampler(x, generator)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised, uncond = model(x, sigma, i)
+        sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
+        if sigma_down == 0:
+            x = _euler_step(model, x, uncond, sigma, sigma_down)
+        else:
+            t, t_next = _t(sigma), _t(sigma_down)
+            h = t_next - t
+            x_2 = (_sigma(t + h / 2) / _sigma(t)) * x - (-h / 2).expm1() * uncond
+            _, uncond_2 = model(x_2, _sigma(t + h / 2))
+            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * uncond_2
+        if sigma_next > 0 and eta:
+            x = x + noise(sigma, sigma_next) * s_noise * sigma_up
+        x = x + (denoised - uncond)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_cfg_pp(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: Generators = None,
+) -> Tensor:
+    """DPM-Solver++(2M) with CFG++ (ComfyUI's `dpmpp_2m_cfg_pp`): D sets x_0, D_u the multistep noise."""
+    model = _bind_uncond(denoiser, extra, callback)
+    old_uncond = None
+    for i in range(len(sigmas) - 1):
+        denoised, uncond = model(x, sigmas[i], i)
+        t, t_next = _t(sigmas[i]), _t(sigmas[i + 1])
+        h = t_next - t
+        mix = -torch.exp(-h) * uncond
+        if old_uncond is not None and sigmas[i + 1] != 0:
+            r = (t - _t(sigmas[i - 1])) / h
+            mix = mix - torch.expm1(-h) * (1 / (2 * r)) * (denoised - old_uncond)
+        x = denoised + mix + torch.exp(-h) * x
+        old_uncond = uncond
+    return x
+
+
+def _phi_1(h: Tensor) -> Tensor:
+    return torch.expm1(h) / h
+
+
+def _phi_2(h: Tensor) -> Tensor:
+    return (_phi_1(h) - 1) / h
+
+
+def _res_multistep(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    extra: dict[str, Any] | None,
+    callback: Callback | None,
+    generator: Generators,
+    eta: float,
+    s_noise: float,
+    noise_sampler: NoiseSampler | None,
+    cfg_pp: bool,
+) -> Tensor:
+    """RES second-order multistep (Zhang et al. 2023, arXiv:2308.02157) with optional ancestral noise and
+    CFG++, ComfyUI's `res_multistep` (its variants differ in eta and cfg_pp)."""
+    model = _bind_uncond(denoiser, extra, callback, record=cfg_pp)
+    noise = noise_sampler or gaussian_noise_sampler(x, generator)
+    old_denoised = old_sigma_down = None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised, uncond = model(x, sigma, i)
+        sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
+        if (sigma_down == 0 or old_denoised is None) and cfg_pp:
+            x = denoised + _to_d(x, sigma, uncond) * sigma_down
+        elif sigma_down == 0 or old_denoised is None:
+            x = x + _to_d(x, sigma, denoised) * (sigma_down - sigma)
+        else:
+            t, t_next = _t(sigma), _t(sigma_down)
+            h = t_next - t
+            c2 = (_t(sigmas[i - 1]) - _t(old_sigma_down)) / h
+            b1 = torch.nan_to_num(_phi_1(-h) - _phi_2(-h) / c2, nan=0.0)
+            b2 = torch.nan_to_num(_phi_2(-h) / c2, nan=0.0)
+            x = x + (denoised - uncond)  # zero unless cfg_pp
+            x = _sigma(h) * x + h * (b1 * uncond + b2 * old_denoised)
+        if sigma_next > 0 and eta:
+            x = x + noise(sigma, sigma_next) * s_noise * sigma_up
+        old_denoised, old_sigma_down = uncond, sigma_down
+    return x
+
+
+def _res_multistep_sampler(eta_default: float, cfg_pp: bool) -> Sampler:
+    @torch.no_grad()
+    def sample(
+        denoiser: DenoiserFn,
+        x: Tensor,
+        sigmas: Tensor,
+        *,
+        extra: dict[str, Any] | None = None,
+        callback: Callback | None = None,
+        generator: Generators = None,
+        eta: float = eta_default,
+        s_noise: float = 1.0,
+        noise_sampler: NoiseSampler | None = None,
+    ) -> Tensor:
+        return _res_multistep(
+            denoiser, x, sigmas, extra, callback, generator, eta, s_noise, noise_sampler, cfg_pp
+        )
+
+    sample.__doc__ = _res_multistep.__doc__
+    return sample
+
+
+@torch.no_grad()
+def sample_gradient_estimation(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: Generators = None,
+    ge_gamma: float = 2.0,
+    cfg_pp: bool = False,
+) -> Tensor:
+    """Euler with gradient estimation (Permenter & Yuan 2024, "Interpreting and improving diffusion models
+    from an optimization perspective"): d + (γ − 1)(d − d_prev); CFG++ takes d from D_u."""
+    model = _bind_uncond(denoiser, extra, callback, record=cfg_pp)
+    old_d = None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised, uncond = model(x, sigma, i)
+        d = _to_d(x, sigma, uncond)
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = denoised
+        else:
+            x = denoised + d * sigma_next if cfg_pp else x + d * dt
+            if old_d is not None:
+                x = x + (ge_gamma - 1) * (d - old_d) * dt
+        old_d = d
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# more ComfyUI samplers
+
+
+@torch.no_grad()
+def sample_ddpm(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: Generators = None,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """Ancestral DDPM (Ho et al. 2020, Algorithm 2) between the schedule's σ in the VP view (ComfyUI)."""
+    model = _bind(denoiser, extra, callback)
+    noise = noise_sampler or gaussian_noise_sampler(x, generator)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        eps = _to_d(x, sigma, model(x, sigma, i))
+        ac, ac_prev = 1 / (sigma**2 + 1), 1 / (sigma_next**2 + 1)
+        alpha = ac / ac_prev
+        x = (1 / alpha).sqrt() * (x / (1 + sigma**2).sqrt() - (1 - alpha) * eps / (1 - ac).sqrt())
+        if sigma_next > 0:
+            x = x + ((1 - alpha) * (1 - ac_prev) / (1 - ac)).sqrt() * noise(sigma, sigma_next)
+            x = x * (1 + sigma_next**2).sqrt()
+    return x
+
+
+@torch.no_grad()
+def sample_heunpp2(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: Generators = None,
+) -> Tensor:
+    """Heun++ (Carzit's sd-webui-samplers-scheduler, in ComfyUI): Euler, Heun, or three slopes weighted by
+    σ_next/3σ_max and σ_next2/3σ_max looking two steps ahead."""
+    model = _bind(denoiser, extra, callback)
+    s_end = sigmas[-1]
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        d = _to_d(x, sigma, model(x, sigma, i))
+        dt = sigma_next - sigma
+        if sigma_next == s_end:
+            x = x + d * dt
+            continue
+        x_2 = x + d * dt
+        d_2 = _to_d(x_2, sigma_next, model(x_2, sigma_next))
+        if sigmas[i + 2] == s_end:
+            w2 = sigma_next / (2 * sigmas[0])
+            x = x + (d * (1 - w2) + d_2 * w2) * dt
+            continue
+        x_3 = x_2 + d_2 * (sigmas[i + 2] - sigma_next)
+        d_3 = _to_d(x_3, sigmas[i + 2], model(x_3, sigmas[i + 2]))
+        w2, w3 = sigma_next / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0])
+        x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+    return x
+
+
+_ADAMS_BASHFORTH: dict[int, list[Tensor | float]] = {
+    1: [1.0],
+    2: [3 / 2, -1 / 2],
+    3: [23 / 12, -16 / 12, 5 / 12],
+    4: [55 / 24, -59 / 24, 37 / 24, -9 / 24],
+}
+
+
+def _ipndm_weights(sigmas: Tensor, i: int, order: int, variable: bool) -> list[Tensor | float]:
+    """Adams–Bashforth weights of d_i, d_{i−1}, … (iPNDM, Zhang & Chen 2023; variable-step from Zhou et al.
+    2024's diff-sampler, as ComfyUI's `ipndm`/`ipndm_v`)."""
+    if not variable or order == 1:
+        return _ADAMS_BASHFORTH[order]
+    h = [sigmas[i + 1] - sigmas[i]] + [sigmas[i - k] - sigmas[i - k - 1] for k in range(order - 1)]
+    c1, c2 = (2 + h[0] / h[1]) / 2, -(h[0] / h[1]) / 2
+    if order == 2:
+        return [c1, c2]
+    temp1 = (1 - h[0] / (3 * (h[0] + h[1])) * (h[0] * (h[0] + h[1])) / (h[1] * (h[1] + h[2]))) / 2
+    if order == 3:
+        return [c1 + temp1, c2 - (1 + h[1] / h[2]) * temp1, temp1 * h[1] / h[2]]
+    ratio = h[1] * (h[1] + h[2]) / (h[2] * (h[2] + h[3]))
+    h01, h012 = h[0] + h[1], h[0] + h[1] + h[2]
+    temp2 = ((1 - h[0] / (3 * h01)) / 2 + (1 - h[0] / (2 * h01)) * h[0] / (6 * h012)) * (h[0] * h01 * h012)
+    temp2 = temp2 / (h[1] * (h[1] + h[2]) * (h[1] + h[2] + h[3]))
+    return [
+        c1 + temp1 + temp2,
+        c2 - (1 + h[1] / h[2]) * temp1 - (1 + h[1] / h[2] + ratio) * temp2,
+        temp1 * h[1] / h[2] + (h[1] / h[2] + ratio * (1 + h[2] / h[3])) * temp2,
+        -temp2 * ratio * h[1] / h[2],
+    ]
+
+
+def _deis_weights(sigmas: Tensor, max_order: int, points: int = 10_000) -> list[list[float]]:
+    """DEIS-tAB weights (Zhang & Chen 2023): ∫ over each step of the Lagrange basis on the past VP times,
+    times dσ/dt, with the VP time of EDM's σ ∈ [0.002, 80] and ComfyUI's `points`-point sum, in float64."""
+    eps_s, smin, smax = 1e-3, 0.002, 80.0
+    beta_d = 2 * (math.log(smin**2 + 1) / eps_s - math.log(smax**2 + 1)) / (eps_s - 1)
+    beta_min = math.log(smax**2 + 1) - 0.5 * beta_d
+    s = sigmas.detach().cpu().double()
+    ts = ((beta_min**2 + 2 * beta_d * (s**2 + 1).log()).sqrt() - beta_min) / beta_d
+    weights: list[list[float]] = []
+    for i in range(len(ts) - 1):
+        order = min(i + 1, max_order)
+        taus = torch.linspace(float(ts[i]), float(ts[i + 1]), points, dtype=torch.float64)
+        log_alpha = -0.5 * taus**2 * beta_d - taus * beta_min
+        integrand = 0.5 * (taus * beta_d + beta_min) / (log_alpha.exp() * -log_alpha.expm1()).sqrt()
+        dtau = (ts[i + 1] - ts[i]) / points
+        past = ts[[i - k for k in range(order)]]
+        weights.append([float((integrand * _lagrange(past, j, taus)).sum() * dtau) for j in range(order)])
+    return weights
+
+
+def _lagrange(nodes: Tensor, j: int, at: Tensor) -> Tensor:
+    """The Lagrange basis polynomial that is 1 at nodes[j] and 0 at the other nodes, evaluated at `at`."""
+    out = torch.ones_like(at)
+    for k in range(len(nodes)):
+        if k != j:
+            out = out * (at - nodes[k]) / (nodes[j] - nodes[k])
+    return out
+
+
+def _multistep_in_sigma(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    extra: dict[str, Any] | None,
+    callback: Callback | None,
+    max_order: int,
+    weights: Callable[[int, int], Sequence[Tensor | float]],
+) -> Tensor:
+    """x_{i+1} = x_i + Σ_j w_j·d_{i−j} over the last `max_order` slopes (weights(i, order) × Δσ or absolute);
+    Euler on the first step, D into σ = 0. The loop of iPNDM and DEIS."""
+    model = _bind(denoiser, extra, callback)
+    ds: deque[Tensor] = deque(maxlen=max_order)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i], i)
+        ds.appendleft(_to_d(x, sigmas[i], denoised))
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = x + sum(w * d for w, d in zip(weights(i, len(ds)), ds, strict=False))
+    return x
+
+
+@torch.no_grad()
+def sample_ipndm(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: Generators = None,
+    max_order: int = 4,
+    variable: bool = False,
+) -> Tensor:
+    """Improved PNDM (Zhang & Chen 2023, DEIS paper): Adams–Bashforth in σ up to 4th order, fixed-step
+    weights (`variable=True`: the variable-step weights of ComfyUI's `ipndm_v`)."""
+
+    def weights(i: int, order: int) -> list[Tensor | float]:
+        return [w * (sigmas[i + 1] - sigmas[i]) for w in _ipndm_weights(sigmas, i, order, variable)]
+
+    return _multistep_in_sigma(denoiser, x, sigmas, extra, callback, max_order, weights)
+
+
+@torch.no_grad()
+def sample_deis(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: Generators = None,
+    max_order: int = 3,
+) -> Tensor:
+    """DEIS-tAB (Zhang & Chen 2023, arXiv:2204.13902): exponential-integrator multistep with polynomial
+    extrapolation in the VP time, ComfyUI's `deis` (mode 'tab'); Euler on the first step."""
+    table = _deis_weights(sigmas, max_order)
+
+    def weights(i: int, order: int) -> list[Tensor | float]:
+        return [sigmas[i + 1] - sigmas[i]] if order == 1 else table[i]
+
+    return _multistep_in_sigma(denoiser, x, sigmas, extra, callback, max_order, weights)
+
+
+@torch.no_grad()
+def sample_er_sde(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: Generators = None,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    max_stage: int = 3,
+) -> Tensor:
+    """ER-SDE-Solver-3 (Cui et al. 2023, arXiv:2309.06169) with ComfyUI's noise scaler λ(e^{λ^0.3} + 10)
+    and 200-point integrals; λ = σ in the variance-exploding view."""
+    model = _bind(denoiser, extra, callback)
+    noise = noise_sampler or gaussian_noise_sampler(x, generator)
+    points = torch.arange(200, dtype=torch.float32)
+
+    def scaler(v: Tensor) -> Tensor:
+        return v * ((v**0.3).exp() + 10.0)
+
+    old_denoised = old_denoised_d = None
+    for i in range(len(sigmas) - 1):
+        ls, lt = sigmas[i], sigmas[i + 1]
+        denoised = model(x, ls, i)
+        if lt == 0:
+            x = denoised
+            continue
+        r = scaler(lt) / scaler(ls)
+        x = r * x + (1 - r) * denoised
+        if old_denoised is not None and max_stage >= 2:
+            dt = lt - ls
+            pos = lt + points.to(lt) * (-dt / 200)
+            s = torch.sum(1 / scaler(pos)) * (-dt / 200)
+            denoised_d = (denoised - old_denoised) / (ls - sigmas[i - 1])
+            x = x + (dt + s * scaler(lt)) * denoised_d
+            if old_denoised_d is not None and max_stage >= 3:
+                s_u = torch.sum((pos - ls) / scaler(pos)) * (-dt / 200)
+                denoised_u = (denoised_d - old_denoised_d) / ((ls - sigmas[i - 2]) / 2)
+                x = x + (dt**2 / 2 + s_u * scaler(lt)) * denoised_u
+            old_denoised_d = denoised_d
+        if s_noise > 0:
+            x = x + noise(ls, lt) * s_noise * (lt**2 - ls**2 * r**2).sqrt().nan_to_num(nan=0.0)
+        old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def sample_seeds_2(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: Generators = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    r: float = 0.5,
+    solver_type: Literal["phi_1", "phi_2"] = "phi_1",
+) -> Tensor:
+    """SEEDS-2 (Gonzalez et al. 2023, arXiv:2305.14267): two-stage stochastic exponential solver on x_0
+    predictions in λ, ComfyUI's `seeds_2`; r = 1, phi_2 is its `exp_heun_2_x0` (deterministic at eta 0)."""
+    if solver_type not in ("phi_1", "phi_2"):
+        raise ValueError(f"solver_type must be 'phi_1' or 'phi_2', got {solver_type!r}")
+    model = _bind(denoiser, extra, callback)
+    noise = noise_sampler or gaussian_noise_sampler(x, generator)
+    inject = eta > 0 and s_noise > 0
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma, i)
+        if sigma_next == 0:
+            x = denoised
+            continue
+        h = _t(sigma_next) - _t(sigma)
+        h_eta = h * (eta + 1)
+        sigma_s1 = _sigma(torch.lerp(_t(sigma), _t(sigma_next), r))
+        x_2 = sigma_s1 / sigma * (-r * h * eta).exp() * x - (-r * h_eta).expm1() * denoised
+        if inject:
+            sde_noise = (-2 * r * h * eta).expm1().neg().sqrt() * noise(sigma, sigma_s1)
+            x_2 = x_2 + sde_noise * sigma_s1 * s_noise
+        denoised_2 = model(x_2, sigma_s1)
+        if solver_type == "phi_1":
+            mixed = (-h_eta).expm1() * torch.lerp(denoised, denoised_2, 1 / (2 * r))
+        else:
+            b2 = ((-h_eta).expm1() + h_eta) / -h_eta / r
+            mixed = ((-h_eta).expm1() - b2) * denoised + b2 * denoised_2
+        x = sigma_next / sigma * (-h * eta).exp() * x - mixed
+        if inject:
+            segment = (r - 1) * h * eta
+            fresh = noise(sigma_s1, sigma_next)
+            sde_noise = sde_noise * segment.exp() + (2 * segment).expm1().neg().sqrt() * fresh
+            x = x + sde_noise * sigma_next * s_noise
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
 # names
 
 SAMPLERS: dict[str, Sampler] = {
@@ -564,6 +1229,33 @@ SAMPLERS: dict[str, Sampler] = {
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": partial(sample_uni_pc, variant="bh2"),
     "lcm": sample_lcm,
+    "euler_cfg_pp": sample_euler_cfg_pp,
+    "euler_ancestral_cfg_pp": sample_euler_ancestral_cfg_pp,
+    "heunpp2": sample_heunpp2,
+    "exp_heun_2_x0": partial(sample_seeds_2, eta=0.0, s_noise=0.0, r=1.0, solver_type="phi_2"),
+    "exp_heun_2_x0_sde": partial(sample_seeds_2, r=1.0, solver_type="phi_2"),
+    "dpm_fast": sample_dpm_fast,
+    "dpm_adaptive": sample_dpm_adaptive,
+    "dpmpp_2s_ancestral_cfg_pp": sample_dpmpp_2s_ancestral_cfg_pp,
+    "dpmpp_2m_cfg_pp": sample_dpmpp_2m_cfg_pp,
+    # ComfyUI's *_gpu variants draw the Brownian tree on the GPU; the maths is the same and sdlab's noise
+    # always comes from the CPU generator, so they are the same samplers
+    "dpmpp_sde_gpu": sample_dpmpp_sde,
+    "dpmpp_2m_sde_gpu": sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_heun_gpu": partial(sample_dpmpp_2m_sde, solver_type="heun"),
+    "dpmpp_3m_sde_gpu": sample_dpmpp_3m_sde,
+    "ddpm": sample_ddpm,
+    "ipndm": sample_ipndm,
+    "ipndm_v": partial(sample_ipndm, variable=True),
+    "deis": sample_deis,
+    "res_multistep": _res_multistep_sampler(0.0, cfg_pp=False),
+    "res_multistep_cfg_pp": _res_multistep_sampler(0.0, cfg_pp=True),
+    "res_multistep_ancestral": _res_multistep_sampler(1.0, cfg_pp=False),
+    "res_multistep_ancestral_cfg_pp": _res_multistep_sampler(1.0, cfg_pp=True),
+    "gradient_estimation": sample_gradient_estimation,
+    "gradient_estimation_cfg_pp": partial(sample_gradient_estimation, cfg_pp=True),
+    "er_sde": sample_er_sde,
+    "seeds_2": sample_seeds_2,
 }
 
 # AUTOMATIC1111 display names -> ComfyUI names
@@ -583,6 +1275,9 @@ SAMPLER_ALIASES = {
     "DDIM": "ddim",
     "UniPC": "uni_pc",
     "LCM": "lcm",
+    "DPM fast": "dpm_fast",
+    "DPM adaptive": "dpm_adaptive",
+    "DDPM": "ddpm",
 }
 _DISPLAY = {name: alias for alias, name in SAMPLER_ALIASES.items()}
 _LOOKUP = {name.lower(): name for name in SAMPLERS} | {a.lower(): name for a, name in SAMPLER_ALIASES.items()}

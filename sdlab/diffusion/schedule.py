@@ -148,6 +148,32 @@ def beta_sigmas(schedule: DiscreteSchedule, steps: int, alpha: float = 0.6, beta
     return _append_zero(schedule.sigmas[keep])
 
 
+def kl_optimal_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
+    """σ uniform in arctan σ from σ_max to σ_min (Sabour et al. 2024, "Align Your Steps", §3; ComfyUI
+    `kl_optimal`, which gives NaN for 1 step: here σ_max)."""
+    ramp = torch.arange(steps, dtype=torch.float32) / max(steps - 1, 1)
+    angles = ramp * math.atan(schedule.sigma_min) + (1 - ramp) * math.atan(schedule.sigma_max)
+    return _append_zero(angles.tan())
+
+
+def linear_quadratic_sigmas(
+    schedule: DiscreteSchedule, steps: int, threshold_noise: float = 0.025, linear_steps: int | None = None
+) -> Tensor:
+    """σ_max·(1 − s): s linear up to `threshold_noise` over the first half, then quadratic to 1 (Mochi's
+    schedule, ComfyUI `linear_quadratic`)."""
+    if steps == 1:
+        return torch.tensor([1.0, 0.0]) * schedule.sigma_max
+    linear_steps = steps // 2 if linear_steps is None else linear_steps
+    quadratic_steps = steps - linear_steps
+    step_diff = linear_steps - threshold_noise * steps
+    quadratic_coef = step_diff / (linear_steps * quadratic_steps**2)
+    linear_coef = threshold_noise / linear_steps - 2 * step_diff / quadratic_steps**2
+    const = quadratic_coef * linear_steps**2
+    ramp = [i * threshold_noise / linear_steps for i in range(linear_steps)]
+    ramp += [quadratic_coef * i**2 + linear_coef * i + const for i in range(linear_steps, steps)]
+    return torch.tensor([1.0 - v for v in ramp + [1.0]]) * schedule.sigma_max
+
+
 def _beta_ppf(q: np.ndarray, a: float, b: float) -> np.ndarray:
     """Inverse of the regularized incomplete beta function I_x(a, b) by bisection (float64)."""
     lo, hi = np.zeros_like(q), np.ones_like(q)
@@ -199,6 +225,8 @@ SCHEDULES: dict[str, Schedule] = {
     "simple": simple_sigmas,
     "ddim_uniform": ddim_uniform_sigmas,
     "beta": beta_sigmas,
+    "linear_quadratic": linear_quadratic_sigmas,
+    "kl_optimal": kl_optimal_sigmas,
 }
 # AUTOMATIC1111 display names (lower-cased) that differ from ComfyUI's
 SCHEDULE_ALIASES = {
@@ -206,6 +234,8 @@ SCHEDULE_ALIASES = {
     "sgm uniform": "sgm_uniform",
     "sgmuniform": "sgm_uniform",
     "ddim": "ddim_uniform",
+    "kl optimal": "kl_optimal",
+    "linear quadratic": "linear_quadratic",
 }
 
 
@@ -217,6 +247,8 @@ SCHEDULE_DISPLAY = {
     "simple": "Simple",
     "ddim_uniform": "DDIM",
     "beta": "Beta",
+    "linear_quadratic": "Linear Quadratic",
+    "kl_optimal": "KL Optimal",
 }
 
 
