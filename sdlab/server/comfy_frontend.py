@@ -48,8 +48,13 @@ USER_FILES = {"comfy.templates.json": b"[]", "workflows/.index.json": b'{"favori
 FREE_KIND = "free"  # the queue job that drops loaded models (POST /free), run between jobs as ComfyUI does
 
 # sdlab job state -> the jobs API's status (a job cancelled before it ran is gone, as in ComfyUI's queue)
-JOB_STATUS = {PENDING: "pending", RUNNING: "in_progress", DONE: "completed", FAILED: "failed"}
-JOB_STATUS[CANCELLED] = "cancelled"
+JOB_STATUS = {
+    PENDING: "pending",
+    RUNNING: "in_progress",
+    DONE: "completed",
+    FAILED: "failed",
+    CANCELLED: "cancelled",
+}
 STATE_OF = {status: state for state, status in JOB_STATUS.items()}
 PREVIEWABLE = ("images", "video", "audio")
 
@@ -524,7 +529,7 @@ def _ms(seconds: float | None) -> int | None:
 
 def job_summary(job: Job) -> dict[str, Any]:
     """A job as ComfyUI's /api/jobs lists it."""
-    extra = job.request.get("extra_data") or {} if job.kind == "comfy" else {}
+    extra = (job.request.get("extra_data") or {}) if job.kind == "comfy" else {}
     workflow = (extra.get("extra_pnginfo") or {}).get("workflow")
     outputs = (job.result or {}).get("outputs", {})
     count, previewable, preview = _outputs_summary(outputs)
