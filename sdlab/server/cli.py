@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sdlab.devices import Placement, add_device_arguments
 from sdlab.images import add_image_limit_arguments
 
 API_KEY_ENV = "SDLAB_API_KEY"
@@ -148,6 +149,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     add_folder_arguments(p)
+    add_device_arguments(p)
     add_queue_arguments(p)
     p.add_argument(
         "--workers",
@@ -287,6 +289,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     import torch
 
+    from sdlab.devices import resolve_device
     from sdlab.images import ImageLimits
     from sdlab.server.app import RUNNERS
     from sdlab.server.paths import Folders
@@ -296,8 +299,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     folders = Folders(args.models_dir, args.outputs_dir, args.input_dir, args.state_dir)
     limits = ImageLimits(args.max_image_pixels, args.max_image_bytes)
-    settings = Settings(folders, queue=args.queue, lease_s=args.lease, image_limits=limits)
+    placement = Placement.from_args(args)
+    try:
+        placement.validate()
+    except ValueError as e:
+        print(f"sdlab worker: error: {e}", file=sys.stderr)
+        return 2
+    settings = Settings(
+        folders, queue=args.queue, lease_s=args.lease, image_limits=limits, placement=placement
+    )
     server = Server.open(settings, RUNNERS)
+    server.store.device = str(resolve_device(placement.device))
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
@@ -318,6 +330,7 @@ def add_worker_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "end serves them.",
     )
     add_folder_arguments(p)
+    add_device_arguments(p)
     add_queue_arguments(p)
     add_image_limit_arguments(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

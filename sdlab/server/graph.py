@@ -143,8 +143,11 @@ class _Checker:
         """Check a node's own inputs (recording its errors); the nodes its well-formed links name."""
         node = self.prompt[node_id]
         errors, linked = self.reasons.setdefault(node_id, []), []
-        for name, spec in NODE_TYPES[node["class_type"]].inputs.items():
+        node_type = NODE_TYPES[node["class_type"]]
+        for name, spec in {**node_type.inputs, **node_type.optional}.items():
             if name not in node["inputs"]:
+                if name in node_type.optional:
+                    continue
                 errors.append(
                     _error("required_input_missing", "Required input is missing", name, input_name=name)
                 )
@@ -293,7 +296,7 @@ def execute(
             inputs = {
                 name: values[str(v[0])][v[1]] if _is_link(v) else v
                 for name, v in node["inputs"].items()
-                if name in node_type.inputs
+                if name in node_type.inputs or name in node_type.optional
             }
             try:
                 result = node_type.run(env, **inputs)

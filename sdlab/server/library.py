@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdlab.checkpoints.io import WEIGHT_SUFFIXES
-from sdlab.checkpoints.load import SHIPPED_MODEL, StableDiffusion, default_model_path, load_model
+from sdlab.checkpoints.load import SHIPPED_MODEL, StableDiffusion, default_model_path
 from sdlab.control import CONTROLNET_FOLDERS
+from sdlab.devices import Placement
 from sdlab.infotext import model_hash
 from sdlab.models.vae import AutoencoderKL
 
@@ -225,9 +226,10 @@ class ModelCache:
     """The loaded models, at most `keep` of them (a base model and its refiner), the least recently used
     dropped when a job names another checkpoint or VAE (worker thread only)."""
 
-    def __init__(self, library: Library, keep: int = 2) -> None:
+    def __init__(self, library: Library, keep: int = 2, placement: Placement | None = None) -> None:
         self.library = library
         self.keep = keep
+        self.placement = placement or Placement()
         self._models: dict[tuple[Path, Path | None], StableDiffusion] = {}  # oldest first
         self.hashes: dict[Path, str] = {}  # short hashes of models loaded so far (A1111 titles)
         self._vaes: dict[Path, AutoencoderKL] = {}
@@ -241,7 +243,7 @@ class ModelCache:
         if model is None:
             while len(self._models) >= self.keep:  # drop old weights before loading new ones
                 self._models.pop(next(iter(self._models)))
-            model = load_model(path, vae=vae_path)
+            model = self.placement.load(path, vae=vae_path)
             digest = model_hash(path)
             if digest is not None:
                 self.hashes[path] = digest

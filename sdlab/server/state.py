@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdlab.devices import Placement
 from sdlab.images import DEFAULT_LIMITS, ImageLimits
 from sdlab.server.jobs import PENDING, RUNNING, Job, JobStore, Live, Outcome, Worker, log
 from sdlab.server.library import Library, ModelCache
@@ -36,6 +37,8 @@ class Settings:
     queue: str | None = None  # a postgresql:// URL many processes share (None: SQLite in the state folder)
     workers: int = 1  # job-running threads here; 0: a front end of the `queue` (workers elsewhere)
     lease_s: float = 30.0  # how long a worker holds a job on `queue` without renewing its lease
+    placement: Placement = Placement()  # device, dtype, offload and attention of loaded models
+    extra_model_paths: tuple[tuple[str, Path], ...] = ()  # (kind, folder) from extra_model_paths.yaml
 
 
 class Events:
@@ -111,7 +114,7 @@ class Server:
         """Create the folders, open the queue (failing jobs a crash left running) and the worker."""
         folders = settings.folders
         folders.create()
-        library = Library(folders.models)
+        library = Library(folders.models, settings.extra_model_paths)
         if settings.queue:
             from sdlab.server.queue_pg import open_queue, queue_listener
 
@@ -123,7 +126,7 @@ class Server:
             log.warning(
                 "%d job(s) were running when the server stopped; marked failed: %s", len(failed), failed
             )
-        server = cls(settings, library, ModelCache(library), store, events)
+        server = cls(settings, library, ModelCache(library, placement=settings.placement), store, events)
         bound = {kind: _bind(run, server) for kind, run in runners.items()}
         server.worker = worker_class(store, bound, server.queue_changed)
         if settings.queue:
