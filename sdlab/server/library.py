@@ -45,7 +45,7 @@ FOLDERS = {
     "loras": (LORA_DIR, "loras"),
     "embeddings": (EMBEDDING_DIR,),
     "upscale_models": UPSCALER_DIRS,
-    "controlnet": ("ControlNet", "controlnet"),
+    "controlnet": CONTROLNET_FOLDERS,
     "clip_vision": ("clip_vision",),
     "configs": ("configs",),
     "diffusion_models": ("diffusion_models", "unet"),
@@ -129,15 +129,8 @@ class Library:
 
     def controlnets(self) -> dict[str, Path]:
         """ControlNet name (path relative to its folder) -> file: models/ControlNet (A1111's), then
-        models/controlnet (ComfyUI's); the first folder wins."""
-        found: dict[str, Path] = {}
-        for sub in CONTROLNET_FOLDERS:
-            for name, path in self._files(sub, WEIGHT_SUFFIXES).items():
-                found.setdefault(name, path)
-        return found
-
-    def _files(self, sub: str, suffixes: tuple[str, ...]) -> dict[str, Path]:
-        return {} if self.root is None else _scan(self.root / sub, suffixes, recursive=True)
+        models/controlnet (ComfyUI's), then extra_model_paths.yaml's; the first folder wins."""
+        return self.listing("controlnet")
 
     def checkpoint(self, name: str) -> tuple[str, Path]:
         """(listed name, path) of a checkpoint given by name, stem or A1111 title."""
