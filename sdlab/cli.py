@@ -6,10 +6,15 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import NoReturn
 
 from sdlab.checkpoints.io import CheckpointError
 from sdlab.control import CONTROL_MODES, ControlSpec
+from sdlab.devices import add_device_arguments
+from sdlab.diffusion.samplers import SAMPLERS
+from sdlab.diffusion.schedule import SCHEDULES
+from sdlab.fast import FAST_PRESET, FastMode
 from sdlab.hires import HiresFix
 from sdlab.images import RESIZE_MODES, ImageLimits, add_image_limit_arguments, open_image
 from sdlab.server import add_serve_parser
@@ -45,7 +50,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from sdlab.checkpoints.load import load_model, resolve_model
+    from sdlab.checkpoints.load import resolve_model
+    from sdlab.devices import Placement
     from sdlab.images import ImageLimits, next_output_path, open_image, save_png
     from sdlab.infotext import request_infotext
     from sdlab.pipeline import GenerationRequest, generate
@@ -53,8 +59,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     limits = ImageLimits(args.max_image_pixels, args.max_image_bytes)
     init = open_image(args.init_image, args.init_image, limits) if args.init_image else None
     mask = open_image(args.mask, args.mask, limits, mode="L") if args.mask else None
-    model = load_model(resolve_model(args.model), vae=args.vae)
-    refiner = load_model(resolve_model(args.refiner)) if args.refiner else None
+    placement = Placement.from_args(args)
+    model = placement.load(resolve_model(args.model), vae=args.vae)
+    refiner = placement.load(resolve_model(args.refiner)) if args.refiner else None
     size = model.native_size
     req = GenerationRequest(
         prompt=args.prompt,
@@ -83,6 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         refiner_switch_by_steps=args.refiner_switch_by_steps,
         hires=_hires_arg(args),
         controls=_control_args(args, limits),
+        fast=_fast_arg(args),
     )
     with tqdm(total=None, desc="sampling", unit="step", disable=args.quiet, leave=False) as bar:
 
@@ -163,6 +171,25 @@ def add_control_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--control-resize", choices=RESIZE_MODES, default="resize", help="how control images are fitted"
     )
+
+
+def add_fast_arguments(parser: argparse.ArgumentParser) -> None:
+    """Fast-mode options of `generate` (sdlab.fast): approximations, recorded in the infotext."""
+    g = parser.add_argument_group("fast mode", "faster, not exact (measured in bench/FAST_MODE.md)")
+    g.add_argument("--fast", action="store_true", help=f"the preset: {FAST_PRESET.label} (interval/branch)")
+    g.add_argument("--cache-interval", type=int, help="DeepCache: the whole U-Net every N steps (1: off)")
+    g.add_argument("--cache-branch", type=int, help="DeepCache: the skip level still computed (default 1)")
+    g.add_argument("--tome-ratio", type=float, help="ToMe: share of tokens merged in self-attention (0: off)")
+
+
+def _fast_arg(args: argparse.Namespace) -> FastMode | None:
+    """The fast mode --fast and the fine options ask for (these override the preset); None: exact."""
+    fields = {"cache_interval": args.cache_interval, "cache_branch": args.cache_branch}
+    fields["tome_ratio"] = args.tome_ratio
+    given = {k: v for k, v in fields.items() if v is not None}
+    if not args.fast and not given:
+        return None
+    return replace(FAST_PRESET if args.fast else FastMode(), **given)
 
 
 def _control_args(args: argparse.Namespace, limits: ImageLimits) -> tuple[ControlSpec, ...]:
@@ -246,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("-m", "--model", help="checkpoint file, diffusers folder or installed model name")
     p.add_argument("--vae", help="a standalone VAE file to use instead of the model's")
+    add_device_arguments(p)
     p.add_argument("-n", "--negative", default="", help="negative prompt")
     p.add_argument("-W", "--width", type=int, help="image width, a multiple of 8 (default: the model's size)")
     p.add_argument(
@@ -255,8 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cfg", type=float, help="classifier-free guidance scale (default: the model's, 7 for SD)"
     )
-    p.add_argument("--sampler", default="euler_ancestral", help="sampler, ComfyUI or A1111 name")
-    p.add_argument("--scheduler", default="normal", help="sigma schedule: normal, karras, exponential, ...")
+    p.add_argument(
+        "--sampler", default="euler_ancestral", help=f"sampler, ComfyUI or A1111 name: {', '.join(SAMPLERS)}"
+    )
+    p.add_argument("--scheduler", default="normal", help=f"sigma schedule: {', '.join(SCHEDULES)}")
     p.add_argument("-s", "--seed", type=int, default=-1, help="seed (-1: random)")
     p.add_argument("--batch", type=int, default=1, help="images per run (seeds s, s+1, ...)")
     p.add_argument("--clip-skip", type=int, default=1, help="CLIP layers to skip from the model's default")
@@ -315,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_hires_arguments(p)
     add_control_arguments(p)
+    add_fast_arguments(p)
     p.add_argument("-o", "--output", help="output PNG (default: outputs/NNNNN-SEED.png)")
     p.add_argument("--outdir", default="outputs", help="folder for outputs when -o is not given")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

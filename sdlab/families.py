@@ -80,6 +80,7 @@ class Family:
     zero_empty_negative: bool = False  # A1111 zeroes an empty negative prompt's conditioning (SDXL)
     diffusers_cuts_text: bool = True  # diffusers folders drop the text layers after the used one
     upcast_attention: bool = False  # the family's published diffusers config upcasts attention
+    vae_fp16_overflows: bool = False  # its VAE gives Inf in float16 (SDXL): `--dtype auto` avoids it
     diffusers_pipeline: str = "StableDiffusionPipeline"
     steps: int = 20
     cfg: float = 7.0
@@ -208,6 +209,7 @@ SDXL = Family(
     kohya_unet="ldm",
     zero_empty_negative=True,
     diffusers_cuts_text=False,
+    vae_fp16_overflows=True,
     diffusers_pipeline="StableDiffusionXLPipeline",
 )
 SDXL_INPAINT = replace(

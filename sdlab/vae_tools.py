@@ -29,6 +29,7 @@ trip (A1111 resizes instead, which would blur the PSNR comparison).
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,9 +45,12 @@ from sdlab.checkpoints.detect import detect_vae
 from sdlab.checkpoints.io import read_metadata, read_state_dict, write_safetensors
 from sdlab.checkpoints.load import StableDiffusion, build_module, read_checkpoint, read_vae, resolve_model
 from sdlab.config import VAEConfig
-from sdlab.finite import check_finite, overflow_cause
+from sdlab.finite import all_finite, check_finite, dtype_name, overflow_cause
 from sdlab.images import open_image, save_png, to_pil, to_tensor
+from sdlab.models.ops import compute_dtype, device_of
 from sdlab.models.vae import AutoencoderKL, Decoder, DiagonalGaussian, Encoder, Level, ResnetBlock
+
+log = logging.getLogger("sdlab")
 
 TILE_ABOVE_PIXELS = 1024 * 1024  # automatic tiling for images larger than this
 DECODE_TILE, DECODE_OVERLAP = 64, 16  # latent pixels (512 and 128 image pixels for SD)
@@ -291,11 +295,10 @@ def decode_tiled(
     The middle block runs on the whole latent; the upsampling path runs tile by tile with shared
     GroupNorm statistics, the tiles waiting on `offload` (None: the VAE's device) between layers.
     """
-    param = next(vae.parameters())
+    device = device_of(vae)
     dec = vae.decoder
     tiles = _grid(z.shape[-2], z.shape[-1], tile, overlap)
-    h = dec.mid(dec.conv_in(vae.post_quant_conv(z.to(param))))
-    device = param.device
+    h = dec.mid(dec.conv_in(vae.post_quant_conv(z.to(device, compute_dtype(vae)))))
     pieces = _lockstep(
         _decoder_ops(dec), tiles, [t.crop(h, 1) for t in tiles], device, _offload_device(offload, device)
     )
@@ -323,10 +326,9 @@ def encode_tiled(
             f"tiled encode needs image sides, tile and overlap in multiples of {f}: "
             f"image {x.shape[-1]}x{x.shape[-2]}, tile {tile}, overlap {overlap}"
         )
-    param = next(vae.parameters())
-    enc, device = vae.encoder, param.device
+    enc, device = vae.encoder, device_of(vae)
     tiles = _grid(x.shape[-2] // f, x.shape[-1] // f, tile // f, overlap // f)
-    x = x.to(param)
+    x = x.to(device, compute_dtype(vae))
     pieces = _lockstep(
         _encoder_ops(enc), tiles, [t.crop(x, f) for t in tiles], device, _offload_device(offload, device)
     )
@@ -341,9 +343,12 @@ def _wants_tiles(tiled: bool | None, pixels: int) -> bool:
 
 
 @torch.no_grad()
-def decode(vae: AutoencoderKL, z: Tensor, tiled: bool | None = None) -> Tensor:
-    """Decode VAE latents (unscaled) to pixels in [-1, 1]; `tiled=None` tiles large images only."""
-    z = z.to(next(vae.parameters()))
+def decode(
+    vae: AutoencoderKL, z: Tensor, tiled: bool | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Decode VAE latents (unscaled) to pixels in [-1, 1] computing in `dtype` (default the VAE's);
+    `tiled=None` tiles large images only."""
+    z = z.to(device_of(vae), dtype or compute_dtype(vae))
     if _wants_tiles(tiled, z.shape[-2] * z.shape[-1] * vae.cfg.downscale**2):
         return decode_tiled(vae, z)
     return vae.decode(z)
@@ -352,7 +357,7 @@ def decode(vae: AutoencoderKL, z: Tensor, tiled: bool | None = None) -> Tensor:
 @torch.no_grad()
 def encode(vae: AutoencoderKL, x: Tensor, tiled: bool | None = None) -> DiagonalGaussian:
     """Encode pixels in [-1, 1] to the posterior; `tiled=None` tiles large images only."""
-    x = x.to(next(vae.parameters()))
+    x = x.to(device_of(vae), compute_dtype(vae))
     if _wants_tiles(tiled, x.shape[-2] * x.shape[-1]):
         return encode_tiled(vae, x)
     return vae.encode(x)
@@ -405,6 +410,9 @@ def decode_pixels(vae: AutoencoderKL, latents: Tensor, tiled: bool | None = None
     """Scaled latents (B, C, h, w) -> pixels (B, 3, H, W) in [-1, 1], one image at a time to bound memory."""
     z = latents / vae.cfg.scale_factor + vae.cfg.shift_factor
     pixels = torch.cat([decode(vae, z[i : i + 1], tiled) for i in range(z.shape[0])])
+    if not all_finite(pixels) and pixels.dtype != torch.float32:  # A1111's --no-half-vae, automatic
+        log.warning("the VAE decoder overflowed %s: decoding again in float32", dtype_name(pixels.dtype))
+        pixels = torch.cat([decode(vae, z[i : i + 1], tiled, torch.float32) for i in range(z.shape[0])])
     return check_finite(pixels, "the VAE-decoded image", _vae_cause("decoder", pixels))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdlab import families
+from sdlab import devices, families
 from sdlab.checkpoints import keymaps
 from sdlab.checkpoints.detect import detect_model, detect_vae
 from sdlab.checkpoints.io import (
@@ -30,11 +30,15 @@ from sdlab.checkpoints.io import (
     write_safetensors,
 )
 from sdlab.config import ModelConfig, Prediction
+from sdlab.devices import Storage
 from sdlab.families import Family
 from sdlab.finite import all_finite, dtype_name, first_non_finite
+from sdlab.models import ops
+from sdlab.models.blocks import set_attention
 from sdlab.models.clip import CLIPTextModel
 from sdlab.models.unet import UNetModel
 from sdlab.models.vae import AutoencoderKL
+from sdlab.offload import enable_offload
 from sdlab.text.tokenizer import CLIPTokenizer
 
 StateDict = dict[str, Tensor]
@@ -267,8 +271,12 @@ def build_module(
     what: str,
     dtype: torch.dtype,
     device: torch.device | str,
+    storage: Storage | None = None,
 ) -> torch.nn.Module:
-    """Instantiate on the meta device and adopt the tensors (converted only when dtype/device differ)."""
+    """Instantiate on the meta device and adopt the tensors (converted only when dtype/device differ).
+    The network computes in `dtype`; its weights are held in `storage` (default `dtype`; "file": as the
+    file has them, e.g. float16 kept memory-mapped) and cast per layer (`sdlab.models.ops`)."""
+    storage = storage or dtype
     with empty_modules():
         module = module_cls(cfg)
     expected = module.state_dict()
@@ -286,13 +294,13 @@ def build_module(
             f"{what}: tensor {bad[0]!r} has shape {tuple(sd[bad[0]].shape)}, "
             f"expected {tuple(expected[bad[0]].shape)}"
         )
-    module.load_state_dict(
-        {k: sd[k].to(device=device, dtype=dtype) for k in expected}, strict=True, assign=True
-    )
+    held = {k: sd[k].to(device=device, dtype=None if storage == "file" else storage) for k in expected}
+    module.load_state_dict(held, strict=True, assign=True)
+    ops.adopt(module, dtype)
     bad = first_non_finite(module.state_dict().items())  # a sum per tensor: ~1.4 s for SDXL's 3.5 G
     if bad is not None:
-        overflow = all_finite(sd[bad]) and sd[bad].dtype != dtype
-        cause = f" after conversion to {dtype_name(dtype)} (beyond its range)" if overflow else ""
+        overflow = all_finite(sd[bad]) and sd[bad].dtype != held[bad].dtype
+        cause = f" after conversion to {dtype_name(held[bad].dtype)} (beyond its range)" if overflow else ""
         raise CheckpointError(f"{what}: tensor {bad!r} holds NaN or Inf values{cause}")
     return module.eval().requires_grad_(False)
 
@@ -300,12 +308,18 @@ def build_module(
 def load_model(
     source: str | Path,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     vae: str | Path | None = None,
     prediction: Prediction | None = None,
+    storage_dtype: Storage | None = None,
+    offload: str = "none",
+    attention: str = "sdpa",
 ) -> StableDiffusion:
-    """Load a whole model; `vae` swaps in a standalone VAE file, `prediction` overrides detection."""
+    """Load a whole model; `vae` swaps in a standalone VAE file, `prediction` overrides detection.
+    `device`/`dtype` take torch values or the names of `sdlab.devices` ("auto", "cuda:1", "fp16"),
+    `storage_dtype` the dtype weights are held in when it differs ("file": the file's own);
+    `offload` "model"/"sequential" keeps the weights on the CPU (`sdlab.offload`)."""
     ckpt = read_checkpoint(source)
     if vae is not None:
         ckpt.vae = read_vae(vae)
@@ -313,16 +327,26 @@ def load_model(
     what = str(ckpt.source)
     if vae is not None:
         cfg = _with_vae(cfg, detect_vae(ckpt.vae, str(vae), cfg.vae.scale_factor))
-    unet = build_module(UNetModel, cfg.unet, ckpt.unet, f"{what} (U-Net)", dtype, device)
-    vae_module = build_module(AutoencoderKL, cfg.vae, ckpt.vae, f"{vae or what} (VAE)", dtype, device)
+    run_on = devices.resolve_device(device)
+    precision = devices.resolve_precision(dtype, run_on, families.get(cfg.family))
+    held_on = run_on if offload == "none" else torch.device("cpu")
+    compute, storage = precision.compute, storage_dtype or precision.storage
+    unet = build_module(UNetModel, cfg.unet, ckpt.unet, f"{what} (U-Net)", compute, held_on, storage)
+    vae_module = build_module(
+        AutoencoderKL, cfg.vae, ckpt.vae, f"{vae or what} (VAE)", precision.vae, held_on, storage
+    )
     texts = [
-        build_module(CLIPTextModel, tcfg, sd, f"{what} (text encoder {i})", dtype, device)
+        build_module(CLIPTextModel, tcfg, sd, f"{what} (text encoder {i})", compute, held_on, storage)
         for i, (tcfg, sd) in enumerate(zip(cfg.text, ckpt.text, strict=True))
     ]
     tokenizer = (
         CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer.default()
     )
-    return StableDiffusion(cfg, unet, vae_module, texts, tokenizer, ckpt.source, ckpt.metadata)  # type: ignore[arg-type]
+    model = StableDiffusion(cfg, unet, vae_module, texts, tokenizer, ckpt.source, ckpt.metadata)  # type: ignore[arg-type]
+    set_attention(unet, attention)
+    set_attention(vae_module, attention)
+    enable_offload(model, offload, run_on)
+    return model
 
 
 def _with_vae(cfg: ModelConfig, vae_cfg: object) -> ModelConfig:

@@ -5,17 +5,55 @@ Attribute names follow the original (ldm/sgm) checkpoints, so a state dict loads
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None = None) -> Tensor:
+def _math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q kᵀ / √d + mask) v written out (diffusers' `AttnProcessor`), for devices without SDPA."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return (scores if mask is None else scores + mask).softmax(-1) @ v
+
+
+SLICE_ELEMENTS = 2**26  # attention scores held at once by "sliced" (256 MiB in float32)
+
+
+def _sliced(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """SDPA over slices of the queries, so the scores of a large image never exist whole."""
+    rows = max(1, SLICE_ELEMENTS // (q.shape[0] * q.shape[1] * k.shape[-2]))
+    out = [
+        F.scaled_dot_product_attention(
+            q[..., i : i + rows, :], k, v, None if mask is None else mask[i : i + rows]
+        )
+        for i in range(0, q.shape[-2], rows)
+    ]
+    return torch.cat(out, dim=-2)
+
+
+ATTENTION = {"sdpa": F.scaled_dot_product_attention, "sliced": _sliced, "math": _math}
+"""Attention implementations by name: PyTorch's fused SDPA (default), query-sliced SDPA for large images,
+plain matrix products."""
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None = None, impl: str = "sdpa"
+) -> Tensor:
     """Multi-head scaled dot-product attention over (B, T, heads*d) tensors."""
     b, _, inner = q.shape
     d = inner // heads
     q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = ATTENTION[impl](q, k, v, mask)
     return out.transpose(1, 2).reshape(b, -1, inner)  # (B, T, heads*d)
+
+
+def set_attention(module: nn.Module, impl: str) -> None:
+    """Make every attention layer of `module` use the implementation `impl` (a key of ATTENTION)."""
+    if impl not in ATTENTION:
+        raise ValueError(f"attention {impl!r}: available are {', '.join(ATTENTION)}")
+    for m in module.modules():
+        if hasattr(m, "attention_impl"):
+            m.attention_impl = impl
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -33,6 +71,8 @@ def group_norm(channels: int, eps: float = 1e-5) -> GroupNorm32:
 class CrossAttention(nn.Module):
     """Self- or cross-attention: `to_q/to_k/to_v` without bias, `to_out.0` with bias."""
 
+    attention_impl = "sdpa"
+
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int) -> None:
         super().__init__()
         inner = heads * dim_head
@@ -45,7 +85,9 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        out = attention(
+            self.to_q(x), self.to_k(context), self.to_v(context), self.heads, impl=self.attention_impl
+        )
         return self.to_out(out)
 
 

@@ -28,7 +28,8 @@ class Embeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+        x = self.token_embedding(ids)
+        return x + self.position_embedding.weight[: ids.shape[1]].to(x)
 
 
 class SelfAttention(nn.Module):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdlab.config import VAEConfig
-from sdlab.models.blocks import group_norm
+from sdlab.models.blocks import ATTENTION, group_norm
 
 
 class ResnetBlock(nn.Module):
@@ -37,6 +37,8 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1-conv projections `q, k, v, proj_out`."""
 
+    attention_impl = "sdpa"
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.norm = group_norm(channels, eps=1e-6)
@@ -51,7 +53,7 @@ class AttnBlock(nn.Module):
         q, k, v = (
             p(n).view(b, 1, c, h * w).transpose(2, 3) for p in (self.q, self.k, self.v)
         )  # (B, 1, HW, C)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = ATTENTION[self.attention_impl](q, k, v)
         return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
 
 

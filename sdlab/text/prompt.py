@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from sdlab.models.clip import CLIPTextModel
+from sdlab.models.ops import device_of
 from sdlab.text.tokenizer import CLIPTokenizer
 
 CHUNK = 75  # tokens per chunk between BOS and EOS
@@ -178,7 +179,7 @@ def encode_chunks(
     (ComfyUI's weighting), a weighted token's vector is moved from the empty prompt's instead, which is
     encoded in the same batch: z_empty + w·(z − z_empty).
     """
-    device = next(encoder.parameters()).device
+    device = device_of(encoder)
     weights = torch.tensor([c.weights for c in chunks], dtype=torch.float64)[..., None]  # (k, 77, 1)
     weighted = bool((weights != 1.0).any())
     batch = [*chunks, empty] if weighted and empty is not None else chunks

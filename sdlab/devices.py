@@ -1,0 +1,152 @@
+"""Where and in what precision a model runs: `--device auto|cpu|cuda[:N]|mps`, `--dtype auto|fp32|fp16|bf16`,
+`--offload none|model|sequential` and `--attention`, shared by `generate`, `serve`, `vae` and `train`.
+
+`auto` picks CUDA, then MPS, then the CPU; in half precision on a GPU (bfloat16 where the GPU has it,
+else float16), with the VAE in bfloat16 or float32 for families whose VAE overflows float16 (SDXL), and
+float32 on the CPU with the weights kept in the file's dtype (fp16 files stay fp16 in memory and are
+up-cast per layer, `sdlab.models.ops`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from sdlab.families import Family
+from sdlab.models.blocks import ATTENTION
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICE_CHOICES = "auto|cpu|cuda[:N]|mps"
+OFFLOADS = ("none", "model", "sequential")
+Storage = torch.dtype | Literal["file"]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes a model computes in (U-Net and text encoders, VAE) and holds its weights in
+    ("file": each tensor as the file stores it)."""
+
+    compute: torch.dtype
+    vae: torch.dtype
+    storage: Storage
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """A device from its name, `auto` being CUDA, then MPS, then the CPU; unavailable ones refused."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: expected {DEVICE_CHOICES}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: {count} CUDA device(s) available")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps", "meta"):
+        raise ValueError(f"--device {name!r}: expected {DEVICE_CHOICES}")
+    return device
+
+
+def _gpu_prefers_bf16(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def resolve_precision(name: str | torch.dtype, device: torch.device, family: Family) -> Precision:
+    """The precision `--dtype name` means on `device` for a model of `family` (see the module doc).
+    A named dtype holds the weights in it too on a GPU; on the CPU they stay as the file has them."""
+    if isinstance(name, torch.dtype):
+        return Precision(name, name, name)
+    if name != "auto" and name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: expected auto, {', '.join(DTYPES)}")
+    if name == "auto":
+        half = torch.bfloat16 if _gpu_prefers_bf16(device) else torch.float16
+        compute = torch.float32 if device.type == "cpu" else half
+    else:
+        compute = DTYPES[name]
+    vae = compute
+    if compute == torch.float16 and family.vae_fp16_overflows and name == "auto":
+        vae = torch.bfloat16 if _gpu_prefers_bf16(device) else torch.float32
+    return Precision(compute, vae, "file" if device.type == "cpu" else compute)
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, offload: bool = True) -> None:
+    """--device, --dtype and, for commands that sample, --offload and --attention."""
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="compute precision")
+    if offload:
+        parser.add_argument(
+            "--offload",
+            default="none",
+            choices=OFFLOADS,
+            help="keep weights on the CPU: each network (model) or each layer (sequential) on the device "
+            "only while it runs",
+        )
+        parser.add_argument(
+            "--attention",
+            default="sdpa",
+            action=_AttentionChoice,
+            help=f"attention implementation: {', '.join(ATTENTION)} (default sdpa; 'list' prints them)",
+        )
+
+
+class _AttentionChoice(argparse.Action):
+    """`--attention NAME`, or `--attention list`: print the implementations, one a line, and exit."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: object, value: object, _: object = None
+    ) -> None:
+        if value == "list":
+            print("\n".join(ATTENTION))
+            parser.exit(0)
+        if value not in ATTENTION:
+            parser.error(f"--attention {value!r}: available are {', '.join(ATTENTION)}")
+        setattr(namespace, self.dest, value)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How models are loaded and run: the command-line options or server settings of this module."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    offload: str = "none"
+    attention: str = "sdpa"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Placement:
+        return cls(
+            args.device, args.dtype, getattr(args, "offload", "none"), getattr(args, "attention", "sdpa")
+        )
+
+    def validate(self) -> None:
+        """ValueError naming the option when a value cannot be honoured here."""
+        resolve_device(self.device)
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: expected auto, {', '.join(DTYPES)}")
+        if self.offload not in OFFLOADS:
+            raise ValueError(f"--offload {self.offload!r}: expected {', '.join(OFFLOADS)}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"--attention {self.attention!r}: available are {', '.join(ATTENTION)}")
+
+    def load(self, source: object, **kwargs: object) -> object:
+        """`load_model(source, **kwargs)` placed as these options say."""
+        from sdlab.checkpoints.load import load_model
+
+        return load_model(
+            source,  # type: ignore[arg-type]
+            device=self.device,
+            dtype=self.dtype,
+            offload=self.offload,
+            attention=self.attention,
+            **kwargs,  # type: ignore[arg-type]
+        )
