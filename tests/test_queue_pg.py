@@ -4,9 +4,11 @@ end: every job finishes exactly once, results readable through either front end,
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -193,7 +195,9 @@ def _wait_up(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 @contextmanager
-def processes(root: Path, queue: str, front_ends: int, workers: int) -> Iterator[tuple[list, list, list]]:
+def processes(
+    root: Path, queue: str, front_ends: int, workers: int, serve_args: tuple[str, ...] = ()
+) -> Iterator[tuple[list, list, list]]:
     """(front-end URLs, front-end processes, worker processes), each with its own folders."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs: list[subprocess.Popen] = []
@@ -210,9 +214,10 @@ def processes(root: Path, queue: str, front_ends: int, workers: int) -> Iterator
 
     try:
         ports = [free_port() for _ in range(front_ends)]
-        serve = [sys.executable, "-m", "sdlab.server", "-q", "--workers", "0", "--port"]
+        serve = [sys.executable, "-m", "sdlab.server", "-q", *serve_args, "--workers", "0", "--port"]
         fronts = [start(f"front{i}", [*serve, str(p)]) for i, p in enumerate(ports)]
-        backs = [start(f"worker{i}", [sys.executable, "-m", "sdlab.cli", "worker"]) for i in range(workers)]
+        worker = [sys.executable, "-m", "sdlab.cli", "worker", "--device", "cpu"]
+        backs = [start(f"worker{i}", [*worker]) for i in range(workers)]
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         for i, (url, proc) in enumerate(zip(urls, fronts)):
             _wait_up(url, proc, root / f"front{i}" / "log")
@@ -317,7 +322,7 @@ def cluster(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     root = tmp_path_factory.mktemp("cluster")
     write_models(root)
     queue = fresh_database(postgres_url)
-    with processes(root, queue, front_ends=1, workers=1) as (urls, _, _):
+    with processes(root, queue, 1, 1, ("--preview-method", "latent2rgb")) as (urls, _, _):
         yield urls, queue
 
 
@@ -350,8 +355,12 @@ def test_uploaded_inputs_reach_a_worker_elsewhere(cluster: tuple[list[str], str]
     result = unb64(answer.json()["images"][0])
     # "only masked" pastes the inpainted region into the init image: its unmasked right half is unchanged
     assert result.size == (48, 40) and result.crop((24, 0, 48, 40)).getcolors() == [(24 * 40, (200, 30, 30))]
-    with psycopg.connect(queue) as db:  # the worker advertises the checkpoint it loaded
-        assert db.execute("SELECT models FROM workers").fetchall() == [([MODEL],)]
+    deadline = time.time() + 10
+    with psycopg.connect(queue, autocommit=True) as db:  # the worker advertises the checkpoint it loaded
+        while (rows := db.execute("SELECT models, device FROM workers").fetchall())[0][0] != [MODEL]:
+            assert time.time() < deadline, rows  # a heartbeat each second
+            time.sleep(0.1)
+    assert rows == [([MODEL], "cpu")]
 
 
 def test_a_second_server_on_one_state_folder_refuses_to_start(tmp_path: Path) -> None:
@@ -369,3 +378,45 @@ def test_a_second_server_on_one_state_folder_refuses_to_start(tmp_path: Path) ->
     finally:
         first.kill()
         first.wait()
+
+
+def test_progress_and_previews_reach_the_front_end(cluster: tuple[list[str], str]) -> None:
+    from websockets.sync.client import connect
+
+    (url,), queue = cluster
+    client = httpx.Client(base_url=url, timeout=120)
+    ws_url = url.replace("http", "ws") + "/ws?clientId="
+    with connect(ws_url + "plain", open_timeout=10) as plain:  # announces no preview metadata
+        body = {"prompt": txt2img_workflow(steps=10000, size=64, prefix="long"), "client_id": "plain"}
+        long_id = client.post("/prompt", json=body).json()["prompt_id"]
+        deadline = time.time() + 60
+        while (progress := client.get("/sdapi/v1/progress").json())["state"]["sampling_step"] < 2:
+            assert time.time() < deadline, progress
+            time.sleep(0.2)
+        # the worker's progress and preview, stored in the job's row, as the front end's A1111 API shows it
+        assert progress["state"]["job"] == long_id and progress["state"]["sampling_steps"] == 10000
+        assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).size == (32, 32)
+        job_progress = client.get(f"/sdlab/v1/jobs/{long_id}").json()["progress"]
+        assert job_progress["total"] == 10000 and job_progress["step"] >= 2
+        assert _first_preview(plain)[:8] == struct.pack(">II", 1, 2)  # a plain ComfyUI preview frame
+        client.post("/interrupt", json={"prompt_id": long_id})
+    with connect(ws_url + "meta", open_timeout=10) as meta:
+        meta.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+        assert json.loads(meta.recv(timeout=10))["type"] in ("feature_flags", "status")
+        body = {"prompt": txt2img_workflow(steps=2, size=192, prefix="big"), "client_id": "meta"}
+        big_id = client.post("/prompt", json=body).json()["prompt_id"]
+        frame = _first_preview(meta)
+        kind, size = struct.unpack(">II", frame[:8])
+        assert kind == 4 and json.loads(frame[8 : 8 + size])["prompt_id"] == big_id
+        assert Image.open(io.BytesIO(frame[8 + size :])).size == (96, 96)  # the tiny VAE: 1/2
+    with psycopg.connect(queue) as db:  # that preview was over NOTIFY's limit: stored, and sent by reference
+        assert db.execute("SELECT count(*) FROM previews").fetchone()[0] >= 1
+
+
+def _first_preview(ws: Any) -> bytes:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        message = ws.recv(timeout=60)
+        if isinstance(message, bytes):
+            return message
+    raise TimeoutError("no preview on /ws")

@@ -823,6 +823,7 @@ def _progress(live: Live | None, skip_image: bool) -> dict[str, Any]:
         progress += live.step / live.total / live.job_count
     elapsed = time.time() - live.started
     preview = None if skip_image else latent_preview(live.latent, live.latent_format)
+    image = None if preview is None else png_base64(preview)
     state = {
         "skipped": live.skipped,
         "interrupted": live.interrupted,
@@ -838,7 +839,7 @@ def _progress(live: Live | None, skip_image: bool) -> dict[str, Any]:
         "progress": min(progress, 1.0),
         "eta_relative": elapsed / progress - elapsed,
         "state": state,
-        "current_image": None if preview is None else png_base64(preview),
+        "current_image": None if skip_image else image or live.preview,
         "textinfo": None,
     }
 

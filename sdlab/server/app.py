@@ -112,9 +112,9 @@ def _job_status(server: Server, job_id: str) -> dict[str, Any]:
     job = server.store.get(job_id)
     if job is None:
         raise HTTPException(404, f"no job {job_id}")
-    live = server.worker.live
+    live = server.worker.live_of(job_id)
     progress = None
-    if live is not None and live.job.id == job_id:
+    if live is not None:
         progress = {"step": live.step, "total": live.total, "batch": live.job_no, "batches": live.job_count}
         progress["node"] = live.node
     ahead = (

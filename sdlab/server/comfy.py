@@ -59,7 +59,8 @@ def routes(server: Server) -> APIRouter:
         if not checked.ok:
             return JSONResponse({"error": checked.error, "node_errors": checked.node_errors}, status_code=400)
         try:
-            job = server.worker.submit("comfy", _job_request(body, checked))
+            queued = _job_request(body, checked) | {"preview_method": server.settings.preview_method}
+            job = server.worker.submit("comfy", queued)
         except QueueFull as e:
             error = {"type": "queue_full", "message": str(e), "details": "", "extra_info": {}}
             return JSONResponse({"error": error, "node_errors": {}}, status_code=429)
@@ -256,7 +257,7 @@ def run(server: Server, job: Job, live: Live) -> Outcome:
             return
         progress = {"value": current.step, "max": current.total, "prompt_id": prompt_id, "node": current.node}
         send("progress", progress)
-        if server.settings.preview_method == "none":
+        if req.get("preview_method", server.settings.preview_method) == "none":  # the front end's
             return
         preview = latent_preview(current.latent, current.latent_format)
         if preview is None:

@@ -223,6 +223,7 @@ class Live:
     node: str | None = None  # ComfyUI: the node executing
     latent: Tensor | None = None  # the latest denoised latents, for previews
     latent_format: LatentFormat | None = None  # how to preview them: the sampling model's family's
+    preview: str | None = None  # on a front end of a shared queue: the worker's last preview (base64 PNG)
     interrupted: bool = False
     skipped: bool = False
     on_step: Callable[[Live], None] | None = None  # the runner's per-step reporting (previews)
@@ -295,6 +296,11 @@ class Worker:
         if job is not None and job.state in FINISHED:
             self._resolve(job_id)
         return future
+
+    def live_of(self, job_id: str) -> Live | None:
+        """The live state of a job while it runs here (None otherwise)."""
+        live = self.live
+        return live if live is not None and live.job.id == job_id else None
 
     def interrupt(self, job_id: str | None = None) -> bool:
         """Interrupt the running job (only if it is `job_id`, when given)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -25,11 +26,12 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from sdlab.server.jobs import CANCELLED, FAILED, FINISHED, PENDING, RUNNING, Job, QueueFull, Worker, log
+from sdlab.server.jobs import CANCELLED, FAILED, FINISHED, PENDING, RUNNING, Job, Live, QueueFull, Worker, log
 from sdlab.server.paths import Folders, confined
+from sdlab.server.preview import PNG, PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA, latent_preview, png_base64
 from sdlab.server.state import Events, Message
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # version -> the SQL that brings the previous version to it; applied in order, each in one transaction
 MIGRATIONS = {
     1: """
@@ -68,6 +70,14 @@ CREATE TABLE workers (
     device TEXT NOT NULL,
     models TEXT[] NOT NULL,
     heartbeat TIMESTAMPTZ NOT NULL
+);
+""",
+    3: """
+ALTER TABLE jobs ADD COLUMN progress JSONB;
+CREATE TABLE previews (
+    id BIGSERIAL PRIMARY KEY,
+    data BYTEA NOT NULL,
+    created TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 """,
 }
@@ -211,14 +221,38 @@ class PgJobStore:
             (self.worker_id, socket.gethostname(), self.device, self.held),
         )
 
-    def renew(self) -> list[str]:
-        """Extend this worker's leases; returns the ids of its jobs a client asked to interrupt."""
+    def renew(self, progress: dict[str, dict[str, Any]] | None = None) -> list[str]:
+        """Extend this worker's leases, storing the progress of its running jobs (job id -> progress) for
+        the front ends; returns the ids of its jobs a client asked to interrupt."""
         rows = self._query(
-            "UPDATE jobs SET lease_until = now() + %s * interval '1 second' WHERE worker = %s AND state = %s "
+            "UPDATE jobs SET lease_until = now() + %s * interval '1 second', "
+            "progress = COALESCE(%s::jsonb -> id, progress) WHERE worker = %s AND state = %s "
             "RETURNING id, interrupt",
-            (self.lease_s, self.worker_id, RUNNING),
+            (self.lease_s, json.dumps(progress or {}), self.worker_id, RUNNING),
         )
         return [r["id"] for r in rows if r["interrupt"]]
+
+    def running(self) -> list[Live]:
+        """The running jobs whose workers reported progress, latest started first, as `Live` records."""
+        rows = self._query(
+            f"SELECT {COLUMNS}, progress FROM jobs WHERE state = %s AND progress IS NOT NULL "
+            "ORDER BY started DESC",
+            (RUNNING,),
+        )
+        return [Live(Job(**{k: v for k, v in r.items() if k != "progress"}), **r["progress"]) for r in rows]
+
+    def put_preview(self, data: bytes) -> int:
+        """Store a preview too large for a notification (dropping those over a minute old); its id."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM previews WHERE created < now() - interval '1 minute'")
+            return db.execute("INSERT INTO previews (data) VALUES (%s) RETURNING id", (data,)).fetchone()[
+                "id"
+            ]
+
+    def read_preview(self, preview_id: int) -> bytes | None:
+        """A stored preview, or None once dropped."""
+        rows = self._query("SELECT data FROM previews WHERE id = %s", (preview_id,))
+        return bytes(rows[0]["data"]) if rows else None
 
     def finish(self, job_id: str, state: str, result: dict[str, Any], error: str | None) -> None:
         """Record the end of a job this worker still holds, with its image files; a job whose lease was
@@ -447,18 +481,61 @@ def encode_event(message: dict[str, Any] | bytes, client_id: str | None) -> str 
     return payload if len(payload) <= MAX_NOTIFY else None
 
 
-def decode_event(payload: str) -> tuple[dict[str, Any] | bytes, str | None]:
-    """The message and client id of a payload from `encode_event`."""
+def decode_event(payload: str, store: PgJobStore) -> tuple[dict[str, Any] | bytes | None, str | None]:
+    """The message and client id of a payload from `PgEvents.publish` (None: a stored preview since
+    dropped)."""
     body = json.loads(payload)
+    if "preview" in body:
+        return store.read_preview(body["preview"]), body["client"]
     message = body["json"] if "json" in body else base64.b64decode(body["bytes"])
     return message, body["client"]
+
+
+def for_client(
+    message: dict[str, Any] | bytes, client_id: str | None, events: Events
+) -> dict[str, Any] | bytes:
+    """A worker's message as a front end's client gets it: a preview with metadata (workers always send
+    those) becomes a plain one for a client that did not announce `supports_preview_metadata` here."""
+    if not isinstance(message, bytes) or client_id is None:
+        return message
+    if events.feature(client_id, "supports_preview_metadata"):
+        return message
+    kind, size = struct.unpack(">II", message[:8])
+    if kind != PREVIEW_IMAGE_WITH_METADATA:
+        return message
+    return struct.pack(">II", PREVIEW_IMAGE, PNG) + message[8 + size :]
+
+
+def live_progress(live: Live | None) -> dict[str, dict[str, Any]]:
+    """A worker's running job -> its progress as stored for the front ends, with a preview of its latents."""
+    if live is None:
+        return {}
+    preview = latent_preview(live.latent, live.latent_format)
+    fields = ("started", "step", "total", "job_no", "job_count", "node")
+    progress = {f: getattr(live, f) for f in fields}
+    return {live.job.id: progress | {"preview": None if preview is None else png_base64(preview)}}
 
 
 class FrontEnd(Worker):
     """A `Worker` that runs no job (`sdlab serve --queue URL --workers 0`): it queues jobs for the workers,
     resolves waiters when any worker finishes a job, and forwards interrupts to the worker running it."""
 
-    live = None
+    @property
+    def live(self) -> Live | None:
+        """The running job of one of this front end's waiting clients (else the latest started), as its
+        worker last reported it (A1111's /progress)."""
+        with self._wake:
+            mine = set(self._waiters)
+        running = self.store.running()
+        return next((live for live in running if live.job.id in mine), running[0] if running else None)
+
+    @live.setter
+    def live(self, value: Live | None) -> None:
+        """Ignored: a front end runs no job (`Worker.__init__` sets None)."""
+
+    def live_of(self, job_id: str) -> Live | None:
+        """A job's progress as its worker last reported it (None unless it runs)."""
+        return next((live for live in self.store.running() if live.job.id == job_id), None)
 
     def start(self) -> None:
         """Nothing to run here; the listener (see `serve_queue`) resolves waiters."""
@@ -493,8 +570,9 @@ def queue_listener(server: Any) -> Listener:
             worker._resolve(payload)
             server.queue_changed()
         elif channel == EVENTS:
-            message, client_id = decode_event(payload)
-            server.events.publish(message, client_id)
+            message, client_id = decode_event(payload, store)
+            if message is not None:
+                server.events.publish(for_client(message, client_id, server.events), client_id)
         elif channel == INTERRUPT:
             worker.interrupt(payload)
         elif channel == QUEUE:
@@ -507,7 +585,7 @@ def queue_listener(server: Any) -> Listener:
             store.expire()
             return
         store.heartbeat()
-        for job_id in store.renew():
+        for job_id in store.renew(live_progress(worker.live)):
             worker.interrupt(job_id)
 
     store.models_held = server.models.loaded
@@ -519,7 +597,7 @@ def queue_listener(server: Any) -> Listener:
 
 class PgEvents(Events):
     """A worker's /ws messages, sent through NOTIFY to every front end (each delivers them to its clients;
-    a preview too large for a notification is dropped)."""
+    a preview too large for a notification is stored and the notification names it)."""
 
     def __init__(self, store: PgJobStore) -> None:
         super().__init__()
@@ -529,9 +607,15 @@ class PgEvents(Events):
         """Always: the client may be connected to any front end (those it is not on drop its messages)."""
         return True
 
+    def feature(self, client_id: str, name: str) -> bool:
+        """Always: the client negotiated with its front end, which downgrades what it does not support."""
+        return True
+
     def publish(self, message: Message, client_id: str | None = None) -> None:
         """Send to the client (all for None) through whichever front end it is connected to."""
         payload = encode_event(message, client_id)
+        if payload is None and isinstance(message, bytes):
+            payload = json.dumps({"client": client_id, "preview": self.store.put_preview(message)})
         if payload is not None:
             self.store.notify(EVENTS, payload)
 
