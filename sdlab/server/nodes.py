@@ -173,12 +173,15 @@ class NodeType:
     output_names: tuple[str, ...] | None = None  # RETURN_NAMES (None: the types)
 
 
+NODE_TYPES: dict[str, NodeType] = {}  # class name -> node type, filled by `node`
+
+
 def node(name: str, display_name: str, category: str, outputs: tuple[str, ...], **options: Any) -> Callable:
     """Register the decorated function as node class `name` (ComfyUI's node class, declared where it runs):
     `inputs` as INPUT_TYPES "required", the other `NodeType` fields by name; the docstring describes it."""
 
     def register(run: Callable[..., Any]) -> Callable[..., Any]:
-        description = (run.__doc__ or "").split("\n\n")[0].replace("\n", " ")
+        description = " ".join((run.__doc__ or "").split("\n\n")[0].split())
         inputs = options.pop("inputs", {})
         NODE_TYPES[name] = NodeType(
             inputs, outputs, run, category, description, display_name=display_name, **options
@@ -200,25 +203,93 @@ def _list(values: list[str]) -> Choices:
     return lambda env: values
 
 
+_SAMPLING = {
+    "sampler_name": (_list(list(SAMPLERS)),),
+    "scheduler": (_list(list(SCHEDULES)),),
+    "positive": ("CONDITIONING",),
+    "negative": ("CONDITIONING",),
+    "latent_image": ("LATENT",),
+}
+_SIZE = {"width": _int(512, 0, MAX_RESOLUTION, 8), "height": _int(512, 0, MAX_RESOLUTION, 8)}
+_LATENT_SIZE = {"width": _int(512, 16, MAX_RESOLUTION, 8), "height": _int(512, 16, MAX_RESOLUTION, 8)}
+_TEXT = ("STRING", {"multiline": True, "dynamicPrompts": True})
+_HIDDEN_PNG = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}  # SaveImage's, PreviewImage's
+
+
+def check_input_image(env: Env, image: str, **_: Any) -> dict[str, str]:
+    """LoadImage's VALIDATE_INPUTS: the file's format, bytes and pixels within the limits (header only)."""
+    try:
+        probe_image(_input_path(env, image), image, env.image_limits)
+    except (ImageError, PathError) as e:
+        return {"image": f"Invalid image file: {e}"}
+    return {}
+
+
+def check_pixels(env: Env, width: int = 0, height: int = 0, batch_size: int = 1, **_: Any) -> dict[str, str]:
+    """The size a node makes is bounded as A1111 requests are: width x height x batch_size <= MAX_PIXELS
+    (checked on the literal inputs before queueing; `bound_pixels` checks sizes and batches that arrive
+    through links when the node runs)."""
+    if width * height * batch_size <= MAX_PIXELS:
+        return {}
+    size = f"{width}x{height}x{batch_size}"
+    return {"width": f"width x height x batch_size = {size} exceeds the limit of {MAX_PIXELS:,} pixels"}
+
+
+def bound_pixels(field: str, width: int, height: int, batch: int) -> None:
+    """Refuse, naming the input, an output of width x height x batch over MAX_PIXELS before it is
+    allocated (NodeError): batches grow through links (RepeatLatentBatch, ImageBatch) past any one check."""
+    if problems := check_pixels(None, width, height, batch):
+        raise NodeError(f"{field}: {problems['width']}")
+
+
 # ---------------------------------------------------------------------------------------------
 # loaders and text
 
 
+@node(
+    "CheckpointLoaderSimple",
+    "Load Checkpoint",
+    "loaders",
+    ("MODEL", "CLIP", "VAE"),
+    inputs={"ckpt_name": (lambda env: list(env.library.checkpoints()),)},
+)
 def checkpoint_loader(env: Env, ckpt_name: str) -> tuple[Model, Clip, AutoencoderKL]:
-    """A listed checkpoint's model, text encoder and VAE."""
+    """Loads a diffusion model checkpoint.
+
+    A listed checkpoint's model, text encoder and VAE."""
     model = env.models.model(ckpt_name)
     return Model(model), Clip(model), model.vae
 
 
+@node(
+    "VAELoader", "Load VAE", "loaders", ("VAE",), inputs={"vae_name": (lambda env: list(env.library.vaes()),)}
+)
 def vae_loader(env: Env, vae_name: str) -> tuple[AutoencoderKL]:
-    """A listed standalone VAE."""
+    """Loads a VAE.
+
+    A listed standalone VAE."""
     return (env.models.vae(vae_name),)
 
 
+@node(
+    "LoraLoader",
+    "Load LoRA",
+    "loaders",
+    ("MODEL", "CLIP"),
+    inputs={
+        "model": ("MODEL",),
+        "clip": ("CLIP",),
+        "lora_name": (lambda env: list(env.library.loras()),),
+        "strength_model": _float(1.0, -100.0, 100.0),
+        "strength_clip": _float(1.0, -100.0, 100.0),
+    },
+)
 def lora_loader(
     env: Env, model: Model, clip: Clip, lora_name: str, strength_model: float, strength_clip: float
 ) -> tuple[Model, Clip]:
-    """The model and CLIP with a LoRA to merge (its U-Net and text-encoder parts at their own strengths)."""
+    """Applies a LoRA to the model and CLIP.
+
+    The model and CLIP with a LoRA to merge (its U-Net and text-encoder parts at their own strengths)."""
     path = env.library.find(env.library.loras(), lora_name, "LoRA")
     return (
         replace(model, loras=(*model.loras, (path, strength_model))),
@@ -226,16 +297,51 @@ def lora_loader(
     )
 
 
+@node(
+    "CLIPSetLastLayer",
+    "CLIP Set Last Layer",
+    "conditioning",
+    ("CLIP",),
+    inputs={"clip": ("CLIP",), "stop_at_clip_layer": _int(-1, -24, -1)},
+)
 def clip_set_last_layer(env: Env, clip: Clip, stop_at_clip_layer: int) -> tuple[Clip]:
-    """Stop the text encoder -stop_at_clip_layer layers from its end (-1: the last)."""
+    """Stops the text encoder at an earlier layer (clip skip).
+
+    Stop the text encoder -stop_at_clip_layer layers from its end (-1: the last)."""
     return (replace(clip, layer=-stop_at_clip_layer),)
 
 
+@node(
+    "CLIPTextEncode",
+    "CLIP Text Encode (Prompt)",
+    "conditioning",
+    ("CONDITIONING",),
+    inputs={"text": _TEXT, "clip": ("CLIP",)},
+)
 def clip_text_encode(env: Env, text: str, clip: Clip) -> tuple[Conditioning]:
-    """A prompt's conditioning, A1111 prompt syntax included; SDXL sizes follow the sampled latent."""
+    """Encodes a text prompt (A1111 prompt syntax).
+
+    A prompt's conditioning, A1111 prompt syntax included; SDXL sizes follow the sampled latent."""
     return (_encode(env, clip, text),)
 
 
+@node(
+    "CLIPTextEncodeSDXL",
+    "CLIPTextEncodeSDXL",
+    "advanced/conditioning",
+    ("CONDITIONING",),
+    inputs={
+        "clip": ("CLIP",),
+        "width": _int(1024, 0, MAX_RESOLUTION),
+        "height": _int(1024, 0, MAX_RESOLUTION),
+        "crop_w": _int(0, 0, MAX_RESOLUTION),
+        "crop_h": _int(0, 0, MAX_RESOLUTION),
+        "target_width": _int(1024, 0, MAX_RESOLUTION),
+        "target_height": _int(1024, 0, MAX_RESOLUTION),
+        "text_g": _TEXT,
+        "text_l": _TEXT,
+    },
+)
 def clip_text_encode_sdxl(
     env: Env,
     clip: Clip,
@@ -248,7 +354,9 @@ def clip_text_encode_sdxl(
     text_g: str,
     text_l: str,
 ) -> tuple[Conditioning]:
-    """SDXL base conditioning with its own prompt per encoder and explicit size conditioning."""
+    """Encodes SDXL prompts (one per text encoder) with size conditioning.
+
+    SDXL base conditioning with its own prompt per encoder and explicit size conditioning."""
     _need_vector(clip, "target_size", "CLIPTextEncodeSDXL")
     cond = _encode(env, clip, [text_l, text_g])
     return (
@@ -261,10 +369,25 @@ def clip_text_encode_sdxl(
     )
 
 
+@node(
+    "CLIPTextEncodeSDXLRefiner",
+    "CLIPTextEncodeSDXLRefiner",
+    "advanced/conditioning",
+    ("CONDITIONING",),
+    inputs={
+        "ascore": _float(6.0, 0.0, 1000.0),
+        "width": _int(1024, 0, MAX_RESOLUTION),
+        "height": _int(1024, 0, MAX_RESOLUTION),
+        "text": _TEXT,
+        "clip": ("CLIP",),
+    },
+)
 def clip_text_encode_sdxl_refiner(
     env: Env, clip: Clip, ascore: float, width: int, height: int, text: str
 ) -> tuple[Conditioning]:
-    """SDXL refiner conditioning with an aesthetic score and the original size."""
+    """Encodes an SDXL refiner prompt with an aesthetic score.
+
+    SDXL refiner conditioning with an aesthetic score and the original size."""
     _need_vector(clip, "aesthetic_score", "CLIPTextEncodeSDXLRefiner")
     return (replace(_encode(env, clip, text), original_size=(height, width), aesthetic_score=ascore),)
 
@@ -287,11 +410,36 @@ def _need_vector(clip: Clip, field: str, node: str) -> None:
 # sampling
 
 
+@node(
+    "EmptyLatentImage",
+    "Empty Latent Image",
+    "latent",
+    ("LATENT",),
+    inputs={**_LATENT_SIZE, "batch_size": _int(1, 1, 4096)},
+    check=check_pixels,
+)
 def empty_latent_image(env: Env, width: int, height: int, batch_size: int) -> tuple[Latent]:
-    """A batch of empty latents of an image size, shaped by the model that samples it."""
+    """An empty latent image to sample from.
+
+    A batch of empty latents of an image size, shaped by the model that samples it."""
+    bound_pixels("batch_size", width, height, batch_size)
     return (Latent(width, height, batch_size),)
 
 
+@node(
+    "KSampler",
+    "KSampler",
+    "sampling",
+    ("LATENT",),
+    inputs={
+        "model": ("MODEL",),
+        "seed": _int(0, 0, MAX_SEED),
+        "steps": _int(20, 1, 10000),
+        "cfg": _float(8.0, 0.0, 100.0, 0.1),
+        **_SAMPLING,
+        "denoise": _float(1.0, 0.0, 1.0),
+    },
+)
 def ksampler(
     env: Env,
     model: Model,
@@ -305,7 +453,9 @@ def ksampler(
     latent_image: Latent,
     denoise: float,
 ) -> tuple[Latent]:
-    """Sample `steps` steps; denoise < 1 runs the last steps of a steps/denoise-step schedule (ComfyUI)."""
+    """Denoises a latent image.
+
+    Sample `steps` steps; denoise < 1 runs the last steps of a steps/denoise-step schedule (ComfyUI)."""
     if denoise >= 0.9999:
         sigmas = sampling_sigmas(model.sd, sampler_name, scheduler, steps)
     elif denoise <= 0:
@@ -316,6 +466,23 @@ def ksampler(
     return (_sample(env, model, latent_image, seed, sigmas, guidance, sampler_name, add_noise=True),)
 
 
+@node(
+    "KSamplerAdvanced",
+    "KSampler (Advanced)",
+    "sampling",
+    ("LATENT",),
+    inputs={
+        "model": ("MODEL",),
+        "add_noise": (_list(["enable", "disable"]),),
+        "noise_seed": _int(0, 0, MAX_SEED),
+        "steps": _int(20, 1, 10000),
+        "cfg": _float(8.0, 0.0, 100.0, 0.1),
+        **_SAMPLING,
+        "start_at_step": _int(0, 0, 10000),
+        "end_at_step": _int(10000, 0, 10000),
+        "return_with_leftover_noise": (_list(["disable", "enable"]),),
+    },
+)
 def ksampler_advanced(
     env: Env,
     model: Model,
@@ -332,7 +499,9 @@ def ksampler_advanced(
     end_at_step: int,
     return_with_leftover_noise: str,
 ) -> tuple[Latent]:
-    """Steps start_at_step..end_at_step of a `steps`-step schedule, optionally leaving the noise in."""
+    """Runs part of a sampling schedule.
+
+    Steps start_at_step..end_at_step of a `steps`-step schedule, optionally leaving the noise in."""
     sigmas = sampling_sigmas(model.sd, sampler_name, scheduler, steps)
     if end_at_step < len(sigmas) - 1:
         sigmas = sigmas[: end_at_step + 1].clone()
@@ -404,6 +573,7 @@ def _inpaint_inputs(
 # VAE and latents
 
 
+@node("VAEDecode", "VAE Decode", "latent", ("IMAGE",), inputs={"samples": ("LATENT",), "vae": ("VAE",)})
 def vae_decode(env: Env, samples: Latent, vae: AutoencoderKL) -> tuple[Tensor]:
     """Latents to pixels."""
     latents = _rescaled(
@@ -412,17 +582,29 @@ def vae_decode(env: Env, samples: Latent, vae: AutoencoderKL) -> tuple[Tensor]:
     return (decode_pixels(vae, latents).float(),)
 
 
+@node("VAEEncode", "VAE Encode", "latent", ("LATENT",), inputs={"pixels": ("IMAGE",), "vae": ("VAE",)})
 def vae_encode(env: Env, pixels: Tensor, vae: AutoencoderKL) -> tuple[Latent]:
-    """Pixels (cropped to the VAE's multiple) to latents: the posterior mode."""
+    """Pixels to latents.
+
+    Pixels (cropped to the VAE's multiple) to latents: the posterior mode."""
     pixels = _crop_to(pixels, vae.cfg.downscale)
     b, _, h, w = pixels.shape
     return (Latent(w, h, b, encode_pixels(vae, pixels), scaling=_scaling(vae)),)
 
 
+@node(
+    "VAEEncodeForInpaint",
+    "VAE Encode (for Inpainting)",
+    "latent/inpaint",
+    ("LATENT",),
+    inputs={"pixels": ("IMAGE",), "vae": ("VAE",), "mask": ("MASK",), "grow_mask_by": _int(6, 0, 64)},
+)
 def vae_encode_for_inpaint(
     env: Env, pixels: Tensor, vae: AutoencoderKL, mask: Tensor, grow_mask_by: int
 ) -> tuple[Latent]:
-    """Encode with the masked pixels greyed out; the mask, grown by `grow_mask_by`, limits sampling."""
+    """Encodes an image for inpainting, the masked area greyed out.
+
+    Encode with the masked pixels greyed out; the mask, grown by `grow_mask_by`, limits sampling."""
     pixels = _crop_to(pixels, vae.cfg.downscale)
     b, _, h, w = pixels.shape
     mask = F.interpolate(mask.float(), size=(h, w), mode="bilinear", align_corners=False).round()
@@ -431,16 +613,41 @@ def vae_encode_for_inpaint(
     return (Latent(w, h, b, latents, noise_mask=grown, scaling=_scaling(vae)),)
 
 
+@node(
+    "SetLatentNoiseMask",
+    "Set Latent Noise Mask",
+    "latent/inpaint",
+    ("LATENT",),
+    inputs={"samples": ("LATENT",), "mask": ("MASK",)},
+)
 def set_latent_noise_mask(env: Env, samples: Latent, mask: Tensor) -> tuple[Latent]:
-    """Latents whose sampling is limited to the mask."""
+    """Limits sampling to the masked area.
+
+    Latents whose sampling is limited to the mask."""
     return (replace(samples, noise_mask=mask.float()),)
 
 
+@node(
+    "LatentUpscale",
+    "Upscale Latent",
+    "latent",
+    ("LATENT",),
+    inputs={
+        "samples": ("LATENT",),
+        "upscale_method": (_list(LATENT_UPSCALE),),
+        **_SIZE,
+        "crop": (_list(CROP),),
+    },
+    check=check_pixels,
+)
 def latent_upscale(
     env: Env, samples: Latent, upscale_method: str, width: int, height: int, crop: str
 ) -> tuple[Latent]:
-    """Latents resized to an image size (a 0 side keeps the aspect ratio)."""
+    """Resizes latents.
+
+    Latents resized to an image size (a 0 side keeps the aspect ratio)."""
     w, h = _target_size(samples.width, samples.height, width, height, multiple=8)
+    bound_pixels("samples", w, h, samples.batch)
     if samples.samples is None:
         return (replace(samples, width=w, height=h),)
     factor = samples.width // samples.samples.shape[-1]
@@ -448,24 +655,53 @@ def latent_upscale(
     return (replace(samples, width=w, height=h, samples=scaled),)
 
 
+@node(
+    "ImageScale",
+    "Upscale Image",
+    "image/upscaling",
+    ("IMAGE",),
+    inputs={"image": ("IMAGE",), "upscale_method": (_list(IMAGE_UPSCALE),), **_SIZE, "crop": (_list(CROP),)},
+    check=check_pixels,
+)
 def image_scale(
     env: Env, image: Tensor, upscale_method: str, width: int, height: int, crop: str
 ) -> tuple[Tensor]:
-    """Images resized (a 0 side keeps the aspect ratio)."""
+    """Resizes images.
+
+    Images resized (a 0 side keeps the aspect ratio)."""
     w, h = _target_size(image.shape[-1], image.shape[-2], width, height)
+    bound_pixels("image", w, h, image.shape[0])
     return (_scale(image, upscale_method, w, h, crop),)
 
 
+@node(
+    "UpscaleModelLoader",
+    "Load Upscale Model",
+    "loaders",
+    ("UPSCALE_MODEL",),
+    inputs={"model_name": (lambda env: list(env.library.upscale_models()),)},
+)
 def upscale_model_loader(env: Env, model_name: str) -> tuple[Upscaler]:
-    """A listed upscaler model (ESRGAN, Real-ESRGAN compact, SwinIR; others through spandrel)."""
+    """Loads an upscaler model (ESRGAN, Real-ESRGAN, SwinIR, ...).
+
+    A listed upscaler model (ESRGAN, Real-ESRGAN compact, SwinIR; others through spandrel)."""
     try:
         return (load_upscaler(env.library.find(env.library.upscale_models(), model_name, "upscale model")),)
     except CheckpointError as e:
         raise NodeError(str(e)) from e
 
 
+@node(
+    "ImageUpscaleWithModel",
+    "Upscale Image (using Model)",
+    "image/upscaling",
+    ("IMAGE",),
+    inputs={"upscale_model": ("UPSCALE_MODEL",), "image": ("IMAGE",)},
+)
 def image_upscale_with_model(env: Env, upscale_model: Upscaler, image: Tensor) -> tuple[Tensor]:
-    """Images upscaled by the model's factor, in 512-pixel tiles overlapping by 32 as ComfyUI runs them."""
+    """Upscales images with an upscaler model.
+
+    Images upscaled by the model's factor, in 512-pixel tiles overlapping by 32 as ComfyUI runs them."""
     out = run_upscaler(upscale_model, (image.float() + 1) / 2, tile=512, overlap=32)
     return (out.clamp(0, 1) * 2 - 1,)
 
@@ -505,37 +741,42 @@ def _crop_to(pixels: Tensor, multiple: int) -> Tensor:
 # image files
 
 
+@node(
+    "LoadImage",
+    "Load Image",
+    "image",
+    ("IMAGE", "MASK"),
+    inputs={"image": (lambda env: image_files(env.folders.inputs), {"image_upload": True})},
+    check=check_input_image,
+)
 def load_image(env: Env, image: str) -> tuple[Tensor, Tensor]:
-    """An input image as pixels and its mask (1 - alpha; zeros without alpha), as ComfyUI's LoadImage:
+    """Loads an image from the input folder.
+
+    An input image as pixels and its mask (1 - alpha; zeros without alpha), as ComfyUI's LoadImage:
     the colour under transparent pixels is kept (a mask-editor image keeps its picture), not composited."""
     rgba = open_image(_input_path(env, image), image, env.image_limits, mode="RGBA")
     alpha = rgba.getchannel("A")
     return to_tensor(rgba.convert("RGB")), prepare_mask(alpha, alpha.width, alpha.height, invert=True)
 
 
+@node(
+    "LoadImageMask",
+    "Load Image (as Mask)",
+    "mask",
+    ("MASK",),
+    inputs={
+        "image": (lambda env: image_files(env.folders.inputs), {"image_upload": True}),
+        "channel": (_list(list(MASK_CHANNELS)),),
+    },
+    check=check_input_image,
+)
 def load_image_mask(env: Env, image: str, channel: str) -> tuple[Tensor]:
-    """One channel of an input image as a mask (alpha inverted, as ComfyUI does)."""
+    """Loads one channel of an input image as a mask.
+
+    One channel of an input image as a mask (alpha inverted, as ComfyUI does)."""
     band = open_image(_input_path(env, image), image, env.image_limits, mode="RGBA")
     band = band.getchannel(MASK_CHANNELS[channel])
     return (prepare_mask(band, band.width, band.height, invert=channel == "alpha"),)
-
-
-def check_input_image(env: Env, image: str, **_: Any) -> dict[str, str]:
-    """LoadImage's VALIDATE_INPUTS: the file's format, bytes and pixels within the limits (header only)."""
-    try:
-        probe_image(_input_path(env, image), image, env.image_limits)
-    except (ImageError, PathError) as e:
-        return {"image": f"Invalid image file: {e}"}
-    return {}
-
-
-def check_pixels(env: Env, width: int = 0, height: int = 0, batch_size: int = 1, **_: Any) -> dict[str, str]:
-    """The size a node makes is bounded as A1111 requests are: width x height x batch_size <= MAX_PIXELS
-    (a batch arriving through a link is the bound of the node that made it)."""
-    if width * height * batch_size <= MAX_PIXELS:
-        return {}
-    size = f"{width}x{height}x{batch_size}"
-    return {"width": f"width x height x batch_size = {size} exceeds the limit of {MAX_PIXELS:,} pixels"}
 
 
 def _input_path(env: Env, name: str) -> Path:
@@ -544,13 +785,35 @@ def _input_path(env: Env, name: str) -> Path:
     return confined(env.folders.inputs, *split_name(name))
 
 
+@node(
+    "SaveImage",
+    "Save Image",
+    "image",
+    (),
+    inputs={"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
+    output_node=True,
+    hidden=_HIDDEN_PNG,
+)
 def save_image(env: Env, images: Tensor, filename_prefix: str) -> Saved:
-    """PNGs `<prefix>_00001_.png`, ... in the output folder (the prefix may name a subfolder)."""
+    """Saves images to the output folder.
+
+    PNGs `<prefix>_00001_.png`, ... in the output folder (the prefix may name a subfolder)."""
     return _save(images, env.folders.outputs, filename_prefix, "output", env.png_text())
 
 
+@node(
+    "PreviewImage",
+    "Preview Image",
+    "image",
+    (),
+    inputs={"images": ("IMAGE",)},
+    output_node=True,
+    hidden=_HIDDEN_PNG,
+)
 def preview_image(env: Env, images: Tensor) -> Saved:
-    """PNGs in the temp folder, for the client to show."""
+    """Shows images (temp folder).
+
+    PNGs in the temp folder, for the client to show."""
     suffix = "".join(random.choice(string.ascii_lowercase) for _ in range(5))
     return _save(images, env.folders.temp, f"ComfyUI_temp_{suffix}", "temp", env.png_text())
 
@@ -573,237 +836,6 @@ def _next_counter(folder: Path, prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"_(\d+)_.*\.png$")
     found = [int(m.group(1)) for p in folder.glob("*.png") if (m := pattern.match(p.name))]
     return max(found, default=0) + 1
-
-
-# ---------------------------------------------------------------------------------------------
-# the registry
-
-_SAMPLING = {
-    "sampler_name": (_list(list(SAMPLERS)),),
-    "scheduler": (_list(list(SCHEDULES)),),
-    "positive": ("CONDITIONING",),
-    "negative": ("CONDITIONING",),
-    "latent_image": ("LATENT",),
-}
-_SIZE = {"width": _int(512, 0, MAX_RESOLUTION, 8), "height": _int(512, 0, MAX_RESOLUTION, 8)}
-_LATENT_SIZE = {"width": _int(512, 16, MAX_RESOLUTION, 8), "height": _int(512, 16, MAX_RESOLUTION, 8)}
-
-NODE_TYPES: dict[str, NodeType] = {
-    "CheckpointLoaderSimple": NodeType(
-        {"ckpt_name": (lambda env: list(env.library.checkpoints()),)},
-        ("MODEL", "CLIP", "VAE"),
-        checkpoint_loader,
-        "loaders",
-        "Loads a diffusion model checkpoint.",
-    ),
-    "VAELoader": NodeType(
-        {"vae_name": (lambda env: list(env.library.vaes()),)}, ("VAE",), vae_loader, "loaders", "Loads a VAE."
-    ),
-    "LoraLoader": NodeType(
-        {
-            "model": ("MODEL",),
-            "clip": ("CLIP",),
-            "lora_name": (lambda env: list(env.library.loras()),),
-            "strength_model": _float(1.0, -100.0, 100.0),
-            "strength_clip": _float(1.0, -100.0, 100.0),
-        },
-        ("MODEL", "CLIP"),
-        lora_loader,
-        "loaders",
-        "Applies a LoRA to the model and CLIP.",
-    ),
-    "CLIPSetLastLayer": NodeType(
-        {"clip": ("CLIP",), "stop_at_clip_layer": _int(-1, -24, -1)},
-        ("CLIP",),
-        clip_set_last_layer,
-        "conditioning",
-        "Stops the text encoder at an earlier layer (clip skip).",
-    ),
-    "CLIPTextEncode": NodeType(
-        {"text": ("STRING", {"multiline": True, "dynamicPrompts": True}), "clip": ("CLIP",)},
-        ("CONDITIONING",),
-        clip_text_encode,
-        "conditioning",
-        "Encodes a text prompt (A1111 prompt syntax).",
-    ),
-    "CLIPTextEncodeSDXL": NodeType(
-        {
-            "clip": ("CLIP",),
-            "width": _int(1024, 0, MAX_RESOLUTION),
-            "height": _int(1024, 0, MAX_RESOLUTION),
-            "crop_w": _int(0, 0, MAX_RESOLUTION),
-            "crop_h": _int(0, 0, MAX_RESOLUTION),
-            "target_width": _int(1024, 0, MAX_RESOLUTION),
-            "target_height": _int(1024, 0, MAX_RESOLUTION),
-            "text_g": ("STRING", {"multiline": True, "dynamicPrompts": True}),
-            "text_l": ("STRING", {"multiline": True, "dynamicPrompts": True}),
-        },
-        ("CONDITIONING",),
-        clip_text_encode_sdxl,
-        "advanced/conditioning",
-        "Encodes SDXL prompts (one per text encoder) with size conditioning.",
-    ),
-    "CLIPTextEncodeSDXLRefiner": NodeType(
-        {
-            "ascore": _float(6.0, 0.0, 1000.0),
-            "width": _int(1024, 0, MAX_RESOLUTION),
-            "height": _int(1024, 0, MAX_RESOLUTION),
-            "text": ("STRING", {"multiline": True, "dynamicPrompts": True}),
-            "clip": ("CLIP",),
-        },
-        ("CONDITIONING",),
-        clip_text_encode_sdxl_refiner,
-        "advanced/conditioning",
-        "Encodes an SDXL refiner prompt with an aesthetic score.",
-    ),
-    "EmptyLatentImage": NodeType(
-        {**_LATENT_SIZE, "batch_size": _int(1, 1, 4096)},
-        ("LATENT",),
-        empty_latent_image,
-        "latent",
-        "An empty latent image to sample from.",
-        check=check_pixels,
-    ),
-    "KSampler": NodeType(
-        {
-            "model": ("MODEL",),
-            "seed": _int(0, 0, MAX_SEED),
-            "steps": _int(20, 1, 10000),
-            "cfg": _float(8.0, 0.0, 100.0, 0.1),
-            **_SAMPLING,
-            "denoise": _float(1.0, 0.0, 1.0),
-        },
-        ("LATENT",),
-        ksampler,
-        "sampling",
-        "Denoises a latent image.",
-    ),
-    "KSamplerAdvanced": NodeType(
-        {
-            "model": ("MODEL",),
-            "add_noise": (_list(["enable", "disable"]),),
-            "noise_seed": _int(0, 0, MAX_SEED),
-            "steps": _int(20, 1, 10000),
-            "cfg": _float(8.0, 0.0, 100.0, 0.1),
-            **_SAMPLING,
-            "start_at_step": _int(0, 0, 10000),
-            "end_at_step": _int(10000, 0, 10000),
-            "return_with_leftover_noise": (_list(["disable", "enable"]),),
-        },
-        ("LATENT",),
-        ksampler_advanced,
-        "sampling",
-        "Runs part of a sampling schedule.",
-    ),
-    "VAEDecode": NodeType(
-        {"samples": ("LATENT",), "vae": ("VAE",)}, ("IMAGE",), vae_decode, "latent", "Latents to pixels."
-    ),
-    "VAEEncode": NodeType(
-        {"pixels": ("IMAGE",), "vae": ("VAE",)}, ("LATENT",), vae_encode, "latent", "Pixels to latents."
-    ),
-    "VAEEncodeForInpaint": NodeType(
-        {"pixels": ("IMAGE",), "vae": ("VAE",), "mask": ("MASK",), "grow_mask_by": _int(6, 0, 64)},
-        ("LATENT",),
-        vae_encode_for_inpaint,
-        "latent/inpaint",
-        "Encodes an image for inpainting, the masked area greyed out.",
-    ),
-    "SetLatentNoiseMask": NodeType(
-        {"samples": ("LATENT",), "mask": ("MASK",)},
-        ("LATENT",),
-        set_latent_noise_mask,
-        "latent/inpaint",
-        "Limits sampling to the masked area.",
-    ),
-    "LatentUpscale": NodeType(
-        {"samples": ("LATENT",), "upscale_method": (_list(LATENT_UPSCALE),), **_SIZE, "crop": (_list(CROP),)},
-        ("LATENT",),
-        latent_upscale,
-        "latent",
-        "Resizes latents.",
-        check=check_pixels,
-    ),
-    "ImageScale": NodeType(
-        {"image": ("IMAGE",), "upscale_method": (_list(IMAGE_UPSCALE),), **_SIZE, "crop": (_list(CROP),)},
-        ("IMAGE",),
-        image_scale,
-        "image/upscaling",
-        "Resizes images.",
-        check=check_pixels,
-    ),
-    "UpscaleModelLoader": NodeType(
-        {"model_name": (lambda env: list(env.library.upscale_models()),)},
-        ("UPSCALE_MODEL",),
-        upscale_model_loader,
-        "loaders",
-        "Loads an upscaler model (ESRGAN, Real-ESRGAN, SwinIR, ...).",
-    ),
-    "ImageUpscaleWithModel": NodeType(
-        {"upscale_model": ("UPSCALE_MODEL",), "image": ("IMAGE",)},
-        ("IMAGE",),
-        image_upscale_with_model,
-        "image/upscaling",
-        "Upscales images with an upscaler model.",
-    ),
-    "LoadImage": NodeType(
-        {"image": (lambda env: image_files(env.folders.inputs), {"image_upload": True})},
-        ("IMAGE", "MASK"),
-        load_image,
-        "image",
-        "Loads an image from the input folder.",
-        check=check_input_image,
-    ),
-    "LoadImageMask": NodeType(
-        {
-            "image": (lambda env: image_files(env.folders.inputs), {"image_upload": True}),
-            "channel": (_list(list(MASK_CHANNELS)),),
-        },
-        ("MASK",),
-        load_image_mask,
-        "mask",
-        "Loads one channel of an input image as a mask.",
-        check=check_input_image,
-    ),
-    "SaveImage": NodeType(
-        {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
-        (),
-        save_image,
-        "image",
-        "Saves images to the output folder.",
-        output_node=True,
-    ),
-    "PreviewImage": NodeType(
-        {"images": ("IMAGE",)}, (), preview_image, "image", "Shows images (temp folder).", output_node=True
-    ),
-}
-
-
-# ComfyUI's NODE_DISPLAY_NAME_MAPPINGS of the nodes declared above (those registered by `node` carry theirs)
-DISPLAY_NAMES = {
-    "KSampler": "KSampler",
-    "KSamplerAdvanced": "KSampler (Advanced)",
-    "CheckpointLoaderSimple": "Load Checkpoint",
-    "VAELoader": "Load VAE",
-    "LoraLoader": "Load LoRA",
-    "UpscaleModelLoader": "Load Upscale Model",
-    "CLIPTextEncode": "CLIP Text Encode (Prompt)",
-    "CLIPSetLastLayer": "CLIP Set Last Layer",
-    "VAEEncodeForInpaint": "VAE Encode (for Inpainting)",
-    "SetLatentNoiseMask": "Set Latent Noise Mask",
-    "VAEDecode": "VAE Decode",
-    "VAEEncode": "VAE Encode",
-    "EmptyLatentImage": "Empty Latent Image",
-    "LatentUpscale": "Upscale Latent",
-    "SaveImage": "Save Image",
-    "PreviewImage": "Preview Image",
-    "LoadImage": "Load Image",
-    "LoadImageMask": "Load Image (as Mask)",
-    "ImageScale": "Upscale Image",
-    "ImageUpscaleWithModel": "Upscale Image (using Model)",
-}
-_HIDDEN_PNG = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}  # SaveImage's, PreviewImage's
-for _saver in ("SaveImage", "PreviewImage"):
-    NODE_TYPES[_saver] = replace(NODE_TYPES[_saver], hidden=_HIDDEN_PNG)
 
 
 def _declared(env: Env, spec: tuple[Any, ...]) -> list[Any]:
@@ -829,7 +861,7 @@ def object_info(env: Env, name: str) -> dict[str, Any]:
         "output_is_list": [False] * len(node.outputs),
         "output_name": list(node.output_names or node.outputs),
         "name": name,
-        "display_name": node.display_name or DISPLAY_NAMES.get(name, name),
+        "display_name": node.display_name or name,
         "description": node.description,
         "python_module": "nodes",
         "category": node.category,
