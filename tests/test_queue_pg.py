@@ -1,6 +1,8 @@
 """The job queue on PostgreSQL: the same store behaviour as SQLite, exclusive claims, leases retried once
 then failed, and front ends + workers as separate processes (kill -9 of a worker mid-job and of a front
-end: every job finishes exactly once, results readable through either front end, /ws progress relayed)."""
+end: every job finishes exactly once, results readable through either front end, /ws progress relayed),
+model-affine claims, uploaded inputs and worker progress/previews across processes, and the SQLite state
+folder's one-server lock."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -228,71 +231,6 @@ def processes(
             proc.wait()
 
 
-def test_front_ends_and_workers_survive_kill_9(postgres_url: str, tmp_path: Path) -> None:
-    from websockets.sync.client import connect
-
-    write_models(tmp_path)
-    queue = fresh_database(postgres_url)
-    with processes(tmp_path, queue, front_ends=2, workers=3) as (urls, fronts, workers):
-        a, b = (httpx.Client(base_url=u, timeout=120) for u in urls)
-        # a long job: its worker is killed mid-job; it is retried by the other worker, then interrupted
-        posted = a.post("/prompt", json={"prompt": txt2img_workflow(steps=10000, size=64, prefix="long")})
-        long_id = posted.json()["prompt_id"]
-        deadline = time.time() + 60
-        while a.get(f"/sdlab/v1/jobs/{long_id}").json()["state"] != RUNNING and time.time() < deadline:
-            time.sleep(0.05)
-        with psycopg.connect(queue) as db:
-            (holder,) = db.execute("SELECT worker FROM jobs WHERE id = %s", (long_id,)).fetchone()
-        time.sleep(1.0)  # well into sampling
-        victim = next(w for w in workers if _worker_id(tmp_path, workers.index(w)) == holder)
-        victim.kill()
-
-        def comfy(i: int, client: httpx.Client) -> str:
-            body = {"prompt": txt2img_workflow(seed=i, steps=2, prefix=f"c{i}")}
-            prompt_id = client.post("/prompt", json=body).json()["prompt_id"]
-            assert wait_history(client, prompt_id, timeout=120)["status"]["status_str"] == "success"
-            return prompt_id
-
-        def a1111(i: int, client: httpx.Client) -> tuple[int, str]:
-            body: dict[str, Any] = {"prompt": "q", "steps": 2, "width": 32, "height": 32, "seed": 100 + i}
-            body |= {"save_images": True}
-            body["override_settings"] = {"sd_model_checkpoint": MODEL}
-            answer = client.post("/sdapi/v1/txt2img", json=body)
-            assert answer.status_code == 200, answer.text
-            return json.loads(answer.json()["info"])["seed"], answer.json()["images"][0]
-
-        with ThreadPoolExecutor(8) as pool:
-            comfy_ids = list(pool.map(comfy, range(4), [a, b] * 2))
-            a1111_results = list(pool.map(a1111, range(4), [b, a] * 2))
-        assert sorted(seed for seed, _ in a1111_results) == list(range(100, 104))
-
-        while a.get(f"/sdlab/v1/jobs/{long_id}").json()["state"] != RUNNING:  # retried by the survivor
-            time.sleep(0.05)
-        client_id = "watcher"
-        with connect(urls[1].replace("http", "ws") + f"/ws?clientId={client_id}", open_timeout=10) as ws:
-            body = {"prompt": txt2img_workflow(seed=9, steps=3, prefix="ws"), "client_id": client_id}
-            b.post("/interrupt", json={"prompt_id": long_id})  # reaches the worker through the database
-            ws_id = b.post("/prompt", json=body).json()["prompt_id"]
-            seen = _messages_until_done(ws, ws_id)
-        assert ("progress", ws_id) in seen and ("executed", ws_id) in seen
-        fronts[0].kill()  # a front end dies: the other serves every result
-        fronts[0].wait()
-        history = b.get("/history").json()
-        assert history[long_id]["status"]["status_str"] == "error"  # interrupted on its second attempt
-        for prompt_id in [*comfy_ids, ws_id]:
-            assert history[prompt_id]["status"]["status_str"] == "success"
-            (image,) = history[prompt_id]["outputs"]["9"]["images"]
-            view = b.get("/view", params=image)
-            assert view.status_code == 200 and view.content[:8] == b"\x89PNG\r\n\x1a\n"
-    with psycopg.connect(queue) as db:
-        rows = db.execute("SELECT id, state, attempts, error FROM jobs").fetchall()
-        files = db.execute("SELECT job, count(*) FROM files GROUP BY job").fetchall()
-    states = {row[0]: row[1:] for row in rows}
-    assert len(rows) == 10 and states[long_id][:2] == (CANCELLED, 2)  # killed once, retried, interrupted
-    assert all(state == DONE and attempts == 1 for i, (state, attempts, _) in states.items() if i != long_id)
-    assert sorted(n for _, n in files) == [1] * 9  # one image per finished job: no duplicates, none lost
-
-
 def _worker_id(root: Path, i: int) -> str | None:
     for line in (root / f"worker{i}" / "log").read_text().splitlines():
         if "worker id " in line:
@@ -315,22 +253,30 @@ def _messages_until_done(ws: Any, prompt_id: str) -> set[tuple[str, str]]:
     raise TimeoutError(f"no end of {prompt_id} on /ws")
 
 
+@dataclass
+class Cluster:
+    root: Path
+    queue: str
+    urls: list[str]
+    fronts: list[subprocess.Popen]
+    workers: list[subprocess.Popen]
+
+
 @pytest.fixture(scope="module")
-def cluster(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[str], str]]:
-    """One front end and one worker on a fresh queue, each with its own input and output folders
-    (the front-end URLs, the queue URL); shared by the tests below."""
+def cluster(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Two front ends and three workers on a fresh queue, each with its own input and output folders,
+    shared by the tests below (the last one kills some)."""
     root = tmp_path_factory.mktemp("cluster")
     write_models(root)
     queue = fresh_database(postgres_url)
-    with processes(root, queue, 1, 1, ("--preview-method", "latent2rgb")) as (urls, _, _):
-        yield urls, queue
+    with processes(root, queue, 2, 3, ("--preview-method", "latent2rgb")) as (urls, fronts, workers):
+        yield Cluster(root, queue, urls, fronts, workers)
 
 
-def test_uploaded_inputs_reach_a_worker_elsewhere(cluster: tuple[list[str], str]) -> None:
+def test_uploaded_inputs_reach_a_worker_elsewhere(cluster: Cluster) -> None:
     from test_server_api import b64png, png, unb64
 
-    (url,), queue = cluster
-    client = httpx.Client(base_url=url, timeout=120)
+    client = httpx.Client(base_url=cluster.urls[0], timeout=120)
     workflow = txt2img_workflow(steps=2, prefix="i2i")
     workflow["10"] = {"class_type": "LoadImage", "inputs": {"image": "up/init.png"}}
     workflow["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
@@ -356,11 +302,11 @@ def test_uploaded_inputs_reach_a_worker_elsewhere(cluster: tuple[list[str], str]
     # "only masked" pastes the inpainted region into the init image: its unmasked right half is unchanged
     assert result.size == (48, 40) and result.crop((24, 0, 48, 40)).getcolors() == [(24 * 40, (200, 30, 30))]
     deadline = time.time() + 10
-    with psycopg.connect(queue, autocommit=True) as db:  # the worker advertises the checkpoint it loaded
-        while (rows := db.execute("SELECT models, device FROM workers").fetchall())[0][0] != [MODEL]:
+    with psycopg.connect(cluster.queue, autocommit=True) as db:  # workers advertise the checkpoint loaded
+        while ([MODEL], "cpu") not in (rows := db.execute("SELECT models, device FROM workers").fetchall()):
             assert time.time() < deadline, rows  # a heartbeat each second
             time.sleep(0.1)
-    assert rows == [([MODEL], "cpu")]
+    assert len(rows) == 3 and {device for _, device in rows} == {"cpu"}
 
 
 def test_a_second_server_on_one_state_folder_refuses_to_start(tmp_path: Path) -> None:
@@ -380,12 +326,11 @@ def test_a_second_server_on_one_state_folder_refuses_to_start(tmp_path: Path) ->
         first.wait()
 
 
-def test_progress_and_previews_reach_the_front_end(cluster: tuple[list[str], str]) -> None:
+def test_progress_and_previews_reach_the_front_end(cluster: Cluster) -> None:
     from websockets.sync.client import connect
 
-    (url,), queue = cluster
-    client = httpx.Client(base_url=url, timeout=120)
-    ws_url = url.replace("http", "ws") + "/ws?clientId="
+    client = httpx.Client(base_url=cluster.urls[1], timeout=120)
+    ws_url = cluster.urls[1].replace("http", "ws") + "/ws?clientId="
     with connect(ws_url + "plain", open_timeout=10) as plain:  # announces no preview metadata
         body = {"prompt": txt2img_workflow(steps=10000, size=64, prefix="long"), "client_id": "plain"}
         long_id = client.post("/prompt", json=body).json()["prompt_id"]
@@ -409,7 +354,9 @@ def test_progress_and_previews_reach_the_front_end(cluster: tuple[list[str], str
         kind, size = struct.unpack(">II", frame[:8])
         assert kind == 4 and json.loads(frame[8 : 8 + size])["prompt_id"] == big_id
         assert Image.open(io.BytesIO(frame[8 + size :])).size == (96, 96)  # the tiny VAE: 1/2
-    with psycopg.connect(queue) as db:  # that preview was over NOTIFY's limit: stored, and sent by reference
+    with psycopg.connect(
+        cluster.queue
+    ) as db:  # that preview was over NOTIFY's limit: stored, and sent by reference
         assert db.execute("SELECT count(*) FROM previews").fetchone()[0] >= 1
 
 
@@ -420,3 +367,72 @@ def _first_preview(ws: Any) -> bytes:
         if isinstance(message, bytes):
             return message
     raise TimeoutError("no preview on /ws")
+
+
+def test_front_ends_and_workers_survive_kill_9(cluster: Cluster) -> None:
+    """Last of the cluster's tests: it kills a worker and a front end."""
+    from websockets.sync.client import connect
+
+    queue, urls, fronts, workers = cluster.queue, cluster.urls, cluster.fronts, cluster.workers
+    since = time.time()
+    a, b = (httpx.Client(base_url=u, timeout=120) for u in urls)
+    # a long job: its worker is killed mid-job; it is retried by the other worker, then interrupted
+    posted = a.post("/prompt", json={"prompt": txt2img_workflow(steps=10000, size=64, prefix="long")})
+    long_id = posted.json()["prompt_id"]
+    deadline = time.time() + 60
+    while a.get(f"/sdlab/v1/jobs/{long_id}").json()["state"] != RUNNING and time.time() < deadline:
+        time.sleep(0.05)
+    with psycopg.connect(queue) as db:
+        (holder,) = db.execute("SELECT worker FROM jobs WHERE id = %s", (long_id,)).fetchone()
+    time.sleep(1.0)  # well into sampling
+    victim = next(w for w in workers if _worker_id(cluster.root, workers.index(w)) == holder)
+    victim.kill()
+
+    def comfy(i: int, client: httpx.Client) -> str:
+        body = {"prompt": txt2img_workflow(seed=i, steps=2, prefix=f"c{i}")}
+        prompt_id = client.post("/prompt", json=body).json()["prompt_id"]
+        assert wait_history(client, prompt_id, timeout=120)["status"]["status_str"] == "success"
+        return prompt_id
+
+    def a1111(i: int, client: httpx.Client) -> tuple[int, str]:
+        body: dict[str, Any] = {"prompt": "q", "steps": 2, "width": 32, "height": 32, "seed": 100 + i}
+        body |= {"save_images": True}
+        body["override_settings"] = {"sd_model_checkpoint": MODEL}
+        answer = client.post("/sdapi/v1/txt2img", json=body)
+        assert answer.status_code == 200, answer.text
+        return json.loads(answer.json()["info"])["seed"], answer.json()["images"][0]
+
+    with ThreadPoolExecutor(8) as pool:
+        comfy_ids = list(pool.map(comfy, range(4), [a, b] * 2))
+        a1111_results = list(pool.map(a1111, range(4), [b, a] * 2))
+    assert sorted(seed for seed, _ in a1111_results) == list(range(100, 104))
+
+    while a.get(f"/sdlab/v1/jobs/{long_id}").json()["state"] != RUNNING:  # retried by the survivor
+        time.sleep(0.05)
+    client_id = "watcher"
+    with connect(urls[1].replace("http", "ws") + f"/ws?clientId={client_id}", open_timeout=10) as ws:
+        body = {"prompt": txt2img_workflow(seed=9, steps=3, prefix="ws"), "client_id": client_id}
+        b.post("/interrupt", json={"prompt_id": long_id})  # reaches the worker through the database
+        ws_id = b.post("/prompt", json=body).json()["prompt_id"]
+        seen = _messages_until_done(ws, ws_id)
+    assert ("progress", ws_id) in seen and ("executed", ws_id) in seen
+    fronts[0].kill()  # a front end dies: the other serves every result
+    fronts[0].wait()
+    history = b.get("/history").json()
+    assert history[long_id]["status"]["status_str"] == "error"  # interrupted on its second attempt
+    for prompt_id in [*comfy_ids, ws_id]:
+        assert history[prompt_id]["status"]["status_str"] == "success"
+        (image,) = history[prompt_id]["outputs"]["9"]["images"]
+        view = b.get("/view", params=image)
+        assert view.status_code == 200 and view.content[:8] == b"\x89PNG\r\n\x1a\n"
+    with psycopg.connect(queue) as db:
+        rows = db.execute(
+            "SELECT id, state, attempts, error FROM jobs WHERE created >= %s", (since,)
+        ).fetchall()
+        files = db.execute(
+            "SELECT job, count(*) FROM files WHERE job = ANY(%s) GROUP BY job", ([r[0] for r in rows],)
+        ).fetchall()
+    states = {row[0]: row[1:] for row in rows}
+    assert len(rows) == 10 and states[long_id][:2] == (CANCELLED, 2)  # killed once, retried, interrupted
+    assert all(state == DONE and attempts == 1 for i, (state, attempts, _) in states.items() if i != long_id)
+    assert sorted(n for _, n in files) == [1] * 9  # one image per finished job: no duplicates, none lost

@@ -1,12 +1,16 @@
 """The job queue on PostgreSQL (`--queue postgresql://...`): many front ends and workers, one queue.
 
 The same jobs and states as the SQLite `JobStore`, in a database every process reaches. Workers claim the
-oldest pending job with `SELECT ... FOR UPDATE SKIP LOCKED` (no two claim the same row) and hold a lease
-they renew; a job whose lease ran out (its worker died) goes back to pending once and is failed with the
-reason the second time, so a job is never run by two workers at once and never lost. A worker's finish
-counts only while it still holds the job, and stores the result's image files in the database in the same
-transaction, so any front end serves them. Front ends learn of finished jobs, progress messages and
-interrupts through LISTEN/NOTIFY. The schema is created and migrated here, versioned in `sdlab_schema`.
+oldest pending job with `SELECT ... FOR UPDATE SKIP LOCKED` (no two claim the same row) and hold a lease they
+renew; a job whose lease ran out (its worker died) goes back to pending once and is failed with the reason the
+second time, so a job is never lost. A worker's finish counts only while it still holds the job (one too
+starved to renew in time may still be running it when another takes it over), and stores the result's image
+files in the database in the same transaction, so any front end serves them; uploaded inputs and request
+images are stored when received, so any worker reads them. Workers advertise their loaded checkpoints
+(`workers`) and prefer jobs for them within a bounded look-ahead, and store their running job's progress in
+its row. Front ends learn of finished jobs, /ws messages and interrupts through LISTEN/NOTIFY (a preview too
+large for a notification goes through `previews`). The schema is created and migrated here, versioned in
+`sdlab_schema`.
 """
 
 from __future__ import annotations
