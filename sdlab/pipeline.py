@@ -24,6 +24,7 @@ from sdlab.control import (
     ComfyControl,
     Control,
     ControlSpec,
+    adapter_features,
     comfy_residuals,
     control_residuals,
     load_controls,
@@ -53,6 +54,7 @@ from sdlab.images import (
     to_pil,
     to_tensor,
 )
+from sdlab.ip_adapter import IPAdapterSpec, ip_adapters_applied, prepare_ip_adapters
 from sdlab.lora import use_loras
 from sdlab.models.controlnet import ControlNetModel
 from sdlab.models.ops import compute_dtype, device_of
@@ -104,6 +106,7 @@ class GenerationRequest:
     refiner_switch_by_steps: bool = False  # A1111 < 1.8: count steps instead of comparing timesteps
     hires: HiresFix | None = None  # A1111's hires fix: upscale, then a second (img2img) pass
     controls: tuple[ControlSpec, ...] = ()  # ControlNet units, their residuals summed (sdlab.control)
+    ip_adapters: tuple[IPAdapterSpec, ...] = ()  # image prompts (sdlab.ip_adapter)
     fast: FastMode | None = None  # opt-in approximations (feature caching, token merging; sdlab.fast)
 
     def __post_init__(self) -> None:  # lists from JSON job requests become tuples
@@ -115,6 +118,7 @@ class GenerationRequest:
         object.__setattr__(self, "embedding_dirs", tuple(str(d) for d in self.embedding_dirs))
         object.__setattr__(self, "embeddings", tuple((str(n), str(f)) for n, f in self.embeddings))
         object.__setattr__(self, "controls", tuple(self.controls))
+        object.__setattr__(self, "ip_adapters", tuple(self.ip_adapters))
 
     def validate(self, latent_factor: int = 8, max_pixels: int = MAX_PIXELS) -> None:
         """Raise ValueError naming the first bad field; sizes are bounded before any work is done."""
@@ -153,6 +157,10 @@ class GenerationRequest:
             control.validate(i)
         if self.controls and (self.refiner is not None or self.hires is not None):
             raise ValueError("controls with a refiner or the hires fix: not supported yet")
+        for i, ip in enumerate(self.ip_adapters):
+            ip.validate(i)
+        if self.ip_adapters and (self.refiner is not None or self.hires is not None):
+            raise ValueError("ip_adapters with a refiner or the hires fix: not supported yet")
         if self.fast is not None:
             self.fast.validate()
             if self.refiner is not None and not self.fast.exact:
@@ -279,6 +287,9 @@ def generate(
         guidance.extra = extra
         nets = load_controls(req.controls, controlnets or {}, model.unet)
         guidance.controls = prepare_controls(req.controls, nets, req.width, req.height, factor)
+        image_prompts = prepare_ip_adapters(req.ip_adapters, model.unet)
+        if image_prompts is not None:
+            guidance.ip_tokens = (image_prompts.cond, image_prompts.uncond)
         handover = None
         if refiner is not None:
             refined = Embeddings.a1111(refiner, embedding_dirs(req.embedding_dirs))
@@ -288,9 +299,10 @@ def generate(
         second = _hires_guidance(model, req, embeddings) if req.hires is not None else None
         req = replace(req, embeddings=tuple((e.name, str(e.path)) for e in embeddings.used.values()))
         x = add_noise(torch.zeros_like(noise) if init is None else init, noise, sigmas[:1].expand(len(seeds)))
-        samples, interrupted = _sample_until_stopped(
-            model, x, sigmas, guidance, sampler_name, seeds, init, keep, callback, handover
-        )
+        with ip_adapters_applied(model.unet, image_prompts):
+            samples, interrupted = _sample_until_stopped(
+                model, x, sigmas, guidance, sampler_name, seeds, init, keep, callback, handover
+            )
         if second is not None and not interrupted:  # A1111 skips the hires pass of an interrupted image
             samples, interrupted = _hires_pass(model, req, second, samples, seeds, callback)
         images = _overlay(decode(refiner or model, samples), prepared)
@@ -407,6 +419,7 @@ class Guidance:
     scale: float
     extra: dict[str, Tensor] = field(default_factory=dict)
     controls: list[Control] = field(default_factory=list)  # ControlNet units applied on each call
+    ip_tokens: tuple[Tensor, Tensor] | None = None  # IP-Adapter image tokens (cond, uncond), (1, N, D)
 
 
 @dataclass
@@ -453,6 +466,8 @@ def guided_denoiser(model: StableDiffusion, guidance: Guidance, x: Tensor, calls
         key = (id(cond), negative)
         if key not in built:
             built[key] = {**cond.model_inputs(model.family, b, h * f, w * f, negative), **guidance.extra}
+            if guidance.ip_tokens is not None:  # appended to the context by the U-Net function
+                built[key]["ip_tokens"] = guidance.ip_tokens[negative].expand(b, -1, -1)
             if guidance.controls:  # which rows are conditional (ControlNet's "control" mode)
                 built[key]["control_mark"] = torch.full((b,), 0.0 if negative else 1.0, device=x.device)
             if comfy_controls:  # ComfyUI's ControlNets, each entry its own (rows batch when they agree)
@@ -583,17 +598,23 @@ def _unet_fn(
         y: Tensor | None = None,
         control_mark: Tensor | None = None,
         control: tuple[ComfyControl, ...] = (),
+        ip_tokens: Tensor | None = None,
     ) -> Tensor:
-        residuals = None
+        residuals, features = None, None
         if controls:
             fraction = calls.step / calls.total if calls is not None else 0.0
             residuals = control_residuals(controls, x, t, context, y, control_mark, fraction)
+            features = adapter_features(controls, x, control_mark, fraction, model.unet.cfg)
         if control:
             assert calls is not None, "ComfyUI's ControlNets need the σ of each call"
             bounds = [(sigma_at(c.start_percent), sigma_at(c.end_percent)) for c in control]
             residuals = comfy_residuals(control, bounds, x, t, context, y, calls.sigma, residuals)
         if c_concat is not None:
             x = torch.cat([x, c_concat.to(x)], dim=1)
+        if features is not None:
+            return model.unet(x, t, context, y, residuals, features)
+        if ip_tokens is not None:  # IP-Adapter: the cross-attentions split them off (sdlab.ip_adapter)
+            context = torch.cat([context, ip_tokens.to(context)], dim=1)
         return model.unet(x, t, context, y, residuals)
 
     return unet

@@ -294,6 +294,14 @@ def _tensors_of(obj: object, path: Path) -> dict[str, Tensor]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dictionary of tensors")
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    if not tensors:  # one level of named groups, as in IP-Adapter .bin files (image_proj, ip_adapter)
+        tensors = {
+            f"{k}.{k2}": v2
+            for k, v in obj.items()
+            if isinstance(k, str) and isinstance(v, dict)
+            for k2, v2 in v.items()
+            if isinstance(k2, str) and isinstance(v2, Tensor)
+        }
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
     return tensors

@@ -83,11 +83,18 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
+    ip: tuple = ()  # IP-Adapter attentions in use (sdlab.ip_adapter); their tokens end the context
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
-        out = attention(
-            self.to_q(x), self.to_k(context), self.to_v(context), self.heads, impl=self.attention_impl
-        )
+        q = self.to_q(x)
+        image_parts = []
+        for ip in reversed(self.ip):  # decoupled cross-attention: text and each image prompt on its own
+            context, tokens = context[:, : -ip.tokens], context[:, -ip.tokens :]
+            image_parts.append(ip(q, tokens, self.heads, self.attention_impl))
+        out = attention(q, self.to_k(context), self.to_v(context), self.heads, impl=self.attention_impl)
+        for part in reversed(image_parts):
+            out = out + part
         return self.to_out(out)
 
 
