@@ -153,6 +153,18 @@ def middle_block(cfg: UNetConfig, ch: int) -> TimestepEmbedSequential:
     return TimestepEmbedSequential(*middle)
 
 
+def run_output_blocks(
+    blocks: Sequence[TimestepEmbedSequential], h: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor
+) -> Tensor:
+    """The decoder path: each block takes h joined with the last skip left (popped from `skips`) and
+    upsamples to the size of the skip after it; also run from part-way by DeepCache (sdlab.fast)."""
+    for module in blocks:
+        h = torch.cat([h, skips.pop()], dim=1)
+        upsample_to = tuple(skips[-1].shape[-2:]) if skips else None
+        h = module(h, emb, context, upsample_to)
+    return h
+
+
 class UNetModel(nn.Module):
     """Noise (or v) predictor conditioned on timestep, text context and optional vector `y`."""
 
@@ -189,24 +201,26 @@ class UNetModel(nn.Module):
         context: Tensor,
         y: Tensor | None = None,
         control: Sequence[Tensor] | None = None,
+        adapter: Sequence[Tensor | None] | None = None,
     ) -> Tensor:
         """Predict from latents x (B, C, H, W), timesteps (B,), context (B, T, context_dim). `control`: a
         ControlNet's residuals, one per input block then one for the middle block, added to the skip
-        connections and the middle block's output (ComfyUI's `apply_control`, diffusers' residuals)."""
+        connections and the middle block's output (ComfyUI's `apply_control`, diffusers' residuals).
+        `adapter`: T2I-Adapter features in the same places (None where there is none), added to the
+        block's output before it is kept as a skip and passed on (diffusers' intrablock residuals)."""
         emb = embed(self, self.cfg, timesteps, y, x.dtype)
         skips = []
         h = x
-        for module in self.input_blocks:
+        for i, module in enumerate(self.input_blocks):
             h = module(h, emb, context)
+            if adapter is not None and adapter[i] is not None:
+                h = h + adapter[i]
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if adapter is not None and adapter[-1] is not None:
+            h = h + adapter[-1]
         if control is not None:
             *down, mid = control
             skips = [s + c for s, c in zip(skips, down, strict=True)]
             h = h + mid
-        for module in self.output_blocks:
-            skip = skips.pop()
-            h = torch.cat([h, skip], dim=1)
-            upsample_to = tuple(skips[-1].shape[-2:]) if skips else None
-            h = module(h, emb, context, upsample_to)
-        return self.out(h)
+        return self.out(run_output_blocks(self.output_blocks, h, skips, emb, context))
