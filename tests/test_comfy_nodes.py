@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import write_tiny
+from tiny import TINY, tiny_checkpoint, write_tiny
 
+from sdlab.checkpoints import keymaps
+from sdlab.checkpoints.io import write_safetensors
 from sdlab.conditioning import Conditioning
 from sdlab.diffusion.denoiser import Denoiser
 from sdlab.diffusion.schedule import DiscreteSchedule
@@ -329,9 +331,79 @@ def test_workflow_with_area_and_custom_sampler_runs(env: nodes.Env) -> None:
     assert outputs["14"]["images"][0]["type"] == "temp"
 
 
-def test_unsupported_loader_is_a_node_error(env: nodes.Env) -> None:
-    with pytest.raises(nodes.NodeError, match="standalone U-Net"):
-        nodes.NODE_TYPES["UNETLoader"].run(env, unet_name="x.safetensors", weight_dtype="default")
+def _split(root: Path, name: str, seed: int) -> None:
+    """The tiny model `name` as standalone files: the U-Net in the original layout and with diffusers keys,
+    text encoders in the transformers layout and (the OpenCLIP one) in OpenCLIP's, the VAE."""
+    cfg = TINY[name]
+    ckpt = tiny_checkpoint(cfg, seed)
+    write_safetensors(
+        {f"model.diffusion_model.{k}": v for k, v in ckpt.unet.items()}, root / "unet" / "u.safetensors"
+    )
+    diffusers = keymaps.unet_ldm_to_diffusers(ckpt.unet, cfg.unet)
+    write_safetensors(diffusers, root / "diffusion_models" / f"{name}-diffusers.safetensors")
+    for i, (layout, sd) in enumerate(zip(ckpt.text_layouts, ckpt.text, strict=True)):
+        sd = keymaps.text_openai_to_openclip(sd) if layout == "openclip" else sd
+        write_safetensors(sd, root / "clip" / f"{name}-{i}.safetensors")
+    write_safetensors(ckpt.vae, root / "vae" / f"{name}-vae.safetensors")
+
+
+def _image(env: nodes.Env, model: nodes.Model, clip: nodes.Clip, vae) -> torch.Tensor:
+    """img2img through the nodes: encode, 2 euler steps at denoise 0.75, decode."""
+    pixels = torch.linspace(-1, 1, 3 * 16 * 16).reshape(1, 3, 16, 16)
+    (pos,) = nodes.clip_text_encode(env, "a red cat", clip)
+    (neg,) = nodes.clip_text_encode(env, "blurry", clip)
+    (latent,) = nodes.vae_encode(env, pixels, vae)
+    (out,) = nodes.ksampler(env, model, 5, 2, 6.0, "euler", "normal", pos, neg, latent, 0.75)
+    return nodes.vae_decode(env, out, vae)[0]
+
+
+def test_standalone_unet_clip_vae_equal_the_checkpoint(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_tiny("sd1", root / "checkpoints" / "tiny.safetensors")
+    _split(root, "sd1", seed=0)
+    library = Library(root)
+    env = nodes.Env(
+        library, ModelCache(library), Folders(root, tmp_path / "o", tmp_path / "i", tmp_path / "s")
+    )
+    run = {k: t.run for k, t in nodes.NODE_TYPES.items()}
+    with torch.inference_mode():
+        whole = _image(env, *run["CheckpointLoaderSimple"](env, ckpt_name="tiny.safetensors"))
+        (clip,) = run["CLIPLoader"](env, clip_name="sd1-0.safetensors", type="stable_diffusion")
+        (vae,) = run["VAELoader"](env, vae_name="sd1-vae.safetensors")
+        for unet_name in ("u.safetensors", "sd1-diffusers.safetensors"):
+            (model,) = run["UNETLoader"](env, unet_name=unet_name, weight_dtype="default")
+            assert model.sd.family.name == "sd1" and model.sd.vae is None and model.sd.text_encoders == []
+            assert torch.equal(_image(env, model, clip, vae), whole)
+    with pytest.raises(nodes.NodeError, match="weight_dtype 'fp8_e4m3fn'"):
+        run["UNETLoader"](env, unet_name="u.safetensors", weight_dtype="fp8_e4m3fn")
+    with pytest.raises(nodes.NodeError, match="type 'sd3'"):
+        run["CLIPLoader"](env, clip_name="sd1-0.safetensors", type="sd3")
+
+
+def test_dual_clip_loader_sdxl_and_sdxl_unet(tmp_path: Path) -> None:
+    """SDXL's CLIP-L and OpenCLIP bigG files (given in either order) condition as the checkpoint's do; a
+    standalone SDXL U-Net is recognised as SDXL and denoises as the checkpoint's. The sizes are explicit:
+    a U-Net alone takes its family's 8 pixels per latent (the tiny checkpoint's VAE has 2)."""
+    root = tmp_path / "models"
+    write_tiny("sdxl", root / "checkpoints" / "xl.safetensors", seed=4)
+    _split(root, "sdxl", seed=4)
+    library = Library(root)
+    env = nodes.Env(
+        library, ModelCache(library), Folders(root, tmp_path / "o", tmp_path / "i", tmp_path / "s")
+    )
+    model, clip, _ = nodes.checkpoint_loader(env, "xl.safetensors")
+    with torch.inference_mode():
+        sizes = (128, 128, 0, 0, 128, 128, "a red cat", "a cat")
+        expected = nodes.clip_text_encode_sdxl(env, clip, *sizes)[0]
+        for names in (("sdxl-0", "sdxl-1"), ("sdxl-1", "sdxl-0")):
+            (dual,) = core.dual_clip_loader(env, f"{names[0]}.safetensors", f"{names[1]}.safetensors", "sdxl")
+            got = nodes.clip_text_encode_sdxl(env, dual, *sizes)[0]
+            assert torch.equal(got.context, expected.context) and torch.equal(got.pooled, expected.pooled)
+        (unet,) = core.unet_loader(env, "sdxl-diffusers.safetensors", "default")
+        assert unet.sd.family.name == "sdxl" and unet.sd.config.prediction == "eps"
+        latent = _init(size=16)
+        one = [_one_step(env, m, expected, expected, latent, 5.0) for m in (model, unet)]
+    assert torch.equal(one[0], one[1])
 
 
 # ---------------------------------------------------------------------------------------------

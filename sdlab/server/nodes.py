@@ -529,7 +529,7 @@ def _sample(
     if len(sigmas) < 2:
         return latent
     sd = model.sd
-    scaling = _scaling(sd.vae)
+    scaling = (sd.config.vae.scale_factor, sd.config.vae.shift_factor)  # a standalone U-Net has no VAE
     init = _rescaled(
         _samples(latent, sd.config.unet.out_channels, sd.config.vae.downscale), latent.scaling, scaling
     )

@@ -7,12 +7,17 @@ NOISE and GUIDER values). Registered in `sdlab.server.nodes.NODE_TYPES` on impor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from sdlab.checkpoints.io import CheckpointError
+from sdlab.checkpoints.load import StableDiffusion
+from sdlab.checkpoints.parts import load_text_encoders, load_unet
 from sdlab.diffusion.samplers import SAMPLERS
 from sdlab.diffusion.schedule import SCHEDULES, DiscreteSchedule, get_sigmas
 from sdlab.models.vae import AutoencoderKL
@@ -37,7 +42,7 @@ from sdlab.server.nodes import (
     _samples,
     _scale,
     _scaling,
-    check_pixels,
+    bound_pixels,
     checkpoint_loader,
     lora_loader,
     node,
@@ -84,24 +89,36 @@ def lora_loader_model_only(env: Env, model: Model, lora_name: str, strength_mode
     return (lora_loader(env, model, Clip(model.sd), lora_name, strength_model, 0.0)[0],)
 
 
-def _unsupported_part(kind: str) -> Any:
-    def run(env: Env, **_: Any) -> tuple[Any, ...]:
-        raise NodeError(f"sdlab loads {kind} only as part of a checkpoint (CheckpointLoaderSimple)")
-
-    return run
+def _part_file(env: Env, kind: str, name: str, what: str) -> Path:
+    return env.library.find(env.library.listing(kind), name, what)
 
 
-node(
+def _loaded(load: Callable[[], StableDiffusion]) -> StableDiffusion:
+    try:
+        return load()
+    except CheckpointError as e:
+        raise NodeError(str(e)) from e
+
+
+@node(
     "UNETLoader",
     "Load Diffusion Model",
     "advanced/loaders",
     ("MODEL",),
     inputs={
         "unet_name": (lambda env: list(env.library.listing("diffusion_models")),),
-        "weight_dtype": (_list(["default", "fp8_e4m3fn", "fp8_e5m2"]),),
+        "weight_dtype": (_list(["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]),),
     },
-)(_unsupported_part("a standalone U-Net file"))
-node(
+)
+def unet_loader(env: Env, unet_name: str, weight_dtype: str) -> tuple[Model]:
+    """Loads a standalone U-Net file (original or diffusers keys) from diffusion_models/ or unet/."""
+    if weight_dtype != "default":
+        raise NodeError(f"UNETLoader weight_dtype {weight_dtype!r}: sdlab runs no fp8 weights (use default)")
+    path = _part_file(env, "diffusion_models", unet_name, "diffusion model")
+    return (Model(_loaded(lambda: load_unet(path, env.models.placement))),)
+
+
+@node(
     "CLIPLoader",
     "Load CLIP",
     "advanced/loaders",
@@ -110,8 +127,13 @@ node(
         "clip_name": (lambda env: list(env.library.listing("text_encoders")),),
         "type": (_list(["stable_diffusion", "stable_cascade", "sd3", "stable_audio"]),),
     },
-)(_unsupported_part("a standalone text encoder file"))
-node(
+)
+def clip_loader(env: Env, clip_name: str, type: str) -> tuple[Clip]:
+    """Loads a standalone CLIP-L (SD1) or OpenCLIP ViT-H (SD2) text encoder, in either key layout."""
+    return (_text_encoders(env, [clip_name], type, "stable_diffusion", "CLIPLoader"),)
+
+
+@node(
     "DualCLIPLoader",
     "DualCLIPLoader",
     "advanced/loaders",
@@ -121,7 +143,17 @@ node(
         "clip_name2": (lambda env: list(env.library.listing("text_encoders")),),
         "type": (_list(["sdxl", "sd3", "flux"]),),
     },
-)(_unsupported_part("standalone text encoder files"))
+)
+def dual_clip_loader(env: Env, clip_name1: str, clip_name2: str, type: str) -> tuple[Clip]:
+    """Loads SDXL's two text encoders (CLIP-L and OpenCLIP bigG, in either order and key layout)."""
+    return (_text_encoders(env, [clip_name1, clip_name2], type, "sdxl", "DualCLIPLoader"),)
+
+
+def _text_encoders(env: Env, names: list[str], kind: str, supported: str, node_name: str) -> Clip:
+    if kind != supported:
+        raise NodeError(f"{node_name} type {kind!r}: sdlab runs only {supported!r} text encoders here")
+    paths = [_part_file(env, "text_encoders", n, "text encoder") for n in names]
+    return Clip(_loaded(lambda: load_text_encoders(paths, kind == "sdxl", env.models.placement)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,9 +370,11 @@ def latent_upscale_by(env: Env, samples: Latent, upscale_method: str, scale_by: 
     if samples.samples is None:
         f = LATENT_FACTOR
         w, h = round(samples.width // f * scale_by) * f, round(samples.height // f * scale_by) * f
+        bound_pixels("scale_by", w, h, samples.batch)
         return (replace(samples, width=w, height=h),)
     z = samples.samples
     w, h = round(z.shape[-1] * scale_by), round(z.shape[-2] * scale_by)
+    bound_pixels("scale_by", w * _factor(samples), h * _factor(samples), samples.batch)
     return (_with_samples(samples, _scale(z, upscale_method, w, h, "disabled")),)
 
 
@@ -431,6 +465,7 @@ def latent_from_batch(env: Env, samples: Latent, batch_index: int, length: int) 
 )
 def repeat_latent_batch(env: Env, samples: Latent, amount: int) -> tuple[Latent]:
     """The batch repeated `amount` times (later copies placed after the batch's own places)."""
+    bound_pixels("amount", samples.width, samples.height, samples.batch * amount)
     mask = samples.noise_mask
     if mask is not None and mask.shape[0] > 1:
         mask = mask.repeat(amount, 1, 1, 1)
@@ -628,9 +663,7 @@ def sampler_custom_advanced(
 def image_scale_by(env: Env, image: Tensor, upscale_method: str, scale_by: float) -> tuple[Tensor]:
     """Images resized by a factor."""
     w, h = round(image.shape[-1] * scale_by), round(image.shape[-2] * scale_by)
-    problems = check_pixels(env, w, h, image.shape[0])
-    if problems:
-        raise NodeError(f"scale_by: {problems['width']}")
+    bound_pixels("scale_by", w, h, image.shape[0])
     return (_scale(image, upscale_method, w, h, "disabled"),)
 
 
@@ -643,6 +676,7 @@ def image_invert(env: Env, image: Tensor) -> tuple[Tensor]:
 @node("ImageBatch", "Batch Images", "image", ("IMAGE",), inputs={"image1": ("IMAGE",), "image2": ("IMAGE",)})
 def image_batch(env: Env, image1: Tensor, image2: Tensor) -> tuple[Tensor]:
     """Two batches as one, image2 resized (bilinear, centre crop) to image1's size."""
+    bound_pixels("image2", image1.shape[-1], image1.shape[-2], image1.shape[0] + image2.shape[0])
     if image1.shape[1:] != image2.shape[1:]:
         image2 = _scale(image2, "bilinear", image1.shape[-1], image1.shape[-2], "center")
     return (torch.cat([image1, image2]),)
@@ -671,6 +705,7 @@ def image_pad_for_outpaint(
     """Images padded with grey and the mask to outpaint: 1 on the padding, inside ((f − d)/f)² within
     `feathering` pixels of a padded side (d: the distance to it), as ComfyUI computes it."""
     b, c, h, w = image.shape
+    bound_pixels("image", w + left + right, h + top + bottom, b)
     padded = torch.zeros((b, c, h + top + bottom, w + left + right), dtype=torch.float32)
     padded[:, :, top : top + h, left : left + w] = image
     mask = torch.ones((h + top + bottom, w + left + right))
