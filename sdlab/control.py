@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -32,8 +31,17 @@ from sdlab.config import UNetConfig
 from sdlab.images import RESIZE_MODES, resize_image
 from sdlab.models.controlnet import ControlNetModel
 from sdlab.models.ops import compute_dtype, device_of
+from sdlab.models.t2i_adapter import (
+    T2IAdapterModel,
+    detect_adapter,
+    diffusers_to_original,
+    feature_slots,
+    is_adapter,
+    place_features,
+)
 from sdlab.models.unet import UNetModel
 from sdlab.preprocess import preprocess
+from sdlab.resample import common_upscale
 
 StateDict = dict[str, Tensor]
 CONTROL_MODES = ("balanced", "prompt", "control")
@@ -44,6 +52,7 @@ A1111_CONTROL_MODES = {
     "ControlNet is more important": "control",
 }
 SOFT_INJECTION = 0.825  # residual i of 13 scaled by 0.825^(12 - i) in the "prompt" and "control" modes
+ADAPTER_SOFT_INJECTION = (0.25, 0.62, 0.825, 1.0)  # the extension's scales of a T2I-Adapter's 4 features
 SINGLE_FILE_PREFIX = "control_model."
 CONTROLNET_FOLDERS = ("ControlNet", "controlnet")  # A1111's models/ControlNet, ComfyUI's models/controlnet
 
@@ -125,8 +134,14 @@ def read_controlnet(source: str | Path, base_unet: StateDict | None = None) -> S
     checkpoints holding one too) or bare ones, diffusers ControlNetModel files and folders. A
     "difference" ControlNet (a `difference` key; ComfyUI's DiffControlNetLoader) stores its weights minus
     the U-Net's, so it needs `base_unet` (the U-Net's state dict) to add back."""
-    source = Path(source)
-    sd = folder_weights(source, "diffusion_pytorch_model") if source.is_dir() else read_state_dict(source)
+    return _controlnet_layout(_read_control_file(Path(source)), Path(source), base_unet)
+
+
+def _read_control_file(source: Path) -> StateDict:
+    return folder_weights(source, "diffusion_pytorch_model") if source.is_dir() else read_state_dict(source)
+
+
+def _controlnet_layout(sd: StateDict, source: Path, base_unet: StateDict | None) -> StateDict:
     if "lora_controlnet" in sd:
         raise CheckpointError(f"{source}: Control-LoRA files are not supported (only full ControlNets)")
     difference = sd.pop("difference", None) is not None
@@ -138,8 +153,8 @@ def read_controlnet(source: str | Path, base_unet: StateDict | None = None) -> S
         }
     if "input_hint_block.0.weight" not in sd:
         raise CheckpointError(
-            f"{source}: not a ControlNet (no input_hint_block.0.weight, control_model.* or "
-            "controlnet_cond_embedding.* tensors); T2I-Adapters and other control models are not supported"
+            f"{source}: not a ControlNet or T2I-Adapter (no input_hint_block.0.weight, control_model.*, "
+            "controlnet_cond_embedding.*, conv_in or body.* tensors)"
         )
     if difference:
         if base_unet is None:
@@ -154,16 +169,33 @@ def load_controlnet(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     base_unet: StateDict | None = None,
-) -> ControlNetModel:
-    """A ControlNet module from a file or diffusers folder, its configuration detected from the shapes."""
-    sd = read_controlnet(source, base_unet)
+) -> ControlNetModel | T2IAdapterModel:
+    """A ControlNet or T2I-Adapter module from a file or diffusers folder (either layout), its
+    configuration detected from the keys and shapes."""
+    source = Path(source)
+    sd = _read_control_file(source)
+    if is_adapter(sd):
+        return load_adapter(sd, source, dtype, device)
+    sd = _controlnet_layout(sd, source, base_unet)
     cfg = detect_controlnet(sd, str(source))
     return build_module(ControlNetModel, cfg, sd, f"{source} (ControlNet)", dtype, device)  # type: ignore[return-value]
 
 
+def load_adapter(
+    sd: StateDict, source: Path, dtype: torch.dtype, device: torch.device | str
+) -> T2IAdapterModel:
+    """A T2I-Adapter from its tensors, original (`conv_in`, `body.N...`) or diffusers (`adapter.body...`)."""
+    if "adapter.body.0.resnets.0.block1.weight" in sd:
+        sd = diffusers_to_original(sd)
+    if any(".skep." in k or ".down_opt.op." in k for k in sd):
+        raise CheckpointError(f"{source}: a T2I-Adapter with skip or strided-conv blocks is not supported")
+    cfg = detect_adapter(sd)
+    return build_module(T2IAdapterModel, cfg, sd, f"{source} (T2I-Adapter)", dtype, device)  # type: ignore[return-value]
+
+
 def load_controls(
-    specs: Sequence[ControlSpec], loaded: Mapping[str, ControlNetModel], unet: UNetModel
-) -> dict[str, ControlNetModel]:
+    specs: Sequence[ControlSpec], loaded: Mapping[str, ControlNetModel | T2IAdapterModel], unet: UNetModel
+) -> dict[str, ControlNetModel | T2IAdapterModel]:
     """The ControlNet of each unit: taken from `loaded` by its `model` name, else read from its file (a
     path or a name in `controlnet_dirs()`) at the U-Net's dtype and device; each checked against `unet`."""
     nets = dict(loaded)
@@ -173,12 +205,20 @@ def load_controls(
             path = find_controlnet(spec.model, controlnet_dirs())
             base = unet.state_dict()
             nets[spec.model] = load_controlnet(path, dtype=dtype, device=device, base_unet=base)
-        _check_fits(nets[spec.model].cfg.unet, unet.cfg, f"controls[{i}] ({spec.model})")
+        _check_fits(nets[spec.model], unet.cfg, f"controls[{i}] ({spec.model})")
     return nets
 
 
-def _check_fits(control: UNetConfig, unet: UNetConfig, what: str) -> None:
-    """A ControlNet made for another model family gives residuals of the wrong shapes: name the mismatch."""
+def _check_fits(net: ControlNetModel | T2IAdapterModel, unet: UNetConfig, what: str) -> None:
+    """A ControlNet or adapter made for another model family gives residuals of the wrong shapes: name
+    the mismatch (an adapter's features are tried on 64x64 latents)."""
+    if isinstance(net, T2IAdapterModel):
+        try:
+            feature_slots(unet, net.cfg.feature_shapes(64, 64), 64, 64)
+        except ValueError as e:
+            raise ValueError(f"{what}: a T2I-Adapter for another model: {e}") from None
+        return
+    control = net.cfg.unet
     for name in ("model_channels", "channel_mult", "num_res_blocks", "context_dim", "adm_in_channels"):
         theirs, ours = getattr(control, name), getattr(unet, name)
         if theirs != ours:
@@ -193,21 +233,25 @@ def _check_fits(control: UNetConfig, unet: UNetConfig, what: str) -> None:
 class Control:
     """A unit ready to sample with: its network, the control image (1, C, H, W) and how it applies."""
 
-    net: ControlNetModel
+    net: ControlNetModel | T2IAdapterModel
     hint: Tensor
     weight: float
     start: float
     end: float
     mode: str
+    features: list[Tensor] | None = None  # an adapter's output: it depends on the image only, so made once
 
     def active(self, fraction: float) -> bool:
         return self.start <= fraction <= self.end
 
     def scales(self, count: int) -> list[float]:
         """Per-residual weights: flat when balanced, else A1111's soft injection weight·0.825^(12−i)
-        (SDXL's 10 residuals take the first 10 of those 13, as the extension does)."""
+        (SDXL's 10 residuals take the first 10 of those 13, as the extension does); a T2I-Adapter's four
+        features weight·(0.25, 0.62, 0.825, 1)."""
         if self.mode == "balanced":
             return [self.weight] * count
+        if isinstance(self.net, T2IAdapterModel):
+            return [self.weight * s for s in ADAPTER_SOFT_INJECTION[-count:]]
         return [self.weight * SOFT_INJECTION ** float(12 - i) for i in range(count)]
 
 
@@ -231,13 +275,14 @@ def _resized(image: Image.Image, width: int, height: int, mode: str) -> Image.Im
 
 def prepare_controls(
     specs: Sequence[ControlSpec],
-    nets: Mapping[str, ControlNetModel],
+    nets: Mapping[str, ControlNetModel | T2IAdapterModel],
     width: int,
     height: int,
     latent_factor: int = 8,
 ) -> list[Control]:
     """Each unit's control image preprocessed, resized to the image size (width x height, or for a model
-    whose VAE does not downscale by the ControlNet's 8, the latent size times 8) and made a tensor, once."""
+    whose VAE does not downscale by the ControlNet's 8, the latent size times 8) and made a tensor, once;
+    a one-channel adapter (sketch) gets the mean of the RGB channels, as ComfyUI gives it."""
     controls = []
     for i, spec in enumerate(specs):
         spec.validate(i)
@@ -246,6 +291,8 @@ def prepare_controls(
         image = preprocess(spec.preprocessor, spec.image, spec.mask, spec.threshold_a, spec.threshold_b)
         w, h = (n // latent_factor * net.cfg.downscale for n in (width, height))
         hint = hint_tensor(_resized(image, w, h, spec.resize_mode))
+        if isinstance(net, T2IAdapterModel) and net.cfg.hint_channels == 1:
+            hint = hint.mean(dim=1, keepdim=True)
         if hint.shape[1] != net.cfg.hint_channels:
             raise ValueError(
                 f"controls[{i}]: {spec.model} takes {net.cfg.hint_channels}-channel control images, "
@@ -271,7 +318,7 @@ def control_residuals(
     ones (the "control" mode leaves those without control). None when no unit is active."""
     total: list[Tensor] | None = None
     for c in controls:
-        if not c.active(fraction):
+        if isinstance(c.net, T2IAdapterModel) or not c.active(fraction):
             continue
         outs = _net_outputs(c.net, c.hint, x, t, context, y)
         mark = 1.0
@@ -279,6 +326,33 @@ def control_residuals(
             mark = cond_mark.to(x.device, x.dtype)[:, None, None, None]
         total = _added(total, [o * (s * mark) for o, s in zip(outs, c.scales(len(outs)), strict=True)])
     return total
+
+
+def adapter_features(
+    controls: Sequence[Control], x: Tensor, cond_mark: Tensor | None, fraction: float, unet: UNetConfig
+) -> list[Tensor | None] | None:
+    """The U-Net's `adapter` argument: the summed, scaled features of the T2I-Adapter units active at
+    step fraction `fraction`, each at its input block (`feature_slots`), for latents x; `cond_mark` as in
+    `control_residuals`. None when no adapter is active."""
+    total: list[Tensor | None] | None = None
+    for c in controls:
+        if not isinstance(c.net, T2IAdapterModel) or not c.active(fraction):
+            continue
+        if c.features is None:
+            with torch.no_grad():
+                c.features = c.net(c.hint.to(device_of(c.net), compute_dtype(c.net)))
+        mark = 1.0
+        if c.mode == "control" and cond_mark is not None:
+            mark = cond_mark.to(x.device, x.dtype)[:, None, None, None]
+        scales = c.scales(len(c.features))
+        feats = [f.to(x.device, x.dtype) * (s * mark) for f, s in zip(c.features, scales, strict=True)]
+        placed = place_features(unet, feats, *x.shape[-2:])
+        total = placed if total is None else [_sum(a, b) for a, b in zip(total, placed, strict=True)]
+    return total
+
+
+def _sum(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a + b
 
 
 def _net_outputs(
@@ -317,15 +391,7 @@ class ComfyControl:
 def comfy_hint(image: Tensor, width: int, height: int) -> Tensor:
     """ComfyUI's `common_upscale(image, width, height, "nearest-exact", "center")`: the centre cut to the
     target's aspect ratio with ComfyUI's rounding, then resized by nearest-exact."""
-    old_h, old_w = image.shape[-2:]
-    old_aspect, new_aspect = old_w / old_h, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-    cut = image[..., y : old_h - y, x : old_w - x]
-    return F.interpolate(cut, size=(height, width), mode="nearest-exact")
+    return common_upscale(image, "nearest-exact", width, height, "center")
 
 
 def comfy_residuals(

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
 from sdlab.checkpoints.io import CheckpointError
@@ -55,6 +54,7 @@ from sdlab.pipeline import (
     seed_noise,
 )
 from sdlab.regions import guidance_sides
+from sdlab.resample import common_upscale
 from sdlab.server.jobs import Live
 from sdlab.server.library import Library, ModelCache
 from sdlab.server.paths import Folders, PathError, confined, image_files, relative_parts, split_name
@@ -62,8 +62,8 @@ from sdlab.upscale import Upscaler, load_upscaler, run_upscaler
 
 MAX_RESOLUTION = 16384
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-LATENT_UPSCALE = ["nearest-exact", "bilinear", "area", "bicubic"]
-IMAGE_UPSCALE = [*LATENT_UPSCALE, "lanczos"]
+LATENT_UPSCALE = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
+IMAGE_UPSCALE = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]  # as ComfyUI: no bislerp
 CROP = ["disabled", "center"]
 MASK_CHANNELS = {"alpha": "A", "red": "R", "green": "G", "blue": "B"}
 
@@ -651,7 +651,7 @@ def latent_upscale(
     if samples.samples is None:
         return (replace(samples, width=w, height=h),)
     factor = samples.width // samples.samples.shape[-1]
-    scaled = _scale(samples.samples, upscale_method, w // factor, h // factor, crop)
+    scaled = common_upscale(samples.samples, upscale_method, w // factor, h // factor, crop)
     return (replace(samples, width=w, height=h, samples=scaled),)
 
 
@@ -671,7 +671,7 @@ def image_scale(
     Images resized (a 0 side keeps the aspect ratio)."""
     w, h = _target_size(image.shape[-1], image.shape[-2], width, height)
     bound_pixels("image", w, h, image.shape[0])
-    return (_scale(image, upscale_method, w, h, crop),)
+    return (common_upscale(image, upscale_method, w, h, crop),)
 
 
 @node(
@@ -713,21 +713,6 @@ def _target_size(w: int, h: int, width: int, height: int, multiple: int = 1) -> 
     width = width or max(multiple, round(w * height / h / multiple) * multiple)
     height = height or max(multiple, round(h * width / w / multiple) * multiple)
     return width, height
-
-
-def _scale(x: Tensor, method: str, w: int, h: int, crop: str) -> Tensor:
-    """Resize (B, C, H, W) to h x w, first cutting the centre to the target's aspect with crop="center"."""
-    if crop == "center":
-        old_h, old_w = x.shape[-2:]
-        if old_w * h > w * old_h:  # too wide
-            keep = round(old_h * w / h)
-            x = x[..., (old_w - keep) // 2 : (old_w - keep) // 2 + keep]
-        else:
-            keep = round(old_w * h / w)
-            x = x[..., (old_h - keep) // 2 : (old_h - keep) // 2 + keep, :]
-    if method == "lanczos":
-        return torch.cat([to_tensor(im.resize((w, h), Image.LANCZOS)) for im in to_pil(x)])
-    return F.interpolate(x, size=(h, w), mode=method)
 
 
 def _crop_to(pixels: Tensor, multiple: int) -> Tensor:

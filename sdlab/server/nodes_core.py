@@ -23,6 +23,7 @@ from sdlab.diffusion.schedule import SCHEDULES, DiscreteSchedule, get_sigmas
 from sdlab.models.vae import AutoencoderKL
 from sdlab.pipeline import Guidance
 from sdlab.regions import Conds, entries, guidance_sides, single_or_list
+from sdlab.resample import common_upscale
 from sdlab.server.nodes import (
     IMAGE_UPSCALE,
     LATENT_UPSCALE,
@@ -40,7 +41,6 @@ from sdlab.server.nodes import (
     _rescaled,
     _sample,
     _samples,
-    _scale,
     _scaling,
     bound_pixels,
     checkpoint_loader,
@@ -375,7 +375,7 @@ def latent_upscale_by(env: Env, samples: Latent, upscale_method: str, scale_by: 
     z = samples.samples
     w, h = round(z.shape[-1] * scale_by), round(z.shape[-2] * scale_by)
     bound_pixels("scale_by", w * _factor(samples), h * _factor(samples), samples.batch)
-    return (_with_samples(samples, _scale(z, upscale_method, w, h, "disabled")),)
+    return (_with_samples(samples, common_upscale(z, upscale_method, w, h, "disabled")),)
 
 
 @node(
@@ -428,7 +428,7 @@ def latent_blend(env: Env, samples1: Latent, samples2: Latent, blend_factor: flo
     a = _concrete(samples1)
     b = _rescaled(_concrete(samples2), samples2.scaling, samples1.scaling)
     if b.shape != a.shape:
-        b = _scale(b, "bicubic", a.shape[-1], a.shape[-2], "center")
+        b = common_upscale(b, "bicubic", a.shape[-1], a.shape[-2], "center")
     return (_with_samples(samples1, a * blend_factor + b * (1 - blend_factor)),)
 
 
@@ -664,7 +664,7 @@ def image_scale_by(env: Env, image: Tensor, upscale_method: str, scale_by: float
     """Images resized by a factor."""
     w, h = round(image.shape[-1] * scale_by), round(image.shape[-2] * scale_by)
     bound_pixels("scale_by", w, h, image.shape[0])
-    return (_scale(image, upscale_method, w, h, "disabled"),)
+    return (common_upscale(image, upscale_method, w, h, "disabled"),)
 
 
 @node("ImageInvert", "Invert Image", "image", ("IMAGE",), inputs={"image": ("IMAGE",)})
@@ -678,7 +678,7 @@ def image_batch(env: Env, image1: Tensor, image2: Tensor) -> tuple[Tensor]:
     """Two batches as one, image2 resized (bilinear, centre crop) to image1's size."""
     bound_pixels("image2", image1.shape[-1], image1.shape[-2], image1.shape[0] + image2.shape[0])
     if image1.shape[1:] != image2.shape[1:]:
-        image2 = _scale(image2, "bilinear", image1.shape[-1], image1.shape[-2], "center")
+        image2 = common_upscale(image2, "bilinear", image1.shape[-1], image1.shape[-2], "center")
     return (torch.cat([image1, image2]),)
 
 
