@@ -29,9 +29,12 @@ def _load(env: Env, name: str, model: Model | None = None) -> ControlNetModel:
     path = env.library.find(env.library.controlnets(), name, "ControlNet")
     base = None if model is None else model.sd.unet.state_dict()
     try:
-        return load_controlnet(path, base_unet=base)
+        net = load_controlnet(path, base_unet=base)
     except CheckpointError as e:
         raise NodeError(str(e)) from e
+    if not isinstance(net, ControlNetModel):
+        raise NodeError(f"{name}: a T2I-Adapter; adapters in ComfyUI workflows are not supported yet")
+    return net
 
 
 @node("ControlNetLoader", "Load ControlNet Model", "loaders", ("CONTROL_NET",), inputs=_NAME)
