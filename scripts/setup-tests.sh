@@ -22,3 +22,7 @@ $PIP install -q --no-deps k-diffusion torchsde torchdiffeq trampoline
 # torchvision wheel matches the CPU torch, so install it without dependencies (the tests stub the two
 # torchvision functions it imports for architectures they never run).
 $PIP install -q --no-deps spandrel einops
+# comfy-catapult pins websockets 12 (sdlab serve needs a newer one): installed without its pins; its other
+# pure-Python dependencies as usual (tests/test_comfy_catapult.py).
+$PIP install -q --no-deps comfy-catapult==3.0.0
+$PIP install -q "aiofiles>=23,<24" "aioshutil>=1,<2" "pydash>=7,<8" "python-slugify>=8,<9" rich-argparse toml aiohttp
