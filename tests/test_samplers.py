@@ -753,6 +753,73 @@ def test_gradient_estimation_and_ddpm_match_comfyui():
     torch.testing.assert_close(ours, _comfy_ddpm(mixture_denoiser, x, sigmas, noise), **FP32)
 
 
+def _comfy_seeds_3(model, x, sigmas, eta, s_noise, noise_sampler, r_1=1.0 / 3, r_2=2.0 / 3):
+    """ComfyUI's sample_seeds_3 for an ε/v (not rectified-flow) model, transcribed: λ = −log σ, α = 1
+    (sigma_to_half_log_snr, half_log_snr_to_sigma; offset_first_sigma_for_snr leaves these σ alone)."""
+    ei_h_phi_1 = torch.expm1
+
+    def ei_h_phi_2(h):
+        return (torch.expm1(h) - h) / h
+
+    lambda_fn, sigma_fn = (lambda s: s.log().neg()), (lambda t: t.neg().exp())
+    inject_noise = eta > 0 and s_noise > 0
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lambda_s, lambda_t = lambda_fn(sigmas[i]), lambda_fn(sigmas[i + 1])
+        h = lambda_t - lambda_s
+        h_eta = h * (eta + 1)
+        lambda_s_1 = torch.lerp(lambda_s, lambda_t, r_1)
+        lambda_s_2 = torch.lerp(lambda_s, lambda_t, r_2)
+        sigma_s_1, sigma_s_2 = sigma_fn(lambda_s_1), sigma_fn(lambda_s_2)
+        alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
+        alpha_s_2 = sigma_s_2 * lambda_s_2.exp()
+        alpha_t = sigmas[i + 1] * lambda_t.exp()
+        x_2 = (
+            sigma_s_1 / sigmas[i] * (-r_1 * h * eta).exp() * x
+            - alpha_s_1 * ei_h_phi_1(-r_1 * h_eta) * denoised
+        )
+        if inject_noise:
+            sde_noise = (-2 * r_1 * h * eta).expm1().neg().sqrt() * noise_sampler(sigmas[i], sigma_s_1)
+            x_2 = x_2 + sde_noise * sigma_s_1 * s_noise
+        denoised_2 = model(x_2, sigma_s_1)
+        a3_2 = r_2 / r_1 * ei_h_phi_2(-r_2 * h_eta)
+        a3_1 = ei_h_phi_1(-r_2 * h_eta) - a3_2
+        x_3 = sigma_s_2 / sigmas[i] * (-r_2 * h * eta).exp() * x - alpha_s_2 * (
+            a3_1 * denoised + a3_2 * denoised_2
+        )
+        if inject_noise:
+            segment_factor = (r_1 - r_2) * h * eta
+            sde_noise = sde_noise * segment_factor.exp()
+            sde_noise = sde_noise + segment_factor.mul(2).expm1().neg().sqrt() * noise_sampler(
+                sigma_s_1, sigma_s_2
+            )
+            x_3 = x_3 + sde_noise * sigma_s_2 * s_noise
+        denoised_3 = model(x_3, sigma_s_2)
+        b3 = ei_h_phi_2(-h_eta) / r_2
+        b1 = ei_h_phi_1(-h_eta) - b3
+        x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * (b1 * denoised + b3 * denoised_3)
+        if inject_noise:
+            segment_factor = (r_2 - 1) * h * eta
+            sde_noise = sde_noise * segment_factor.exp()
+            sde_noise = sde_noise + segment_factor.mul(2).expm1().neg().sqrt() * noise_sampler(
+                sigma_s_2, sigmas[i + 1]
+            )
+            x = x + sde_noise * sigmas[i + 1] * s_noise
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_seeds_3_matches_comfyui(eta):
+    sigmas = get_sigmas("karras", SD, 8)
+    x = start(sigmas)
+    noise = keyed_noise(x.shape)
+    ours = SAMPLERS["seeds_3"](mixture_denoiser, x, sigmas, eta=eta, noise_sampler=noise)
+    torch.testing.assert_close(ours, _comfy_seeds_3(mixture_denoiser, x, sigmas, eta, 1.0, noise), **FP32)
+
+
 # ---------------------------------------------------------------------------------------------
 # names
 
