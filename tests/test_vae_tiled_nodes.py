@@ -1,5 +1,5 @@
 """ComfyUI's VAEEncodeTiled / VAEDecodeTiled on a tiny VAE that downsamples 8x (four levels, 32 channels),
-so the smallest tile ComfyUI allows (320 px: 40 latent cells) splits a 384x320 image in two.
+so the smallest tile ComfyUI allows (320 px: 40 latent cells) splits a 336x320 image in two.
 
 The bound: sdlab's tiles share GroupNorm statistics and run the middle block whole (`sdlab.vae_tools`),
 so they differ from the untiled result only where a tile's zero padding reaches into the blended area
@@ -52,7 +52,7 @@ def test_tiled_vae_nodes_are_closer_to_untiled_than_comfyuis_tiling() -> None:
     vae = randomize(AutoencoderKL(VAE8), 7).eval()
     assert vae.cfg.downscale == 8
     g = torch.Generator().manual_seed(4)
-    pixels = F.interpolate(torch.rand(1, 3, 10, 12, generator=g), size=(320, 384), mode="bilinear") * 2 - 1
+    pixels = F.interpolate(torch.rand(1, 3, 10, 12, generator=g), size=(320, 336), mode="bilinear") * 2 - 1
     with torch.inference_mode():
         (whole,) = nodes.vae_encode(None, pixels, vae)  # type: ignore[arg-type]
         (tiled,) = core.vae_encode_tiled(None, pixels, vae, TILE)  # type: ignore[arg-type]
@@ -61,7 +61,7 @@ def test_tiled_vae_nodes_are_closer_to_untiled_than_comfyuis_tiling() -> None:
             pixels, lambda p: vae.encode(p).mode() * scale, TILE, TILE, core.ENCODE_OVERLAP, 1 / 8, 4
         )
         encode_error = (tiled.samples - whole.samples).abs().max()
-        assert tiled.samples.shape == whole.samples.shape == (1, 4, 40, 48)
+        assert tiled.samples.shape == whole.samples.shape == (1, 4, 40, 42)
         assert 0 < encode_error < (comfy - whole.samples).abs().max()
 
         (image,) = nodes.vae_decode(None, whole, vae)  # type: ignore[arg-type]
@@ -71,5 +71,5 @@ def test_tiled_vae_nodes_are_closer_to_untiled_than_comfyuis_tiling() -> None:
             whole.samples, lambda z: vae.decode(z / scale), cells, cells, core.DECODE_OVERLAP, 8, 3
         )
         decode_error = (tiled_image - image).abs().max()
-        assert tiled_image.shape == image.shape == (1, 3, 320, 384)
+        assert tiled_image.shape == image.shape == (1, 3, 320, 336)
         assert 0 < decode_error < (comfy - image).abs().max()
