@@ -215,6 +215,7 @@ def test_generate_sd1_matches_diffusers_load_textual_inversion(sd1, tmp_path: Pa
     path, model, folder = sd1
     prompt = f"a red apple on a table, ({NAME}:1.0)"
     ours = _ours(path, folder, prompt, tmp_path / "ours.png")
+    (tmp_path / "none").mkdir()  # an empty embeddings folder: the name stays plain text
     plain = _ours(path, tmp_path / "none", prompt, tmp_path / "plain.png")
     info = Image.open(tmp_path / "ours.png").text["parameters"]
     digest = hashlib.sha256((folder / f"{NAME}.pt").read_bytes()).hexdigest()[:12]
@@ -318,6 +319,7 @@ def test_generate_sdxl_matches_diffusers_load_textual_inversion(tmp_path: Path) 
     assert max_diff(cond.context[..., 128:], other.context[..., 128:]) > 1e-3
 
     ours = _ours(path, folder, prompt, tmp_path / "ours.png")
+    (tmp_path / "none").mkdir()  # an empty embeddings folder: the name stays plain text
     plain = _ours(path, tmp_path / "none", prompt, tmp_path / "plain.png")
     pipe = StableDiffusionXLPipeline.from_pretrained(
         str(convert(path, tmp_path / "diffusers")), local_files_only=True, add_watermarker=False
