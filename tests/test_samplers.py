@@ -456,6 +456,14 @@ def test_dpm_adaptive_matches_k_diffusion(kd, order):
     assert info["n_reject"] > 0 and len(calls) == info["steps"]  # the controller rejected steps, as there
 
 
+def _comfy_ancestral_step(sigma, sigma_next, eta):
+    """ComfyUI `get_ancestral_step`: (σ_down, σ_up)."""
+    if not eta:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
+
+
 def _comfy_euler_ancestral_cfg_pp(model, x, sigmas, eta, noise_sampler):
     """ComfyUI `sample_euler_ancestral_cfg_pp` (α_s = α_t = 1); model returns (denoised, uncond_denoised)."""
     for i in range(len(sigmas) - 1):
@@ -464,14 +472,32 @@ def _comfy_euler_ancestral_cfg_pp(model, x, sigmas, eta, noise_sampler):
             x = denoised
         else:
             d = (x - uncond_denoised) / sigmas[i]
-            sigma_up = min(
-                sigmas[i + 1],
-                eta * (sigmas[i + 1] ** 2 * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) / sigmas[i] ** 2) ** 0.5,
-            )  # noqa: E501
-            sigma_down = (sigmas[i + 1] ** 2 - sigma_up**2) ** 0.5
+            sigma_down, sigma_up = _comfy_ancestral_step(sigmas[i], sigmas[i + 1], eta)
             x = denoised + sigma_down * d
             if eta > 0:
                 x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigma_up
+    return x
+
+
+def _comfy_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, eta, noise_sampler):
+    """ComfyUI `sample_dpmpp_2s_ancestral_cfg_pp` (not RF: α = 1)."""
+    sigma_fn, t_fn = (lambda t: t.neg().exp()), (lambda sigma: sigma.log().neg())
+    for i in range(len(sigmas) - 1):
+        denoised, uncond_denoised = model(x, sigmas[i])
+        guidance_vector = denoised - uncond_denoised
+        sigma_down, sigma_up = _comfy_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if sigma_down == 0:
+            x = x + (x - uncond_denoised) / sigmas[i] * (sigma_down - sigmas[i])
+        else:
+            t, t_next = t_fn(sigmas[i]), t_fn(sigma_down)
+            h = t_next - t
+            s = t + h / 2
+            x_2 = (sigma_fn(s) / sigma_fn(t)) * x - (-h / 2).expm1() * uncond_denoised
+            _, uncond_denoised_2 = model(x_2, sigma_fn(s))
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * uncond_denoised_2
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigma_up
+        x = x + guidance_vector
     return x
 
 
@@ -503,14 +529,7 @@ def _comfy_res_multistep(model, x, sigmas, eta, cfg_pp, noise_sampler):
     old_sigma_down = old_denoised = None
     for i in range(len(sigmas) - 1):
         denoised, uncond_denoised = model(x, sigmas[i])
-        if eta:
-            sigma_up = min(
-                sigmas[i + 1],
-                eta * (sigmas[i + 1] ** 2 * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) / sigmas[i] ** 2) ** 0.5,
-            )  # noqa: E501
-            sigma_down = (sigmas[i + 1] ** 2 - sigma_up**2) ** 0.5
-        else:
-            sigma_down, sigma_up = sigmas[i + 1], 0.0
+        sigma_down, sigma_up = _comfy_ancestral_step(sigmas[i], sigmas[i + 1], eta)
         if sigma_down == 0 or old_denoised is None:
             if cfg_pp:
                 x = denoised + (x - uncond_denoised) / sigmas[i] * sigma_down
@@ -538,6 +557,16 @@ def _comfy_res_multistep(model, x, sigmas, eta, cfg_pp, noise_sampler):
         old_denoised = uncond_denoised if cfg_pp else denoised
         old_sigma_down = sigma_down
     return x
+
+
+def _mixture(x, sigma):
+    """The mixture denoiser called as ComfyUI's samplers call their model, with one σ for the batch."""
+    return mixture_denoiser(x, sigma.expand(x.shape[0]))
+
+
+def _unguided(x, sigma):
+    """The mixture denoiser as a reference (denoised, uncond_denoised) model without guidance."""
+    return (_mixture(x, sigma),) * 2
 
 
 def _guided_pair(scale):
@@ -568,6 +597,8 @@ def test_cfg_pp_samplers_match_comfyui(scale):
         "dpmpp_2m_cfg_pp": _comfy_dpmpp_2m_cfg_pp(reference, x, sigmas),
         "res_multistep_cfg_pp": _comfy_res_multistep(reference, x, sigmas, 0.0, True, noise),
         "res_multistep_ancestral_cfg_pp": _comfy_res_multistep(reference, x, sigmas, 1.0, True, noise),
+        "dpmpp_2s_ancestral_cfg_pp": _comfy_dpmpp_2s_ancestral_cfg_pp(reference, x, sigmas, 1.0, noise),
+        "gradient_estimation_cfg_pp": _comfy_gradient_estimation(reference, x, sigmas, cfg_pp=True),
     }
     for name, ref in cases.items():
         options = {"noise_sampler": noise} if "ancestral" in name else {}
@@ -580,9 +611,7 @@ def test_res_multistep_matches_comfyui(eta):
     sigmas = get_sigmas("karras", SD, 10)
     x = start(sigmas)
     noise = keyed_noise(x.shape)
-    ref = _comfy_res_multistep(
-        lambda x, s: (mixture_denoiser(x, s.expand(2)),) * 2, x, sigmas, eta, False, noise
-    )
+    ref = _comfy_res_multistep(_unguided, x, sigmas, eta, False, noise)
     name = "res_multistep_ancestral" if eta else "res_multistep"
     torch.testing.assert_close(SAMPLERS[name](mixture_denoiser, x, sigmas, noise_sampler=noise), ref, **FP32)
 
@@ -707,17 +736,17 @@ def test_ipndm_v_and_deis_match_comfyui():
     )  # noqa: E501
 
 
-def _comfy_gradient_estimation(model, x, sigmas, ge_gamma=2.0):
-    """ComfyUI `sample_gradient_estimation` (cfg_pp=False)."""
+def _comfy_gradient_estimation(model, x, sigmas, ge_gamma=2.0, cfg_pp=False):
+    """ComfyUI `sample_gradient_estimation`; model returns (denoised, uncond_denoised)."""
     old_d = None
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i].expand(x.shape[0]))
-        d = (x - denoised) / sigmas[i]
+        denoised, uncond_denoised = model(x, sigmas[i])
+        d = (x - (uncond_denoised if cfg_pp else denoised)) / sigmas[i]
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            x = x + d * dt
+            x = denoised + d * sigmas[i + 1] if cfg_pp else x + d * dt
             if i >= 1:
                 x = x + (ge_gamma - 1) * (d - old_d) * dt
         old_d = d
@@ -748,7 +777,7 @@ def test_gradient_estimation_and_ddpm_match_comfyui():
     x = start(sigmas)
     noise = keyed_noise(x.shape)
     ours = SAMPLERS["gradient_estimation"](mixture_denoiser, x, sigmas)
-    torch.testing.assert_close(ours, _comfy_gradient_estimation(mixture_denoiser, x, sigmas), **FP32)
+    torch.testing.assert_close(ours, _comfy_gradient_estimation(_unguided, x, sigmas), **FP32)
     ours = get_sampler("DDPM")(mixture_denoiser, x, sigmas, noise_sampler=noise)
     torch.testing.assert_close(ours, _comfy_ddpm(mixture_denoiser, x, sigmas, noise), **FP32)
 
@@ -818,6 +847,170 @@ def test_seeds_3_matches_comfyui(eta):
     noise = keyed_noise(x.shape)
     ours = SAMPLERS["seeds_3"](mixture_denoiser, x, sigmas, eta=eta, noise_sampler=noise)
     torch.testing.assert_close(ours, _comfy_seeds_3(mixture_denoiser, x, sigmas, eta, 1.0, noise), **FP32)
+
+
+def _comfy_heunpp2(model, x, sigmas):
+    """ComfyUI `sample_heunpp2` (s_churn = 0)."""
+    s_end = sigmas[-1]
+    for i in range(len(sigmas) - 1):
+        d = (x - model(x, sigmas[i])) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == s_end:
+            x = x + d * dt
+        elif sigmas[i + 2] == s_end:
+            x_2 = x + d * dt
+            d_2 = (x_2 - model(x_2, sigmas[i + 1])) / sigmas[i + 1]
+            w2 = sigmas[i + 1] / (2 * sigmas[0])
+            x = x + (d * (1 - w2) + d_2 * w2) * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - model(x_2, sigmas[i + 1])) / sigmas[i + 1]
+            x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
+            d_3 = (x_3 - model(x_3, sigmas[i + 2])) / sigmas[i + 2]
+            w2, w3 = sigmas[i + 1] / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0])
+            x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+    return x
+
+
+def _comfy_ipndm(model, x, sigmas, max_order=4):
+    """ComfyUI `sample_ipndm` (fixed-step Adams–Bashforth weights, from zju-pi/diff-sampler)."""
+    buffer_model = []
+    for i in range(len(sigmas) - 1):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, t_cur)
+        d_cur = (x - denoised) / t_cur
+        order = min(max_order, i + 1)
+        b = buffer_model
+        if t_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x + (t_next - t_cur) * d_cur
+        elif order == 2:
+            x_next = x + (t_next - t_cur) * (3 * d_cur - b[-1]) / 2
+        elif order == 3:
+            x_next = x + (t_next - t_cur) * (23 * d_cur - 16 * b[-1] + 5 * b[-2]) / 12
+        else:
+            x_next = x + (t_next - t_cur) * (55 * d_cur - 59 * b[-1] + 37 * b[-2] - 9 * b[-3]) / 24
+        buffer_model = (buffer_model + [d_cur])[-(max_order - 1) :]
+        x = x_next
+    return x
+
+
+def _comfy_er_sde(model, x, sigmas, s_noise, noise_sampler, max_stage=3):
+    """ComfyUI `sample_er_sde` with its default noise scaler; VE model: er_lambda = σ, α = 1."""
+
+    def noise_scaler(v):
+        return v * ((v**0.3).exp() + 10.0)
+
+    point_indice = torch.arange(0, 200.0, dtype=torch.float32)
+    er_lambdas = sigmas
+    old_denoised = old_denoised_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        stage_used = min(max_stage, i + 1)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            er_lambda_s, er_lambda_t = er_lambdas[i], er_lambdas[i + 1]
+            r = noise_scaler(er_lambda_t) / noise_scaler(er_lambda_s)
+            x = r * x + (1 - r) * denoised
+            if stage_used >= 2:
+                dt = er_lambda_t - er_lambda_s
+                lambda_step_size = -dt / 200.0
+                lambda_pos = er_lambda_t + point_indice * lambda_step_size
+                scaled_pos = noise_scaler(lambda_pos)
+                s = torch.sum(1 / scaled_pos) * lambda_step_size
+                denoised_d = (denoised - old_denoised) / (er_lambda_s - er_lambdas[i - 1])
+                x = x + (dt + s * noise_scaler(er_lambda_t)) * denoised_d
+                if stage_used >= 3:
+                    s_u = torch.sum((lambda_pos - er_lambda_s) / scaled_pos) * lambda_step_size
+                    denoised_u = (denoised_d - old_denoised_d) / ((er_lambda_s - er_lambdas[i - 2]) / 2)
+                    x = x + ((dt**2) / 2 + s_u * noise_scaler(er_lambda_t)) * denoised_u
+                old_denoised_d = denoised_d
+            if s_noise > 0:
+                scale = (er_lambda_t**2 - er_lambda_s**2 * r**2).sqrt().nan_to_num(nan=0.0)
+                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * scale
+        old_denoised = denoised
+    return x
+
+
+def _comfy_seeds_2(model, x, sigmas, eta, s_noise, noise_sampler, r, solver_type):
+    """ComfyUI `sample_seeds_2` for an ε/v model (λ = −log σ, α = 1); `exp_heun_2_x0(_sde)` are r = 1,
+    phi_2 with eta = s_noise = 0 (resp. as given)."""
+    lambda_fn, sigma_fn = (lambda s: s.log().neg()), (lambda t: t.neg().exp())
+    inject_noise = eta > 0 and s_noise > 0
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lambda_s, lambda_t = lambda_fn(sigmas[i]), lambda_fn(sigmas[i + 1])
+        h = lambda_t - lambda_s
+        h_eta = h * (eta + 1)
+        lambda_s_1 = torch.lerp(lambda_s, lambda_t, r)
+        sigma_s_1 = sigma_fn(lambda_s_1)
+        alpha_s_1, alpha_t = sigma_s_1 * lambda_s_1.exp(), sigmas[i + 1] * lambda_t.exp()
+        x_2 = (
+            sigma_s_1 / sigmas[i] * (-r * h * eta).exp() * x - alpha_s_1 * torch.expm1(-r * h_eta) * denoised
+        )
+        if inject_noise:
+            sde_noise = (-2 * r * h * eta).expm1().neg().sqrt() * noise_sampler(sigmas[i], sigma_s_1)
+            x_2 = x_2 + sde_noise * sigma_s_1 * s_noise
+        denoised_2 = model(x_2, sigma_s_1)
+        if solver_type == "phi_1":
+            denoised_d = torch.lerp(denoised, denoised_2, 1 / (2 * r))
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * torch.expm1(-h_eta) * denoised_d
+        else:
+            b2 = (torch.expm1(-h_eta) + h_eta) / -h_eta / r
+            b1 = torch.expm1(-h_eta) - b2
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * (b1 * denoised + b2 * denoised_2)
+        if inject_noise:
+            segment_factor = (r - 1) * h * eta
+            sde_noise = sde_noise * segment_factor.exp()
+            sde_noise = sde_noise + segment_factor.mul(2).expm1().neg().sqrt() * noise_sampler(
+                sigma_s_1, sigmas[i + 1]
+            )
+            x = x + sde_noise * sigmas[i + 1] * s_noise
+    return x
+
+
+def test_heunpp2_and_ipndm_match_comfyui():
+    sigmas = get_sigmas("karras", SD, 10)
+    x = start(sigmas)
+    for schedule in (sigmas, sigmas[:-1]):  # ending at 0 and, as with a truncated schedule, at σ_min
+        ours = SAMPLERS["heunpp2"](mixture_denoiser, x, schedule)
+        torch.testing.assert_close(ours, _comfy_heunpp2(_mixture, x, schedule), **FP32)
+        ours = SAMPLERS["ipndm"](mixture_denoiser, x, schedule)
+        torch.testing.assert_close(ours, _comfy_ipndm(_mixture, x, schedule), **FP32)
+
+
+@pytest.mark.parametrize("s_noise", [0.0, 1.0])
+def test_er_sde_matches_comfyui(s_noise):
+    sigmas = get_sigmas("karras", SD, 10)
+    x = start(sigmas)
+    noise = keyed_noise(x.shape)
+    ours = SAMPLERS["er_sde"](mixture_denoiser, x, sigmas, s_noise=s_noise, noise_sampler=noise)
+    torch.testing.assert_close(ours, _comfy_er_sde(_mixture, x, sigmas, s_noise, noise), **FP32)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "comfy"),
+    [
+        ("seeds_2", {"eta": 0.0}, (0.0, 1.0, 0.5, "phi_1")),
+        ("seeds_2", {}, (1.0, 1.0, 0.5, "phi_1")),
+        ("seeds_2", {"solver_type": "phi_2", "r": 0.4}, (1.0, 1.0, 0.4, "phi_2")),
+        ("exp_heun_2_x0", {}, (0.0, 0.0, 1.0, "phi_2")),
+        ("exp_heun_2_x0_sde", {}, (1.0, 1.0, 1.0, "phi_2")),
+    ],
+)
+def test_seeds_2_and_exp_heun_2_x0_match_comfyui(name, options, comfy):
+    eta, s_noise, r, solver = comfy
+    sigmas = get_sigmas("karras", SD, 8)
+    x = start(sigmas)
+    noise = keyed_noise(x.shape)
+    ours = SAMPLERS[name](mixture_denoiser, x, sigmas, noise_sampler=noise, **options)
+    ref = _comfy_seeds_2(_mixture, x, sigmas, eta, s_noise, noise, r, solver)
+    torch.testing.assert_close(ours, ref, **FP32)
 
 
 # ---------------------------------------------------------------------------------------------
