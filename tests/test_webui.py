@@ -23,9 +23,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_controlnet import _controlnet
 from test_server_api import MODEL, b64png, folders, serving, unb64, write_models
 
+from sdlab.checkpoints.io import write_safetensors
 from sdlab.checkpoints.load import load_model
+from sdlab.control import ControlSpec
+from sdlab.images import to_tensor
+from sdlab.pipeline import GenerationRequest, generate
+from sdlab.preprocess import preprocess
 from sdlab.server.state import Settings
 from sdlab.vae_tools import roundtrip
 
@@ -69,7 +75,11 @@ class Traffic:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_models(tmp_path_factory.mktemp("webui-server"))
+    models = write_models(tmp_path_factory.mktemp("webui-server"))
+    (models / "ControlNet").mkdir()
+    sd = {f"control_model.{k}": v for k, v in _controlnet("sd1").state_dict().items()}
+    write_safetensors(sd, models / "ControlNet" / "cn-tiny.safetensors")
+    return models
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +277,65 @@ def test_txt2img_with_the_hires_fix(page: tuple[Any, Traffic], shoot: Shoot) -> 
     assert card.locator("img").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [64, 64]
     body = traffic.last_post("/sdapi/v1/txt2img")
     assert (body["enable_hr"], body["hr_scale"], body["hr_second_pass_steps"]) == (True, 2, 2)
+
+
+def test_txt2img_with_a_controlnet_unit(
+    page: tuple[Any, Traffic], shoot: Shoot, models: Path, tmp_path: Path
+) -> None:
+    """The ControlNet section sends one unit in sd-webui-controlnet's format; the image is the pipeline's
+    with the equivalent ControlSpec (canny at the image's own size, A1111's guidance range)."""
+    page, traffic = page
+    settings(page, size=32, steps=4)
+    page.fill("#prompt", PROMPT)
+    page.select_option("#sampler", "Euler")
+    page.get_by_text("ControlNet", exact=True).click()
+    control = Image.open(picture(tmp_path / "control.png", (64, 64)))  # the resolution slider's minimum
+    page.set_input_files("#cn-file", tmp_path / "control.png")
+    expect(page.get_by_label("Enable ControlNet")).to_be_checked()
+    expect(page.locator("#cn-model option")).to_have_text([re.compile(r"cn-tiny \[[0-9a-f]{8}\]")])
+    page.select_option("#cn-module", "canny")
+    for field, value in (("#cn-weight", "0.6"), ("#cn-start", "0.2"), ("#cn-end", "0.9")):
+        page.fill(field, value)
+    page.select_option("#cn-mode", "My prompt is more important")
+    page.select_option("#cn-resize", "Just Resize")
+    page.get_by_role("button", name="Preview preprocessor").click()
+    expect(page.locator("#cn-detected")).to_be_visible()
+    detected = np.asarray(decode(page.locator("#cn-detected").get_attribute("src")).convert("RGB"))
+    assert np.array_equal(detected, np.asarray(preprocess("canny", control, None, 100, 200)))
+    shoot(page, "controlnet")
+    page.get_by_role("button", name="Generate").click()
+    card = page.locator("#gallery .card")
+    expect(card).to_have_count(1)
+    expect(card.locator("pre")).to_contain_text('ControlNet 0: "Module: canny, Model: cn-tiny [')
+    unit = traffic.last_post("/sdapi/v1/txt2img")["alwayson_scripts"]["controlnet"]["args"][0]
+    assert decode(unit.pop("image")).size == (64, 64)
+    assert unit == {
+        "enabled": True,
+        "model": page.locator("#cn-model").input_value(),
+        "module": "canny",
+        "weight": 0.6,
+        "guidance_start": 0.2,
+        "guidance_end": 0.9,
+        "control_mode": "My prompt is more important",
+        "resize_mode": "Just Resize",
+        "processor_res": 64,
+    }
+    spec = ControlSpec(
+        str(models / "ControlNet" / "cn-tiny.safetensors"),
+        control,
+        weight=0.6,
+        guidance_start=0.2,
+        guidance_end=0.9,
+        control_mode="prompt",
+        resize_mode="resize",
+        preprocessor="canny",
+        threshold_a=100,
+        threshold_b=200,
+    )
+    req = GenerationRequest(PROMPT, "", 32, 32, steps=4, sampler="euler", seed=1234, controls=(spec,))
+    expected = generate(load_model(models / MODEL), req).images[0]
+    ours = decode(card.locator("img").get_attribute("src"))
+    assert torch.equal(to_tensor(ours.convert("RGB")), to_tensor(expected))
 
 
 def test_vae_page_shows_reconstruction_channels_and_psnr(

@@ -48,6 +48,11 @@ async function loadLists() {
   fillSelect($("scheduler"), schedulers.map((s) => [s.name, s.label]), "automatic");
   const names = [...latentModes, ...upscalers].map((u) => [u.name, u.name]);
   fillSelect($("hr-upscaler"), names, "Latent");
+  const [controlnets, modules] = await Promise.all(
+    ["model_list", "module_list"].map((name) => getJSON(`/controlnet/${name}`)),
+  );
+  fillSelect($("cn-model"), controlnets.model_list.map((m) => [m, m]), controlnets.model_list[0]);
+  fillSelect($("cn-module"), modules.module_list.map((m) => [m, m]), "none");
 }
 
 function setupTabs() {
@@ -193,6 +198,7 @@ function generationBody() {
     n_iter: number("batch-count"),
     override_settings: { sd_model_checkpoint: $("model").value },
   };
+  if ($("cn-enable").checked) body.alwayson_scripts = { controlnet: { args: [controlNetUnit()] } };
   if ($("init-box").hidden) return ["txt2img", $("hires").checked ? { ...body, ...hiresFields() } : body];
   body.init_images = [$("init-image").src];
   body.denoising_strength = number("strength");
@@ -218,6 +224,60 @@ function hiresFields() {
     hr_second_pass_steps: number("hr-steps"),
     denoising_strength: number("hr-denoise"),
   };
+}
+
+// ---------------------------------------------------------------------------------------------
+// ControlNet: one unit in sd-webui-controlnet's API format; the preprocessor runs at the image's size
+
+function controlNetUnit() {
+  const image = $("cn-image");
+  if (!image.src) throw new Error("ControlNet: choose a control image (or untick Enable ControlNet)");
+  return {
+    enabled: true,
+    model: $("cn-model").value,
+    module: $("cn-module").value,
+    image: image.src,
+    weight: number("cn-weight"),
+    guidance_start: number("cn-start"),
+    guidance_end: number("cn-end"),
+    control_mode: $("cn-mode").value,
+    resize_mode: $("cn-resize").value,
+    processor_res: Math.min(image.naturalWidth, image.naturalHeight),
+  };
+}
+
+async function previewControl() {
+  showError(null);
+  try {
+    const unit = controlNetUnit();
+    const body = {
+      controlnet_module: unit.module,
+      controlnet_input_images: [unit.image],
+      controlnet_processor_res: unit.processor_res,
+    };
+    const result = await postJSON("/controlnet/detect", body);
+    await showImage($("cn-detected"), png(result.images[0]));
+    $("cn-detected").hidden = false;
+  } catch (error) {
+    showError(error);
+  }
+}
+
+function setupControlNet() {
+  $("cn-file").addEventListener("change", async (e) => {
+    const file = e.target.files[0];
+    if (!file) return;
+    try {
+      await showImage($("cn-image"), await readFile(file));
+      $("cn-image").hidden = false;
+      $("cn-detected").hidden = true;
+      $("cn-preview").disabled = false;
+      $("cn-enable").checked = true;
+    } catch (error) {
+      showError(error);
+    }
+  });
+  $("cn-preview").addEventListener("click", previewControl);
 }
 
 async function pollProgress(run) {
@@ -255,7 +315,13 @@ let currentRun = null; // the generation in progress, marked when the user inter
 async function generate(e) {
   e.preventDefault();
   showError(null);
-  const [mode, body] = generationBody();
+  let mode, body;
+  try {
+    [mode, body] = generationBody();
+  } catch (error) {
+    showError(error);
+    return;
+  }
   const run = { active: true, interrupted: false };
   currentRun = run;
   const started = performance.now();
@@ -430,6 +496,7 @@ document.addEventListener("DOMContentLoaded", () => {
   setupMask();
   setupInit();
   setupGenerate();
+  setupControlNet();
   setupVae();
   loadLists().catch(showError);
 });
