@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import NoReturn
 
 from sdlab.checkpoints.io import CheckpointError
@@ -47,6 +48,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_folders(args: argparse.Namespace, *dests: str) -> None:
+    """A folder the user names (--lora-dir, --embeddings-dir, --upscaler-dir) must exist: one line naming
+    it, not a silently empty listing (the defaults may be absent)."""
+    for dest in dests:
+        for folder in getattr(args, dest):
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(f"--{dest.replace('_', '-')} {folder}: no such folder")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -56,6 +66,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdlab.infotext import request_infotext
     from sdlab.pipeline import GenerationRequest, generate
 
+    _check_folders(args, "lora_dir", "embeddings_dir", "upscaler_dir")
     limits = ImageLimits(args.max_image_pixels, args.max_image_bytes)
     init = open_image(args.init_image, args.init_image, limits) if args.init_image else None
     mask = open_image(args.mask, args.mask, limits, mode="L") if args.mask else None
@@ -225,15 +236,19 @@ def _lora_arg(value: str) -> tuple[str, float]:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from PIL import Image
 
     from sdlab.images import save_png
     from sdlab.upscale import load_upscaler, rescale, upscale_pixels, upscaler_path
+    from sdlab.upscale.named import UnknownUpscaler
 
+    _check_folders(args, "upscaler_dir")
     image = open_image(args.image, args.image, ImageLimits(args.max_image_pixels, args.max_image_bytes))
-    path = Path(args.model) if Path(args.model).is_file() else upscaler_path(args.model, args.upscaler_dir)
+    try:
+        given_file = Path(args.model).is_file()
+        path = Path(args.model) if given_file else upscaler_path(args.model, args.upscaler_dir)
+    except UnknownUpscaler as e:
+        raise FileNotFoundError(f"-m/--model: {e}") from e
     model = load_upscaler(path)
 
     def step(im: Image.Image) -> Image.Image:  # RGB in, rounded out (ComfyUI's way, not A1111's BGR)

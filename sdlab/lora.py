@@ -258,8 +258,15 @@ class Update:
         return self.tensors["up"]
 
     def delta(self, shape: torch.Size) -> Tensor:
-        """scale · ΔW in float32, shaped like the layer weight (Linear, 1x1 or kxk conv)."""
-        t = {k: v.float() for k, v in self.tensors.items()}
+        """scale · ΔW in float32, shaped like the layer weight (Linear, 1x1 or kxk conv). The product's
+        shape is worked out on meta tensors first: factors of a hostile file (a LoKr kron of two 300²
+        factors is 90000²) are refused before anything of that size is allocated."""
+        _check_fits(self._product({k: v.to("meta") for k, v in self.tensors.items()}).shape, shape)
+        return self._product(self.tensors).reshape(shape) * self.scale
+
+    def _product(self, tensors: dict[str, Tensor]) -> Tensor:
+        """ΔW unscaled, in float32, in the shape the factors give."""
+        t = {k: v.float() for k, v in tensors.items()}
         if self.kind == "lora":
             if "mid" in t:
                 product = torch.einsum(
@@ -276,12 +283,8 @@ class Update:
             w2 = t["lokr_w2"] if "lokr_w2" in t else _factor(t, "lokr_w2_a", "lokr_w2_b", "lokr_t2")
             while w1.ndim < w2.ndim:
                 w1 = w1.unsqueeze(-1)
-            product = torch.kron(w1, w2)
-        if product.shape[0] != shape[0] or product.numel() != shape.numel():
-            raise ValueError(f"update of shape {tuple(product.shape)} does not fit a weight {tuple(shape)}")
-        if product.ndim > 2 and product.shape != shape:
-            raise ValueError(f"update of shape {tuple(product.shape)} does not fit a weight {tuple(shape)}")
-        return product.reshape(shape) * self.scale
+            product = _kron(w1, w2)
+        return product
 
     def merged(self, weight: Tensor, strength: float) -> Tensor:
         """The new weight for `weight` at `strength`, in float32.
@@ -317,6 +320,21 @@ class Update:
         norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True) + torch.finfo(torch.float32).eps
         full = v * (m.reshape(norm.shape) / norm)
         return w + strength * (full - w)
+
+
+def _check_fits(update: torch.Size, shape: torch.Size) -> None:
+    """Refuse an update that is not the layer weight's shape (a Linear's or 1x1 conv's may be flat)."""
+    if update[0] != shape[0] or update.numel() != shape.numel() or (len(update) > 2 and update != shape):
+        raise ValueError(f"update of shape {tuple(update)} does not fit a weight {tuple(shape)}")
+
+
+def _kron(a: Tensor, b: Tensor) -> Tensor:
+    """torch.kron; on meta tensors only the shape (torch's meta kron takes seconds on a large product)."""
+    if not a.is_meta:
+        return torch.kron(a, b)
+    n = max(a.ndim, b.ndim)
+    sizes = zip((1,) * (n - a.ndim) + tuple(a.shape), (1,) * (n - b.ndim) + tuple(b.shape), strict=True)
+    return torch.empty([x * y for x, y in sizes], device="meta")
 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:

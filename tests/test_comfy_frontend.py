@@ -27,8 +27,8 @@ from test_server_api import free_port, serving
 
 from sdlab.checkpoints.io import read_metadata
 from sdlab.checkpoints.load import default_model_path
+from sdlab.images import DEFAULT_LIMITS
 from sdlab.server.app import create_app
-from sdlab.server.comfy import SERVER_FEATURES
 from sdlab.server.comfy_frontend import TEMPLATES, installed_frontend
 from sdlab.server.paths import Folders
 from sdlab.server.preview import png_bytes
@@ -36,6 +36,8 @@ from sdlab.server.state import Settings
 
 MODEL = "sdlab-mini.safetensors"
 TEMPLATE = "sdlab_sd1_txt2img"
+# ComfyUI's feature flags; max_upload_size is the upload limit sdlab holds uploads to (50 MiB by default)
+FEATURES = {"supports_preview_metadata": True, "max_upload_size": DEFAULT_LIMITS.max_bytes}
 needs_frontend = pytest.mark.skipif(
     installed_frontend() is None, reason="comfyui-frontend-package not installed"
 )
@@ -173,7 +175,7 @@ def test_start_up_routes(client: TestClient) -> None:
     assert 0 < stats["system"]["ram_free"] <= stats["system"]["ram_total"]
     assert stats["system"]["pytorch_version"] == torch.__version__
     assert [d["type"] for d in stats["devices"]] == ["cpu"]
-    assert client.get("/api/features").json() == SERVER_FEATURES
+    assert client.get("/api/features").json() == FEATURES
     assert client.get("/api/i18n").json() == {} and client.get("/api/workflow_templates").json() == {}
     assert client.get("/api/global_subgraphs").json() == {}
     assert client.get("/api/models").json() == ["checkpoints", "configs", "loras", "vae", "embeddings"]
@@ -252,7 +254,7 @@ def _previews(c: TestClient, client_id: str, flags: dict[str, Any] | None) -> li
             ws.send_json({"type": "feature_flags", "data": flags})
             while (reply := ws.receive_json())["type"] == "status":  # queue updates may come first
                 pass
-            assert reply == {"type": "feature_flags", "data": SERVER_FEATURES}
+            assert reply == {"type": "feature_flags", "data": FEATURES}
         body = {"prompt": template_prompt(steps=3), "client_id": client_id}
         prompt_id = c.post("/prompt", json=body).json()["prompt_id"]
         frames = []

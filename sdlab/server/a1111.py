@@ -60,7 +60,7 @@ from sdlab.server.jobs import (
 from sdlab.server.library import UnknownName, stem
 from sdlab.server.paths import confined, split_name
 from sdlab.server.preview import latent_preview, png_base64
-from sdlab.server.state import Server
+from sdlab.server.state import MAX_JOB_IMAGES, Server
 
 A1111_RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill", 3: "resize"}  # 3: see the `resize_mode` row below
 JOB_IMAGES = ".jobs"  # input subfolder holding the images of queued A1111 jobs
@@ -73,7 +73,6 @@ HARMLESS_OVERRIDES = frozenset(
     | {"show_progressbar", "sd_checkpoint_hash", "save_images_before_face_restoration"}
 )
 MAX_CLIP_SKIP = 12
-MAX_JOB_IMAGES = 800  # batch_size x n_iter of one request (A1111's sliders stop at 8 x 100)
 
 
 class _Request(BaseModel):

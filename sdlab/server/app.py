@@ -24,12 +24,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sdlab.server import a1111, comfy, comfy_frontend, controlnet_api, vae_routes
-from sdlab.server.bodies import BodyLimits
+from sdlab.server.bodies import FORM_OVERHEAD, BodyLimits, invalid_request
 from sdlab.server.cli import host_name, is_loopback
 from sdlab.server.jobs import PENDING
 from sdlab.server.state import Server, Settings
@@ -67,7 +68,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="sdlab", lifespan=lifespan)
     app.state.server = server
-    app.add_middleware(BodyLimits)  # inside the guard: refused clients send no body to read
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    # inside the guard: refused clients send no body to read; uploads are user images
+    app.add_middleware(BodyLimits, max_form_bytes=settings.image_limits.max_bytes + FORM_OVERHEAD)
     app.add_middleware(Guard, api_key=settings.api_key, allowed_hosts=settings.allowed_hosts)
     app.include_router(a1111.routes(server))
     app.include_router(controlnet_api.routes(server))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import tempfile
 import time
@@ -20,7 +19,7 @@ from fastapi import APIRouter, Form, HTTPException, Request, UploadFile, WebSock
 from fastapi.responses import FileResponse, JSONResponse
 
 from sdlab.images import DEFAULT_LIMITS, ImageError, ImageLimits, ImageTooLarge, open_image
-from sdlab.server.bodies import depth_problem
+from sdlab.server.bodies import depth_problem, loads
 from sdlab.server.graph import NodeFailure, Validation, execute, validate
 from sdlab.server.jobs import (
     CANCELLED,
@@ -42,8 +41,6 @@ from sdlab.server.preview import latent_preview, preview_frame
 from sdlab.server.state import Server
 
 MAX_UPLOAD_BYTES = 64 << 20
-# what the server tells a client in the /ws feature_flags exchange (and GET /features), as ComfyUI does
-SERVER_FEATURES = {"supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD_BYTES}
 
 
 def routes(server: Server) -> APIRouter:
@@ -176,6 +173,12 @@ async def json_object(request: Request, required: bool = True) -> dict[str, Any]
     if not isinstance(body, dict):
         raise HTTPException(400, "the body must be a JSON object")
     return body
+
+
+def server_features(server: Server) -> dict[str, Any]:
+    """What the server tells a client in the /ws feature_flags exchange (and GET /features), as ComfyUI
+    does; `max_upload_size` is the limit uploads are held to (the image file limit, --max-image-bytes)."""
+    return {"supports_preview_metadata": True, "max_upload_size": server.settings.image_limits.max_bytes}
 
 
 def _job_request(body: dict[str, Any], checked: Validation) -> dict[str, Any]:
@@ -356,7 +359,7 @@ async def serve_socket(server: Server, socket: WebSocket, client_id: str) -> Non
             flags = _feature_flags(message) if first else None
             if flags is not None:  # the client's capabilities; the server answers with its own
                 server.events.set_features(client_id, flags)
-                queue.put_nowait({"type": "feature_flags", "data": SERVER_FEATURES})
+                queue.put_nowait({"type": "feature_flags", "data": server_features(server)})
             first = False
     finally:
         if sender is not None:
@@ -367,7 +370,7 @@ async def serve_socket(server: Server, socket: WebSocket, client_id: str) -> Non
 def _feature_flags(message: dict[str, Any]) -> dict[str, Any] | None:
     """The client's flags from a `{"type": "feature_flags", "data": {...}}` text message, else None."""
     try:
-        body = json.loads(message.get("text") or "")
+        body = loads(message.get("text") or "")
     except ValueError:
         return None
     if isinstance(body, dict) and body.get("type") == "feature_flags" and isinstance(body.get("data"), dict):

@@ -33,7 +33,8 @@ from PIL import PngImagePlugin
 
 from sdlab.checkpoints.io import CheckpointError, read_metadata
 from sdlab.images import ImageError, ImageTooLarge, open_image
-from sdlab.server.comfy import MAX_UPLOAD_BYTES, SERVER_FEATURES, history_entry, json_object, store_upload
+from sdlab.server.bodies import loads
+from sdlab.server.comfy import MAX_UPLOAD_BYTES, history_entry, json_object, server_features, store_upload
 from sdlab.server.jobs import CANCELLED, DONE, FAILED, PENDING, RUNNING, Job, Live, Outcome
 from sdlab.server.library import ModelCache
 from sdlab.server.paths import PathError, confined, split_name
@@ -133,7 +134,7 @@ def routes(server: Server, web_root: Path | None) -> APIRouter:
 
     @api.get("/features")
     def features() -> dict[str, Any]:
-        return dict(SERVER_FEATURES)
+        return server_features(server)
 
     @api.get("/i18n")
     def i18n() -> dict[str, Any]:
@@ -178,7 +179,7 @@ def routes(server: Server, web_root: Path | None) -> APIRouter:
     @api.post("/settings/{setting_id}")
     async def post_setting(setting_id: str, request: Request) -> dict[str, Any]:
         try:
-            value = json.loads(await request.body())
+            value = loads(await request.body())
         except ValueError as e:
             raise HTTPException(400, f"invalid JSON: {e}") from e
         users.update_settings(DEFAULT_USER, {setting_id: value})
@@ -367,10 +368,8 @@ def routes(server: Server, web_root: Path | None) -> APIRouter:
     ) -> dict[str, str]:
         if type != "input":
             raise HTTPException(400, "uploads go to the input folder (type=input)")
-        data = await image.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"upload larger than {MAX_UPLOAD_BYTES >> 20} MiB")
         limits = server.settings.image_limits
+        data = await image.read(limits.max_bytes + 1)  # one byte more than allowed: refused unread
         try:
             masked = _apply_mask(server, original_ref, data)
             name = store_upload(
@@ -663,7 +662,7 @@ def _version() -> str:
 def _apply_mask(server: Server, original_ref: str, mask_png: bytes) -> bytes:
     """ComfyUI's mask upload: the referenced image with the uploaded image's alpha, its text chunks kept."""
     try:
-        ref = json.loads(original_ref)
+        ref = loads(original_ref)
         folder = server.folders.by_type(ref.get("type", "output") if isinstance(ref, dict) else "")
         path = confined(folder, ref.get("subfolder", ""), ref["filename"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:

@@ -20,14 +20,14 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from sdlab.control import A1111_CONTROL_MODES, CONTROL_MODES, ControlSpec
 from sdlab.images import RESIZE_MODES, ImageLimits
 from sdlab.preprocess import NEEDS_WEIGHTS, preprocess
 from sdlab.server.library import Library
 from sdlab.server.preview import png_base64
-from sdlab.server.state import Server
+from sdlab.server.state import MAX_JOB_IMAGES, Server
 
 API_VERSION = 3  # external_code.get_api_version()
 UNIT_COUNT = 3  # the extension's default control_net_unit_count ("Multi-ControlNet: max models")
@@ -325,10 +325,12 @@ def spec_record(spec: ControlSpec) -> dict[str, Any]:
 
 
 class DetectRequest(BaseModel):
-    """`/controlnet/detect`'s body, with the extension's defaults (`low_vram` changes nothing here)."""
+    """`/controlnet/detect`'s body, with the extension's defaults (`low_vram` changes nothing here); NaN
+    and Inf refused, not taken as the default as the extension's range check would."""
 
+    model_config = ConfigDict(allow_inf_nan=False)
     controlnet_module: str = "none"
-    controlnet_input_images: list[str] = []
+    controlnet_input_images: list[str] = Field([], max_length=MAX_JOB_IMAGES)
     controlnet_processor_res: int = -1
     controlnet_threshold_a: float = -1
     controlnet_threshold_b: float = -1

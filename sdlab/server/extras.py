@@ -21,7 +21,7 @@ from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdlab.checkpoints.io import CheckpointError
-from sdlab.server.state import Server
+from sdlab.server.state import MAX_JOB_IMAGES, Server
 from sdlab.upscale import BUILTIN_UPSCALERS, upscale_image, upscaler_files, upscaler_names
 
 A1111_UPSCALER_SCALE = 4  # A1111's UpscalerData.scale, reported for every upscaler whatever its model
@@ -30,7 +30,7 @@ A1111_UPSCALER_SCALE = 4  # A1111's UpscalerData.scale, reported for every upsca
 class ExtrasRequest(BaseModel):
     """A1111's ExtrasBaseRequest fields with its defaults and bounds."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     resize_mode: int = Field(0, ge=0, le=1)  # 0: scale by upscaling_resize, 1: to upscaling_resize_w x _h
     show_extras_results: bool = True  # A1111 only reads it for folder batches
     gfpgan_visibility: float = Field(0.0, ge=0, le=1)
@@ -56,7 +56,7 @@ class FileData(BaseModel):
 
 
 class ExtrasBatchImagesRequest(ExtrasRequest):
-    imageList: list[FileData]  # noqa: N815 (A1111's field name)
+    imageList: list[FileData] = Field(max_length=MAX_JOB_IMAGES)  # noqa: N815 (A1111's field name)
 
 
 def extras_routes(api: APIRouter, server: Server) -> None:

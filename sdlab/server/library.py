@@ -163,7 +163,7 @@ def extra_model_paths(path: Path) -> tuple[tuple[str, Path], ...]:
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ModelPathsError(f"{path}: {e}") from e
+        raise ModelPathsError(f"{path}: {' '.join(str(e).split())}") from e  # YAML's errors span lines
     if config is None:
         return ()
     if not isinstance(config, dict):

@@ -133,7 +133,11 @@ class PgJobStore:
         self.models_held: Callable[[], list[str]] = list  # the checkpoints a worker has loaded
         self.held: list[str] = []  # as of its last claim
         self._lock = threading.Lock()
-        self._db = connect(url)
+        try:
+            self._db = connect(url)
+        except psycopg.OperationalError as e:  # a command-line error: one line (an OSError), no traceback
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConnectionError(f"--queue: cannot reach the PostgreSQL queue: {reason}") from e
         migrate(self._db)
 
     @contextmanager

@@ -16,6 +16,9 @@ from sdlab.server.library import Library, ModelCache
 from sdlab.server.nodes import Env
 from sdlab.server.paths import Folders, confined
 
+# images of one request: A1111's batch_size x n_iter (its sliders stop at 8 x 100), extras and detect inputs
+MAX_JOB_IMAGES = 800
+
 Message = dict[str, Any] | bytes
 
 
