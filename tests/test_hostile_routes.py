@@ -113,6 +113,7 @@ def test_user_data_stays_in_the_user_folder(client: TestClient, root: Path, name
 
 def test_user_data_symlink_out_is_refused(client: TestClient, root: Path, tmp_path: Path) -> None:
     (tmp_path / "secret.json").write_text('{"secret": 1}')
+    assert client.post("/api/userdata/mine.json", content=b"{}").status_code == 200  # the user's folder
     users = next(p for p in (root / "state").rglob("*") if p.is_dir() and p.name == "default")
     (users / "link").symlink_to(tmp_path)
     refused(client.get("/api/userdata/link%2Fsecret.json"), 400)
