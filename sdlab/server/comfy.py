@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,25 +120,7 @@ def routes(server: Server) -> APIRouter:
         overwrite: str = Form(""),
         type: str = Form("input"),  # noqa: A002
     ) -> dict[str, str]:
-        if type != "input":
-            raise HTTPException(400, "uploads go to the input folder (type=input)")
-        limits = server.settings.image_limits
-        data = await image.read(limits.max_bytes + 1)  # one byte more than allowed: refused unread
-        try:
-            name = store_upload(
-                server.folders.inputs,
-                subfolder,
-                image.filename or "",
-                data,
-                overwrite in ("true", "1"),
-                limits,
-            )
-        except ImageTooLarge as e:
-            raise HTTPException(413, str(e)) from e
-        except (PathError, ImageError) as e:
-            raise HTTPException(400, str(e)) from e
-        server.share_input(subfolder, name)
-        return {"name": name, "subfolder": subfolder, "type": "input"}
+        return await receive_upload(server, image, subfolder, overwrite, type)
 
     @api.get("/object_info")
     def get_object_info() -> dict[str, Any]:
@@ -311,6 +294,33 @@ def _class_type(req: dict[str, Any], node_id: str | None) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # files and sockets
+
+
+async def receive_upload(
+    server: Server,
+    image: UploadFile,
+    subfolder: str,
+    overwrite: str,
+    kind: str,
+    transform: Callable[[bytes], bytes] | None = None,
+) -> dict[str, str]:
+    """ComfyUI's /upload/image and /upload/mask: the file read within the image limits, transformed (the
+    mask applied), stored in the input folder and shared with the queue's other processes."""
+    if kind != "input":
+        raise HTTPException(400, "uploads go to the input folder (type=input)")
+    limits = server.settings.image_limits
+    data = await image.read(limits.max_bytes + 1)  # one byte more than allowed: refused unread
+    try:
+        data = data if transform is None else transform(data)
+        name = store_upload(
+            server.folders.inputs, subfolder, image.filename or "", data, overwrite in ("true", "1"), limits
+        )
+    except ImageTooLarge as e:
+        raise HTTPException(413, str(e)) from e
+    except (PathError, ImageError) as e:
+        raise HTTPException(400, str(e)) from e
+    server.share_input(subfolder, name)
+    return {"name": name, "subfolder": subfolder, "type": "input"}
 
 
 def store_upload(

@@ -32,9 +32,9 @@ from fastapi.staticfiles import StaticFiles
 from PIL import PngImagePlugin
 
 from sdlab.checkpoints.io import CheckpointError, read_metadata
-from sdlab.images import ImageError, ImageTooLarge, open_image
+from sdlab.images import open_image
 from sdlab.server.bodies import loads
-from sdlab.server.comfy import MAX_UPLOAD_BYTES, history_entry, json_object, server_features, store_upload
+from sdlab.server.comfy import MAX_UPLOAD_BYTES, history_entry, json_object, receive_upload, server_features
 from sdlab.server.jobs import CANCELLED, DONE, FAILED, PENDING, RUNNING, Job, Live, Outcome
 from sdlab.server.library import ModelCache
 from sdlab.server.paths import PathError, confined, split_name
@@ -366,25 +366,9 @@ def routes(server: Server, web_root: Path | None) -> APIRouter:
         overwrite: str = Form(""),
         type: str = Form("input"),  # noqa: A002
     ) -> dict[str, str]:
-        if type != "input":
-            raise HTTPException(400, "uploads go to the input folder (type=input)")
-        limits = server.settings.image_limits
-        data = await image.read(limits.max_bytes + 1)  # one byte more than allowed: refused unread
-        try:
-            masked = _apply_mask(server, original_ref, data)
-            name = store_upload(
-                server.folders.inputs,
-                subfolder,
-                image.filename or "",
-                masked,
-                overwrite in ("true", "1"),
-                limits,
-            )
-        except ImageTooLarge as e:
-            raise HTTPException(413, str(e)) from e
-        except (PathError, ImageError) as e:
-            raise HTTPException(400, str(e)) from e
-        return {"name": name, "subfolder": subfolder, "type": "input"}
+        return await receive_upload(
+            server, image, subfolder, overwrite, type, lambda data: _apply_mask(server, original_ref, data)
+        )
 
     return api
 
