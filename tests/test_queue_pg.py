@@ -238,6 +238,11 @@ def _worker_id(root: Path, i: int) -> str | None:
     return None
 
 
+def _state_and_worker(queue: str, job_id: str) -> tuple[str, str | None]:
+    with psycopg.connect(queue) as db:
+        return db.execute("SELECT state, worker FROM jobs WHERE id = %s", (job_id,)).fetchone()
+
+
 def _messages_until_done(ws: Any, prompt_id: str) -> set[tuple[str, str]]:
     seen: set[tuple[str, str]] = set()
     deadline = time.time() + 60
@@ -407,8 +412,11 @@ def test_front_ends_and_workers_survive_kill_9(cluster: Cluster) -> None:
         a1111_results = list(pool.map(a1111, range(4), [b, a] * 2))
     assert sorted(seed for seed, _ in a1111_results) == list(range(100, 104))
 
-    while a.get(f"/sdlab/v1/jobs/{long_id}").json()["state"] != RUNNING:  # retried by the survivor
+    # the dead worker's row reads RUNNING until its lease expires (the jobs above may finish sooner)
+    deadline, waiting = time.time() + 60, ((RUNNING, holder), (PENDING, None))
+    while (now := _state_and_worker(queue, long_id)) in waiting and time.time() < deadline:
         time.sleep(0.05)
+    assert now[0] == RUNNING and now[1] != holder  # retried by a survivor
     client_id = "watcher"
     with connect(urls[1].replace("http", "ws") + f"/ws?clientId={client_id}", open_timeout=10) as ws:
         body = {"prompt": txt2img_workflow(seed=9, steps=3, prefix="ws"), "client_id": client_id}
@@ -418,6 +426,7 @@ def test_front_ends_and_workers_survive_kill_9(cluster: Cluster) -> None:
     assert ("progress", ws_id) in seen and ("executed", ws_id) in seen
     fronts[0].kill()  # a front end dies: the other serves every result
     fronts[0].wait()
+    wait_history(b, long_id)  # the interrupt reaches its worker asynchronously
     history = b.get("/history").json()
     assert history[long_id]["status"]["status_str"] == "error"  # interrupted on its second attempt
     for prompt_id in [*comfy_ids, ws_id]:
