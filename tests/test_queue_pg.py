@@ -32,7 +32,15 @@ from sdlab.server.jobs import CANCELLED, DONE, FAILED, PENDING, RUNNING, JobStor
 from sdlab.server.paths import Folders
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'sdlab[queue]')")
-from sdlab.server.queue_pg import LEASE_ERROR, LOOK_AHEAD, SCHEMA_VERSION, PgJobStore, file_refs, migrate  # noqa: E402
+from sdlab.server.queue_pg import (  # noqa: E402
+    INTERRUPTED_LEASE_ERROR,
+    LEASE_ERROR,
+    LOOK_AHEAD,
+    SCHEMA_VERSION,
+    PgJobStore,
+    file_refs,
+    migrate,
+)
 
 
 def fresh_database(server_url: str) -> str:
@@ -155,11 +163,18 @@ def test_expired_lease_is_retried_once_then_failed(postgres_url: str, tmp_path: 
     assert retried.id == job.id and retried.state == RUNNING
     dead.finish(job.id, DONE, {"late": True}, None)  # the first holder lost it: its finish is dropped
     assert other.get(job.id).state == RUNNING and other.get(job.id).result is None
-    assert other.renew() == [] and other.request_interrupt(job.id) and other.renew() == [job.id]
+    assert other.renew() == []
     time.sleep(0.5)
     assert third.expire() == [job.id] and third.claim() is None  # second loss: failed, not run a third time
     failed = third.get(job.id)
     assert (failed.state, failed.error) == (FAILED, LEASE_ERROR)
+    interrupted = dead.add("comfy", {})  # a job a client interrupted whose worker then died: never restarted
+    assert dead.claim().id == interrupted.id and other.request_interrupt(interrupted.id)
+    assert dead.renew() == [interrupted.id]
+    time.sleep(0.5)
+    assert third.expire() == [interrupted.id] and third.claim() is None
+    ended = third.get(interrupted.id)
+    assert (ended.state, ended.error) == (CANCELLED, INTERRUPTED_LEASE_ERROR)
     for store in (dead, other, third):
         store.close()
 

@@ -88,6 +88,7 @@ CREATE TABLE previews (
 COLUMNS = "id, number, kind, request, state, result, error, created, started, finished"
 MAX_ATTEMPTS = 2  # a job whose worker died is retried once, then failed
 LEASE_ERROR = "its worker stopped answering (lease expired) on both attempts"
+INTERRUPTED_LEASE_ERROR = "interrupted; its worker stopped answering (lease expired) before it stopped"
 QUEUE, DONE_CHANNEL, EVENTS, INTERRUPT = "sdlab_queue", "sdlab_done", "sdlab_events", "sdlab_interrupt"
 MAX_NOTIFY = 7900  # PostgreSQL's NOTIFY payload limit is 8000 bytes
 # A worker takes, among the LOOK_AHEAD oldest pending jobs, the oldest whose model it has loaded; a job that
@@ -154,17 +155,21 @@ class PgJobStore:
         return self.expire()
 
     def expire(self) -> list[str]:
-        """Jobs running under an expired lease go back to pending, or fail after MAX_ATTEMPTS; ids failed."""
+        """Jobs running under an expired lease go back to pending, or end: cancelled when a client had asked
+        to interrupt them (never restarted), failed after MAX_ATTEMPTS; the ids of the jobs that ended."""
+        ends = "interrupt OR attempts >= %s"
         with self._transaction() as db:
             rows = db.execute(
-                "UPDATE jobs SET state = CASE WHEN attempts >= %s THEN %s ELSE %s END, worker = NULL, "
-                "error = CASE WHEN attempts >= %s THEN %s END, "
-                "finished = CASE WHEN attempts >= %s THEN %s END, interrupt = FALSE "
+                f"UPDATE jobs SET state = CASE WHEN interrupt THEN %s WHEN {ends} THEN %s ELSE %s END, "
+                f"worker = NULL, error = CASE WHEN interrupt THEN %s WHEN {ends} THEN %s END, "
+                f"finished = CASE WHEN {ends} THEN %s END, interrupt = FALSE "
                 "WHERE state = %s AND lease_until < now() RETURNING id, state",
                 (
+                    CANCELLED,
                     MAX_ATTEMPTS,
                     FAILED,
                     PENDING,
+                    INTERRUPTED_LEASE_ERROR,
                     MAX_ATTEMPTS,
                     LEASE_ERROR,
                     MAX_ATTEMPTS,
@@ -172,7 +177,7 @@ class PgJobStore:
                     RUNNING,
                 ),
             ).fetchall()
-            failed = [r["id"] for r in rows if r["state"] == FAILED]
+            failed = [r["id"] for r in rows if r["state"] in (FAILED, CANCELLED)]
             for job_id in failed:
                 db.execute("SELECT pg_notify(%s, %s)", (DONE_CHANNEL, job_id))
             if len(failed) < len(rows):
