@@ -18,6 +18,7 @@ from sdlab.diffusion.schedule import SCHEDULES
 from sdlab.fast import FAST_PRESET, FastMode
 from sdlab.hires import HiresFix
 from sdlab.images import RESIZE_MODES, ImageLimits, add_image_limit_arguments, open_image
+from sdlab.ip_adapter import IPAdapterSpec
 from sdlab.server import add_serve_parser
 from sdlab.train.cli import add_train_parser
 from sdlab.train.evaluate import add_eval_parser
@@ -101,6 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         refiner_switch_by_steps=args.refiner_switch_by_steps,
         hires=_hires_arg(args),
         controls=_control_args(args, limits),
+        ip_adapters=_ip_adapter_args(args, limits),
         fast=_fast_arg(args),
     )
     with tqdm(total=None, desc="sampling", unit="step", disable=args.quiet, leave=False) as bar:
@@ -224,6 +226,39 @@ def _control_args(args: argparse.Namespace, limits: ImageLimits) -> tuple[Contro
             )
         )
     return tuple(units)
+
+
+def add_ip_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """IP-Adapter options of `generate` (sdlab.ip_adapter)."""
+    g = parser.add_argument_group("IP-Adapter", "image prompts, each adapter's tokens read beside the text")
+    g.add_argument(
+        "--ip-adapter",
+        action="append",
+        default=[],
+        metavar="MODEL:IMAGE[:WEIGHT]",
+        help="an IP-Adapter file or name in models/ipadapter (or models/ControlNet), its image and weight "
+        "(default 1); repeatable",
+    )
+    g.add_argument(
+        "--clip-vision",
+        metavar="MODEL",
+        help="the CLIP image encoder: a file, diffusers image_encoder folder or name in models/clip_vision "
+        "(default: the only one there or next to the adapter)",
+    )
+
+
+def _ip_adapter_args(args: argparse.Namespace, limits: ImageLimits) -> tuple[IPAdapterSpec, ...]:
+    """`--ip-adapter MODEL:IMAGE[:WEIGHT]` image prompts with the shared --clip-vision."""
+    if args.clip_vision and not args.ip_adapter:
+        raise ValueError("--clip-vision: give it with --ip-adapter")
+    specs = []
+    for value in args.ip_adapter:
+        model, _, rest = value.partition(":")
+        image, weight = _lora_arg(rest)
+        if not model or not image:
+            raise ValueError(f"--ip-adapter {value!r}: expected MODEL:IMAGE[:WEIGHT]")
+        specs.append(IPAdapterSpec(model, open_image(image, image, limits), weight, args.clip_vision))
+    return tuple(specs)
 
 
 def _lora_arg(value: str) -> tuple[str, float]:
@@ -360,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_hires_arguments(p)
     add_control_arguments(p)
+    add_ip_adapter_arguments(p)
     add_fast_arguments(p)
     p.add_argument("-o", "--output", help="output PNG (default: outputs/NNNNN-SEED.png)")
     p.add_argument("--outdir", default="outputs", help="folder for outputs when -o is not given")

@@ -7,11 +7,17 @@ and `ip_adapter.N.to_k_ip/to_v_ip` with N = 1, 3, 5, … in diffusers' attention
 blocks, up blocks, mid block). The negative side gets the projection of zero image embeddings (plain) or
 of the encoder's features of all-zero (normalised) pixels ("plus"), as diffusers'
 `prepare_ip_adapter_image_embeds`.
+
+Each interface follows the tool it imitates (`IPAdapterSpec.convention`): "diffusers" (the Python API
+and CLI: CLIPImageProcessor's resize and centre crop), "comfy" (ComfyUI_IPAdapter_plus: ComfyUI's
+`clip_preprocess`, a black image's features as the "plus" negative, start/end as a σ range) and "a1111"
+(sd-webui-controlnet: the image squashed to the encoder's size by OpenCV's INTER_AREA, start/end as a
+share of the steps; "plus" adapters refused, the extension reads recorded negative features).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +30,13 @@ from torch import Tensor, nn
 from sdlab.checkpoints.io import WEIGHT_SUFFIXES, CheckpointError, read_state_dict
 from sdlab.checkpoints.load import build_module, folder_weights, model_dirs
 from sdlab.models.blocks import BasicTransformerBlock, CrossAttention, attention
-from sdlab.models.clip_vision import CLIPVisionModel, VisionConfig, preprocess_image
+from sdlab.models.clip_vision import (
+    CLIPVisionModel,
+    VisionConfig,
+    a1111_clip_pixels,
+    comfy_clip_pixels,
+    preprocess_image,
+)
 from sdlab.models.ops import compute_dtype, device_of
 from sdlab.models.unet import UNetModel
 
@@ -34,16 +46,25 @@ CLIP_VISION_FOLDERS = ("clip_vision",)
 RESAMPLER_HEAD = 64  # channels per head of the "plus" Resampler's attention
 
 
+IP_CONVENTIONS = ("diffusers", "comfy", "a1111")  # the tool whose image handling and start/end are followed
+Picture = Image.Image | Tensor  # a PIL image, or ComfyUI's pixels (1, 3, H, W) in [0, 1] ("comfy")
+
+
 @dataclass(frozen=True)
 class IPAdapterSpec:
-    """One image prompt of a request: the adapter (a path, or a name in the ipadapter folders), the
-    image, its weight, and the CLIP image encoder (a path or a name in clip_vision; None: the only one
-    found next to the adapter or in the clip_vision folders)."""
+    """One image prompt of a request: the adapter (a path, a name in the ipadapter folders, or a loaded
+    one), the image, its weight, the CLIP image encoder (a path, a name in clip_vision, a loaded one; None:
+    the only one found next to the adapter or in the clip_vision folders), the share of the schedule it acts
+    on, the convention followed (module docstring) and an optional negative image ("comfy")."""
 
-    model: str
-    image: Image.Image | None = field(default=None, compare=False)
+    model: str | IPAdapterModel = field(compare=False)
+    image: Picture | None = field(default=None, compare=False)
     weight: float = 1.0
-    clip_vision: str | None = None
+    clip_vision: str | CLIPVisionModel | None = field(default=None, compare=False)
+    start: float = 0.0
+    end: float = 1.0
+    convention: str = "diffusers"
+    negative_image: Picture | None = field(default=None, compare=False)
 
     def validate(self, index: int) -> None:
         """Raise ValueError naming the adapter and its first bad field."""
@@ -51,6 +72,12 @@ class IPAdapterSpec:
             raise ValueError(f"ip_adapters[{index}]: no image")
         if not np.isfinite(self.weight) or not -1.0 <= self.weight <= 5.0:
             raise ValueError(f"ip_adapters[{index}].weight must be in [-1, 5], got {self.weight}")
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"ip_adapters[{index}]: start and end must satisfy 0 <= start <= end <= 1")
+        if self.convention not in IP_CONVENTIONS:
+            raise ValueError(f"ip_adapters[{index}].convention must be one of {', '.join(IP_CONVENTIONS)}")
+        if self.negative_image is not None and self.convention != "comfy":
+            raise ValueError(f"ip_adapters[{index}].negative_image: only the ComfyUI nodes take one")
 
 
 @dataclass(frozen=True)
@@ -161,40 +188,73 @@ class IPAdapterModel(nn.Module):
     def __init__(self, cfg: IPAdapterConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.source = "IP-Adapter"  # its file, for messages
         self.image_proj: nn.Module = Resampler(cfg) if cfg.resampler else ImageProjModel(cfg)
         self.ip_adapter = nn.ModuleDict({str(n): IPLayer(cfg.context_dim, inner) for n, inner in cfg.layers})
 
-    def image_tokens(self, encoder: CLIPVisionModel, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """(cond, uncond) tokens of the image: from its projected embedding and zeros (plain), or from the
-        encoder's penultimate features of the image and of all-zero pixels ("plus"), as diffusers."""
+    def image_tokens(
+        self, encoder: CLIPVisionModel, pixels: Tensor, negative: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """(cond, uncond) tokens of the image: from its projected embedding and that of the negative image's
+        (None: zeros; plain), or from the encoder's penultimate features of both ("plus")."""
         if self.cfg.resampler is None:
             embeds = encoder(pixels).image_embeds
-            return self.image_proj(embeds), self.image_proj(torch.zeros_like(embeds))
-        both = encoder(torch.cat([pixels, torch.zeros_like(pixels)])).hidden_states[-2]
+            zeros = torch.zeros_like(embeds) if negative is None else encoder(negative).image_embeds
+            return self.image_proj(embeds), self.image_proj(zeros)
+        assert negative is not None, "a 'plus' adapter's negative side is an encoded image"
+        both = encoder(torch.cat([pixels, negative])).hidden_states[-2]
         return self.image_proj(both).chunk(2)  # type: ignore[return-value]
+
+
+@dataclass
+class Gate:
+    """When one adapter acts: over the share of the steps start..end (A1111's extension), or with `by_sigma`
+    while σ lies in the range ComfyUI's percent_to_sigma gives them (IPAdapter_plus); `on` is set per call."""
+
+    start: float = 0.0
+    end: float = 1.0
+    by_sigma: bool = False
+    on: bool = True
+
+    def update(self, fraction: float, sigma: float, sigma_at: Callable[[float], float]) -> None:
+        if self.by_sigma:
+            self.on = sigma_at(self.end) <= sigma <= sigma_at(self.start)
+        else:
+            self.on = self.start <= fraction <= self.end
 
 
 @dataclass(frozen=True)
 class IPAttention:
-    """One adapter's part of one cross-attention: weight · attn(q, to_k_ip(tokens), to_v_ip(tokens))."""
+    """One adapter's part of one cross-attention: weight · attn(q, to_k_ip(tokens), to_v_ip(tokens)), or
+    nothing while its gate is off."""
 
     layer: IPLayer
     tokens: int
     scale: float
+    gate: Gate
 
     def __call__(self, q: Tensor, tokens: Tensor, heads: int, impl: str) -> Tensor:
+        if not self.gate.on:
+            return q.new_zeros(())
         k, v = self.layer.to_k_ip(tokens), self.layer.to_v_ip(tokens)
         return self.scale * attention(q, k, v, heads, impl=impl)
 
 
 @dataclass
 class PreparedIP:
-    """A request's image prompts made ready once: each U-Net cross-attention's adapter parts, and every
-    adapter's tokens joined in order for the conditional and unconditional sides (1, N, context_dim)."""
+    """A request's image prompts made ready once: each U-Net cross-attention's adapter parts, every
+    adapter's tokens joined in order for the conditional and unconditional sides (1, N, context_dim), and
+    the adapters' gates."""
 
     attentions: list[tuple[IPAttention, ...]]
     cond: Tensor
     uncond: Tensor
+    gates: list[Gate] = field(default_factory=list)
+
+    def update(self, fraction: float, sigma: float, sigma_at: Callable[[float], float]) -> None:
+        """Switch each adapter on or off for the U-Net call at step share `fraction` and σ."""
+        for gate in self.gates:
+            gate.update(fraction, sigma, sigma_at)
 
 
 def cross_attentions(unet: nn.Module) -> list[CrossAttention]:
@@ -240,14 +300,14 @@ def _find(name: str, folders: Sequence[str], what: str) -> Path:
 def _clip_vision_path(spec: IPAdapterSpec, adapter: Path) -> Path:
     """The spec's image encoder, else the only one in `image_encoder/` next to the adapter or in the
     clip_vision folders."""
-    if spec.clip_vision:
+    if isinstance(spec.clip_vision, str):
         return _find(spec.clip_vision, CLIP_VISION_FOLDERS, "CLIP vision model")
     found = [adapter.parent / "image_encoder"] if (adapter.parent / "image_encoder").is_dir() else []
     for folder in (root / sub for root in model_dirs() for sub in CLIP_VISION_FOLDERS):
         found += sorted(p for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
     if len(found) != 1:
         raise CheckpointError(
-            f"{spec.model}: {'several' if found else 'no'} CLIP vision models found; name one (--clip-vision)"
+            f"{adapter}: {'several' if found else 'no'} CLIP vision models found; name one (--clip-vision)"
         )
     return found[0]
 
@@ -273,33 +333,80 @@ def load_ip_adapter(path: Path, dtype: torch.dtype, device: torch.device | str) 
         cfg = IPAdapterConfig.from_state_dict(sd)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return build_module(IPAdapterModel, cfg, sd, str(path), dtype, device)  # type: ignore[return-value]
+    adapter: IPAdapterModel = build_module(IPAdapterModel, cfg, sd, str(path), dtype, device)  # type: ignore[assignment]
+    adapter.source = str(path)
+    return adapter
 
 
 def prepare_ip_adapters(specs: Sequence[IPAdapterSpec], unet: UNetModel) -> PreparedIP | None:
-    """Load each adapter and its image encoder, encode its image once, and check it fits the U-Net."""
+    """Load each adapter and its image encoder (unless given loaded), check the adapter fits the U-Net and
+    encode its image once."""
     if not specs:
         return None
     dtype, device = compute_dtype(unet), device_of(unet)
     attns = cross_attentions(unet)
     per_layer: list[list[IPAttention]] = [[] for _ in attns]
-    conds, unconds = [], []
+    conds, unconds, gates = [], [], []
     for spec in specs:
-        path = _find(spec.model, IP_ADAPTER_FOLDERS, "IP-Adapter file")
-        adapter = load_ip_adapter(path, dtype, device)
-        numbers = [n for n, _ in adapter.cfg.layers]
-        fits = numbers == [2 * i + 1 for i in range(len(attns))]
-        if not fits or adapter.cfg.context_dim != unet.cfg.context_dim:
-            raise CheckpointError(
-                f"{path}: this IP-Adapter has {len(numbers)} cross-attention layers of context width "
-                f"{adapter.cfg.context_dim}; the model has {len(attns)} of {unet.cfg.context_dim}"
-            )
-        encoder = load_clip_vision(_clip_vision_path(spec, path), dtype, device)
-        assert spec.image is not None
-        pixels = preprocess_image(spec.image, encoder.cfg.image_size).to(device, dtype)
-        cond, uncond = adapter.image_tokens(encoder, pixels)
+        adapter = _adapter(spec, dtype, device)
+        _check_fit(adapter, unet, len(attns))
+        cond, uncond = adapter.image_tokens(*_encoder_inputs(spec, adapter, dtype, device))
         conds.append(cond)
         unconds.append(uncond)
-        for parts, number in zip(per_layer, numbers, strict=True):
-            parts.append(IPAttention(adapter.ip_adapter[str(number)], cond.shape[1], spec.weight))  # type: ignore[arg-type]
-    return PreparedIP([tuple(p) for p in per_layer], torch.cat(conds, dim=1), torch.cat(unconds, dim=1))
+        gates.append(Gate(spec.start, spec.end, by_sigma=spec.convention == "comfy"))
+        for parts, (number, _) in zip(per_layer, adapter.cfg.layers, strict=True):
+            layer = adapter.ip_adapter[str(number)]
+            parts.append(IPAttention(layer, cond.shape[1], spec.weight, gates[-1]))  # type: ignore[arg-type]
+    cond, uncond = torch.cat(conds, dim=1), torch.cat(unconds, dim=1)
+    return PreparedIP([tuple(p) for p in per_layer], cond, uncond, gates)
+
+
+def _adapter(spec: IPAdapterSpec, dtype: torch.dtype, device: torch.device) -> IPAdapterModel:
+    if isinstance(spec.model, IPAdapterModel):
+        return spec.model.to(device, dtype)
+    return load_ip_adapter(_find(spec.model, IP_ADAPTER_FOLDERS, "IP-Adapter file"), dtype, device)
+
+
+def _check_fit(adapter: IPAdapterModel, unet: UNetModel, count: int) -> None:
+    """The adapter's layers number the U-Net's cross-attentions 1, 3, 5, ... at the U-Net's context width."""
+    numbers = [n for n, _ in adapter.cfg.layers]
+    if numbers != [2 * i + 1 for i in range(count)] or adapter.cfg.context_dim != unet.cfg.context_dim:
+        raise CheckpointError(
+            f"{adapter.source}: this IP-Adapter has {len(numbers)} cross-attention layers of context width "
+            f"{adapter.cfg.context_dim}; the model has {count} of {unet.cfg.context_dim}"
+        )
+
+
+def _encoder_inputs(
+    spec: IPAdapterSpec, adapter: IPAdapterModel, dtype: torch.dtype, device: torch.device
+) -> tuple[CLIPVisionModel, Tensor, Tensor | None]:
+    """The image encoder, the image's pixels and the negative side's (None: zero embeddings), as the
+    spec's convention makes them."""
+    if isinstance(spec.clip_vision, CLIPVisionModel):
+        encoder = spec.clip_vision.to(device, dtype)
+    else:
+        encoder = load_clip_vision(_clip_vision_path(spec, Path(adapter.source)), dtype, device)
+    size, plus = encoder.cfg.image_size, adapter.cfg.resampler is not None
+    if spec.convention == "a1111" and plus:
+        raise ValueError(
+            f"{adapter.source}: 'plus' IP-Adapters through the A1111 API are not supported (the extension "
+            "uses recorded negative image features that sdlab does not reproduce)"
+        )
+    assert spec.image is not None
+    pixels, negative = _pixels(spec.image, size, spec.convention), None
+    if spec.negative_image is not None:
+        negative = _pixels(spec.negative_image, size, spec.convention)
+    elif plus and spec.convention == "comfy":  # IPAdapter_plus: a black image's features
+        negative = comfy_clip_pixels(torch.zeros(1, 3, size, size), size)
+    elif plus:  # diffusers: the features of zero (normalised) pixels
+        negative = torch.zeros_like(pixels)
+    return encoder, pixels.to(device, dtype), None if negative is None else negative.to(device, dtype)
+
+
+def _pixels(image: Picture, size: int, convention: str) -> Tensor:
+    """The encoder's input pixels (1, 3, size, size) from an image by a convention's rules."""
+    if convention == "comfy":
+        assert isinstance(image, Tensor), "ComfyUI's IMAGE pixels"
+        return comfy_clip_pixels(image, size)
+    assert isinstance(image, Image.Image)
+    return a1111_clip_pixels(image, size) if convention == "a1111" else preprocess_image(image, size)

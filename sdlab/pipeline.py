@@ -54,7 +54,7 @@ from sdlab.images import (
     to_pil,
     to_tensor,
 )
-from sdlab.ip_adapter import IPAdapterSpec, ip_adapters_applied, prepare_ip_adapters
+from sdlab.ip_adapter import IPAdapterSpec, PreparedIP, ip_adapters_applied, prepare_ip_adapters
 from sdlab.lora import use_loras
 from sdlab.models.controlnet import ControlNetModel
 from sdlab.models.ops import compute_dtype, device_of
@@ -287,9 +287,7 @@ def generate(
         guidance.extra = extra
         nets = load_controls(req.controls, controlnets or {}, model.unet)
         guidance.controls = prepare_controls(req.controls, nets, req.width, req.height, factor)
-        image_prompts = prepare_ip_adapters(req.ip_adapters, model.unet)
-        if image_prompts is not None:
-            guidance.ip_tokens = (image_prompts.cond, image_prompts.uncond)
+        guidance.ip = image_prompts = prepare_ip_adapters(req.ip_adapters, model.unet)
         handover = None
         if refiner is not None:
             refined = Embeddings.a1111(refiner, embedding_dirs(req.embedding_dirs))
@@ -419,7 +417,7 @@ class Guidance:
     scale: float
     extra: dict[str, Tensor] = field(default_factory=dict)
     controls: list[Control] = field(default_factory=list)  # ControlNet units applied on each call
-    ip_tokens: tuple[Tensor, Tensor] | None = None  # IP-Adapter image tokens (cond, uncond), (1, N, D)
+    ip: PreparedIP | None = None  # IP-Adapter image tokens and gates (sdlab.ip_adapter)
 
 
 @dataclass
@@ -454,7 +452,7 @@ def guided_denoiser(model: StableDiffusion, guidance: Guidance, x: Tensor, calls
     of call `calls.n` (prompt editing), their U-Net inputs built once each."""
     b, _, h, w = x.shape
     f = model.config.vae.downscale
-    unet = _unet_fn(model, guidance.controls, calls)
+    unet = _unet_fn(model, guidance.controls, calls, guidance.ip)
     denoiser = Denoiser(unet, DiscreteSchedule.for_model(model.config), model.config.prediction)
     built: dict[tuple[int, bool], dict[str, Tensor]] = {}
     sides = (guidance.cond, guidance.uncond)
@@ -466,8 +464,9 @@ def guided_denoiser(model: StableDiffusion, guidance: Guidance, x: Tensor, calls
         key = (id(cond), negative)
         if key not in built:
             built[key] = {**cond.model_inputs(model.family, b, h * f, w * f, negative), **guidance.extra}
-            if guidance.ip_tokens is not None:  # appended to the context by the U-Net function
-                built[key]["ip_tokens"] = guidance.ip_tokens[negative].expand(b, -1, -1)
+            if guidance.ip is not None:  # appended to the context by the U-Net function
+                tokens = guidance.ip.uncond if negative else guidance.ip.cond
+                built[key]["ip_tokens"] = tokens.expand(b, -1, -1)
             if guidance.controls:  # which rows are conditional (ControlNet's "control" mode)
                 built[key]["control_mark"] = torch.full((b,), 0.0 if negative else 1.0, device=x.device)
             if comfy_controls:  # ComfyUI's ControlNets, each entry its own (rows batch when they agree)
@@ -579,12 +578,16 @@ def sample(
 
 
 def _unet_fn(
-    model: StableDiffusion, controls: list[Control] | None = None, calls: Calls | None = None
+    model: StableDiffusion,
+    controls: list[Control] | None = None,
+    calls: Calls | None = None,
+    ip: PreparedIP | None = None,
 ) -> Callable[..., Tensor]:
     """The U-Net as `model(x_in, t, context=..., y=..., c_concat=..., control_mark=..., control=...)`;
     c_concat feeds inpainting U-Nets; `controls` add their residuals at the step fraction `calls` reports,
     computed from the latents without c_concat (as A1111's extension does for inpainting models);
-    `control`, a ComfyUI entry's ControlNet chain, adds its residuals at the σ `calls` reports."""
+    `control`, a ComfyUI entry's ControlNet chain, adds its residuals at the σ `calls` reports; `ip`'s
+    adapters are switched on or off by their start/end at that fraction or σ."""
     schedule = DiscreteSchedule.for_model(model.config)
 
     def sigma_at(percent: float) -> float:
@@ -615,6 +618,8 @@ def _unet_fn(
             return model.unet(x, t, context, y, residuals, features)
         if ip_tokens is not None:  # IP-Adapter: the cross-attentions split them off (sdlab.ip_adapter)
             context = torch.cat([context, ip_tokens.to(context)], dim=1)
+            if ip is not None and calls is not None:
+                ip.update(calls.step / calls.total, calls.sigma, sigma_at)
         return model.unet(x, t, context, y, residuals)
 
     return unet

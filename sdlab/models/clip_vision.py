@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
@@ -120,3 +121,37 @@ def preprocess_image(image: Image.Image, size: int) -> Tensor:
     x = np.asarray(image)[top : top + size, left : left + size].astype(np.float64) * (1 / 255)
     x = (x.astype(np.float32) - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)
     return torch.from_numpy(x.transpose(2, 0, 1).copy())[None]
+
+
+def comfy_clip_pixels(image: Tensor, size: int) -> Tensor:
+    """(B, 3, size, size) pixels as ComfyUI's `clip_preprocess` makes them from IMAGE pixels in [0, 1]
+    (B, 3, H, W): the shorter side scaled to `size` (torch bicubic, antialiased, rounded sizes), centre crop,
+    quantised to 8 bits, CLIP mean and std."""
+    h, w = image.shape[-2:]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        image = F.interpolate(
+            image, size=(round(scale * h), round(scale * w)), mode="bicubic", antialias=True
+        )
+        top, left = (image.shape[-2] - size) // 2, (image.shape[-1] - size) // 2
+        image = image[..., top : top + size, left : left + size]
+    image = torch.clip(255.0 * image, 0, 255).round() / 255.0
+    mean, std = (torch.tensor(v, dtype=image.dtype).view(3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    return (image - mean) / std
+
+
+def a1111_clip_pixels(image: Image.Image, size: int) -> Tensor:
+    """(1, 3, size, size) pixels as sd-webui-controlnet's ClipVisionDetector makes them: the RGB image
+    squashed to size x size by OpenCV's INTER_AREA (needs opencv-python; not for an image of that size),
+    then CLIPImageProcessor (which leaves that size as it is)."""
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        try:
+            import cv2
+        except ImportError as e:
+            raise ValueError(
+                f"an IP-Adapter image of {image.width}x{image.height}: squashing it to {size}x{size} as the "
+                "A1111 extension does needs OpenCV (pip install opencv-python-headless)"
+            ) from e
+        image = Image.fromarray(cv2.resize(np.asarray(image), (size, size), interpolation=cv2.INTER_AREA))
+    return preprocess_image(image, size)

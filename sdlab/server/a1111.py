@@ -41,10 +41,12 @@ from sdlab.images import (
     save_png,
 )
 from sdlab.infotext import parse_infotext, request_infotext
+from sdlab.ip_adapter import IPAdapterSpec
 from sdlab.networks import TAG
 from sdlab.pipeline import GenerationRequest, generate, resolve_seed
 from sdlab.server import controlnet_api
 from sdlab.server.extras import extras_routes
+from sdlab.server.ip_adapter_api import ip_record
 from sdlab.server.jobs import (
     CANCELLED,
     DONE,
@@ -480,9 +482,11 @@ def _job_request(server: Server, mode: str, body: _Request, job_id: str) -> dict
     units = controlnet_api.parse_units(
         server.library, body.alwayson_scripts, (body.width, body.height), images["init_image"], limits
     )
-    controls = tuple(unit.spec for unit in units)
+    controls = tuple(unit.spec for unit in units if isinstance(unit.spec, ControlSpec))
+    ip_units = [unit for unit in units if isinstance(unit.spec, IPAdapterSpec)]
+    ip_adapters = tuple(unit.spec for unit in ip_units)
     try:  # sizes are checked against the model later
-        GenerationRequest(**generation, **images, controls=controls).validate(1)
+        GenerationRequest(**generation, **images, controls=controls, ip_adapters=ip_adapters).validate(1)
     except ValueError as e:
         raise HTTPException(422, str(e)) from e
     if not 1 <= body.n_iter <= 100:
@@ -508,6 +512,11 @@ def _job_request(server: Server, mode: str, body: _Request, job_id: str) -> dict
                 for key in CONTROL_IMAGES
             }
             for i, unit in enumerate(units)
+            if isinstance(unit.spec, ControlSpec)
+        ],
+        "ip_adapters": [
+            ip_record(unit.spec) | {"image": _store_image(server, job_id, f"ip{i}-image", unit.spec.image)}
+            for i, unit in enumerate(ip_units)
         ],
         "controlnet_infotext": {f"ControlNet {unit.index}": unit.infotext for unit in units},
     }
@@ -680,6 +689,7 @@ def _store_image(server: Server, job_id: str, key: str, image: Image.Image | Non
 def _remove_job_images(server: Server, request: dict[str, Any]) -> None:
     names = [request.get(key) for key in ("init_image", "mask")]
     names += [control[key] for control in request.get("controls", []) for key in CONTROL_IMAGES]
+    names += [ip["image"] for ip in request.get("ip_adapters", [])]
     for name in names:
         if name:
             confined(server.folders.inputs, *split_name(name)).unlink(missing_ok=True)
@@ -703,7 +713,11 @@ def run(server: Server, job: Job, live: Live) -> Outcome:
         ControlSpec(**(record | {key: _open_input(server, record[key]) for key in CONTROL_IMAGES}))
         for record in req.get("controls", [])
     )
-    base = GenerationRequest(**req["generation"], **images, controls=controls)
+    ip_adapters = tuple(
+        IPAdapterSpec(**(record | {"image": _open_input(server, record["image"])}))
+        for record in req.get("ip_adapters", [])
+    )
+    base = GenerationRequest(**req["generation"], **images, controls=controls, ip_adapters=ip_adapters)
     refiner = server.models.model(base.refiner) if base.refiner else None
     live.latent_format = model.family.latent
     folder, kind = _output_folder(server, req)

@@ -599,6 +599,8 @@ def _model_folders(server: Server) -> dict[str, dict[str, Path]]:
         "loras": library.loras(),
         "vae": library.vaes(),
         "embeddings": library.embeddings(),
+        "ipadapter": library.ipadapters(),
+        "clip_vision": library.clip_visions(),
     }
 
 

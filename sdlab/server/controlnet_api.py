@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sdlab.control import A1111_CONTROL_MODES, CONTROL_MODES, ControlSpec
 from sdlab.images import RESIZE_MODES, ImageLimits
+from sdlab.ip_adapter import IPAdapterSpec
 from sdlab.preprocess import NEEDS_WEIGHTS, preprocess
 from sdlab.server.library import Library
 from sdlab.server.preview import png_base64
@@ -200,7 +201,7 @@ class Unit:
     """A parsed unit: the spec and the extension's infotext value for it."""
 
     index: int  # in the request's args (the infotext's `ControlNet N`)
-    spec: ControlSpec
+    spec: ControlSpec | IPAdapterSpec  # IP-Adapter units: sdlab.server.ip_adapter_api
     infotext: str
 
 
@@ -242,6 +243,10 @@ def _unit(library: Library, unit: dict[str, Any], i: int, size: tuple[int, int],
     if unit.get("hr_option", "Both") not in ("Both", 0):
         raise HTTPException(422, f"{what}.hr_option: sdlab runs ControlNet without the hires fix only")
     module_name = unit.get("module", "none")
+    from sdlab.server.ip_adapter_api import IP_MODULES, ip_unit  # it builds on this module
+
+    if module_name in IP_MODULES:
+        return ip_unit(library, unit, i, init_image, decode)
     module = module_of(module_name)
     title, path = find_model(library, str(unit.get("model", "None")))
     image, mask = _images(unit, what, decode)

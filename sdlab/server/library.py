@@ -10,7 +10,10 @@ Layout (AUTOMATIC1111's, rooted at `--models-dir`):
       embeddings/                                textual-inversion embeddings (.safetensors, .pt, .bin)
       ESRGAN/, RealESRGAN/, SwinIR/              upscaler models (A1111's folders; .pth, .pt, .safetensors)
       upscale_models/                            upscaler models (ComfyUI's folder)
-      ControlNet/, controlnet/                   ControlNets (A1111's folder, then ComfyUI's)
+      ControlNet/, controlnet/                   ControlNets (A1111's folder, then ComfyUI's); A1111's
+                                                 extension keeps IP-Adapters here too
+      ipadapter/                                 IP-Adapters (ComfyUI_IPAdapter_plus's folder)
+      clip_vision/                               CLIP image encoders of IP-Adapters (A1111's and ComfyUI's)
 
 ComfyUI's layout is read too: checkpoints/, vae/, loras/, embeddings/, upscale_models/, controlnet/,
 clip_vision/, configs/ (and diffusion_models/ or unet/, text_encoders/ or clip/), so a ComfyUI models
@@ -47,6 +50,7 @@ FOLDERS = {
     "upscale_models": UPSCALER_DIRS,
     "controlnet": CONTROLNET_FOLDERS,
     "clip_vision": ("clip_vision",),
+    "ipadapter": ("ipadapter",),
     "configs": ("configs",),
     "diffusion_models": ("diffusion_models", "unet"),
     "text_encoders": ("text_encoders", "clip"),
@@ -131,6 +135,15 @@ class Library:
         """ControlNet name (path relative to its folder) -> file: models/ControlNet (A1111's), then
         models/controlnet (ComfyUI's), then extra_model_paths.yaml's; the first folder wins."""
         return self.listing("controlnet")
+
+    def ipadapters(self) -> dict[str, Path]:
+        """IP-Adapter name -> file in models/ipadapter (and extra_model_paths.yaml's `ipadapter`), as
+        ComfyUI_IPAdapter_plus lists them (A1111's extension lists them with the ControlNets)."""
+        return self.listing("ipadapter")
+
+    def clip_visions(self) -> dict[str, Path]:
+        """CLIP image encoder name -> file in models/clip_vision (and the yaml's `clip_vision`)."""
+        return self.listing("clip_vision")
 
     def checkpoint(self, name: str) -> tuple[str, Path]:
         """(listed name, path) of a checkpoint given by name, stem or A1111 title."""

@@ -42,6 +42,7 @@ from sdlab.images import (
     to_pil,
     to_tensor,
 )
+from sdlab.ip_adapter import IPAdapterSpec, ip_adapters_applied, prepare_ip_adapters
 from sdlab.lora import use_loras
 from sdlab.models.vae import AutoencoderKL
 from sdlab.pipeline import (
@@ -81,6 +82,7 @@ class Model:
 
     sd: StableDiffusion
     loras: LoRAs = ()  # merged into the U-Net while sampling
+    ip_adapters: tuple[IPAdapterSpec, ...] = ()  # image prompts the cross-attentions read while sampling
 
 
 @dataclass(frozen=True)
@@ -543,7 +545,9 @@ def _sample(
     if env.live is not None:
         env.live.latent_format = sd.family.latent
     use_loras(sd, model.loras, ("unet",))
-    samples = sample(sd, x, sigmas, guidance, sampler, seeds, init, keep, callback or env.step)
+    guidance.ip = prepare_ip_adapters(model.ip_adapters, sd.unet)
+    with ip_adapters_applied(sd.unet, guidance.ip):
+        samples = sample(sd, x, sigmas, guidance, sampler, seeds, init, keep, callback or env.step)
     return replace(latent, samples=samples, scaling=scaling)
 
 
@@ -854,4 +858,4 @@ def object_info(env: Env, name: str) -> dict[str, Any]:
     }
 
 
-from sdlab.server import nodes_controlnet, nodes_core  # noqa: E402, F401  (they register their nodes)
+from sdlab.server import nodes_controlnet, nodes_core, nodes_ip_adapter  # noqa: E402, F401  (they register their nodes)
