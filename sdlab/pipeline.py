@@ -558,8 +558,8 @@ def sample(
     """
     calls = Calls(total=len(sigmas) - 1)
     guided = guided_denoiser(model, guidance, x, calls)
+    schedule = DiscreteSchedule.for_model(model.config)
     if handover is not None:
-        schedule = DiscreteSchedule.for_model(model.config)
         guided = _handing_over(guided, handover, schedule, len(sigmas) - 1, calls)
     if keep is not None:
         guided = _blend_denoised(guided, init, keep)
@@ -572,7 +572,7 @@ def sample(
         if callback is not None:
             callback(i + 1, total, denoised)
 
-    samples = get_sampler(sampler)(guided, x, sigmas, callback=on_step, generator=generators)
+    samples = get_sampler(sampler, schedule)(guided, x, sigmas, callback=on_step, generator=generators)
     check_finite(samples, "the sampled latents", overflow_cause("U-Net", samples.dtype))
     return samples if keep is None else init * keep + samples * (1 - keep)
 

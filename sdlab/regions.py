@@ -49,12 +49,8 @@ def guidance_sides(positive: Conds, negative: Conds) -> tuple[Conds, Conds]:
 
 def percent_to_sigma(schedule: DiscreteSchedule, percent: float) -> float:
     """σ at a fraction of the schedule (0: before the first step, 1: the end), as ComfyUI's discrete
-    model sampling maps it: σ(t) at t = (1 − percent)·999."""
-    if percent <= 0.0:
-        return 999999999.9
-    if percent >= 1.0:
-        return 0.0
-    return float(schedule.t_to_sigma(torch.tensor((1.0 - percent) * 999.0)))
+    model sampling maps it (`DiscreteSchedule.percent_to_sigma`)."""
+    return schedule.percent_to_sigma(percent)
 
 
 @dataclass(frozen=True)

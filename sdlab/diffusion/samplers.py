@@ -14,6 +14,7 @@ display names as aliases.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from sdlab.diffusion.denoiser import recording_uncond
-from sdlab.diffusion.schedule import schedule_name
+from sdlab.diffusion.schedule import DiscreteSchedule, schedule_name
 
 DenoiserFn = Callable[..., Tensor]  # D(x, sigma (B,), **extra) -> denoised x_0
 Callback = Callable[[int, Tensor, Tensor, Tensor], None]  # (step, sigma, x, denoised)
@@ -1269,6 +1270,115 @@ def _h_phi_2(t: Tensor) -> Tensor:
     return (t.expm1() - t) / t
 
 
+def _sa_weights(nodes: Tensor, lambda_s: Tensor, lambda_t: Tensor, tau: float) -> Tensor:
+    """SA-Solver's b_j (Xue et al. 2023, eqs. 15 and 18): (1+τ²)∫ e^{(1+τ²)(λ−λ_t)} ℓ_j(λ) dλ over [λ_s, λ_t]
+    for the Lagrange basis ℓ_j on `nodes`; the monomial integrals come by parts in u = λ − λ_t."""
+    k, h = 1 + tau**2, lambda_t - lambda_s
+    decay = torch.exp(-k * h)
+    moments = [-torch.expm1(-k * h)]  # (1+τ²)∫_{−h}^0 e^{(1+τ²)u} u^p du for p = 0, 1, …
+    for p in range(1, len(nodes)):
+        moments.append(-decay * (-h) ** p - p / k * moments[-1])
+    vandermonde = torch.vander(nodes - lambda_t, N=len(nodes), increasing=True)
+    return torch.linalg.solve(vandermonde.T, torch.stack(moments))
+
+
+def _sa_weights_simple_2(
+    nodes: Tensor, lambda_s: Tensor, lambda_t: Tensor, tau: float, corrector: bool
+) -> Tensor:
+    """The paper's simplified order-2 weights (its appendix D), oldest first: the predictor extrapolates
+    the slope through the two nodes, the corrector takes the trapezoid's half step."""
+    k, h = 1 + tau**2, lambda_t - lambda_s
+    total = -torch.expm1(-k * h)
+    if corrector:
+        newest = k * h / 2
+        return torch.stack([total - newest, newest])
+    oldest = k * h**2 / 2 / (nodes[0] - lambda_s)
+    return torch.stack([oldest, total - oldest])
+
+
+def _sa_step(
+    x: Tensor,
+    history: Sequence[Tensor],
+    lambdas: Tensor,
+    s: int,
+    tau: float,
+    simple_order_2: bool,
+    corrector: bool,
+) -> Tensor:
+    """x from λ_s = lambdas[s] to λ_t = lambdas[s + 1] on the data predictions `history` (oldest first, the
+    newest at λ_t for the corrector, at λ_s for the predictor): σ_t/σ_s·e^{−τ²h}·x + Σ b_j·D_j, no noise."""
+    order = len(history)
+    lambda_s, lambda_t = lambdas[s], lambdas[s + 1]
+    nodes = lambdas[s + int(corrector) - order + 1 : s + int(corrector) + 1]
+    if simple_order_2 and order == 2:
+        b = _sa_weights_simple_2(nodes, lambda_s, lambda_t, tau, corrector)
+    else:
+        b = _sa_weights(nodes, lambda_s, lambda_t, tau)
+    decay = float(torch.exp(lambda_s - lambda_t - tau**2 * (lambda_t - lambda_s)))  # σ_t/σ_s · e^{−τ²h}
+    return decay * x + _weighted(b.tolist(), list(history))
+
+
+@torch.no_grad()
+def sample_sa_solver(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    generator: Generators = None,
+    eta: float = 1.0,
+    sde_start_percent: float = 0.2,
+    sde_end_percent: float = 0.8,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    predictor_order: int = 3,
+    corrector_order: int = 4,
+    use_pece: bool = False,
+    simple_order_2: bool = False,
+    schedule: DiscreteSchedule | None = None,
+) -> Tensor:
+    """SA-Solver (Xue et al. 2023, arXiv:2309.05019): stochastic Adams predictor-corrector on data
+    predictions in λ, ComfyUI's `sa_solver` (PEC; `use_pece` re-evaluates the corrected state). The SDE
+    runs with τ = eta while σ lies between the σ of `sde_start_percent` and `sde_end_percent` of the
+    model's `schedule` (SD's scaled-linear one if None); orders drop near the end as in ComfyUI."""
+    model = _bind(denoiser, extra, callback)
+    noise_fn = noise_sampler or gaussian_noise_sampler(x, generator)
+    schedule = schedule or DiscreteSchedule.ddpm()
+    sde_high, sde_low = (schedule.percent_to_sigma(p) for p in (sde_start_percent, sde_end_percent))
+    lambdas = _t(sigmas.detach().double().cpu())
+    n, to_end = len(sigmas) - 1, bool(sigmas[-1] == 0)
+    history: deque[Tensor] = deque(maxlen=max(predictor_order, corrector_order))
+    x_pred, tau, noise = x, 0.0, None
+    for i in range(n):
+        denoised = model(x_pred, sigmas[i], i)
+        history.append(denoised)
+        c_order = 0 if i == 0 or (sigmas[i + 1] == 0 and not use_pece) else min(corrector_order, len(history))
+        p_order = min(predictor_order, len(history))
+        if to_end:
+            c_order, p_order = min(c_order, n - i), min(p_order, n - 1 - i)
+        if c_order:  # correct the step x_{i−1} → x_i now that D(x_pred, σ_i) is known
+            x = _sa_step(x, list(history)[-c_order:], lambdas, i - 1, tau, simple_order_2, corrector=True)
+            if noise is not None:
+                x = x + noise  # the predictor's noise, shared with the corrected state
+            if use_pece:
+                history[-1] = model(x, sigmas[i])
+        else:
+            x = x_pred
+        if sigmas[i + 1] == 0:
+            x_pred = history[-1]
+            continue
+        tau = eta if eta > 0 and sde_high >= float(sigmas[i + 1]) >= sde_low else 0.0
+        x_pred = _sa_step(x, list(history)[-p_order:], lambdas, i, tau, simple_order_2, corrector=False)
+        noise = None
+        if tau > 0 and s_noise > 0:
+            h = float(lambdas[i + 1] - lambdas[i])
+            noise = noise_fn(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-math.expm1(-2 * tau**2 * h)) ** 0.5
+            noise = noise * s_noise
+            x_pred = x_pred + noise
+    return x_pred
+
+
 # ---------------------------------------------------------------------------------------------
 # names
 
@@ -1317,6 +1427,8 @@ SAMPLERS: dict[str, Sampler] = {
     "er_sde": sample_er_sde,
     "seeds_2": sample_seeds_2,
     "seeds_3": sample_seeds_3,
+    "sa_solver": sample_sa_solver,
+    "sa_solver_pece": partial(sample_sa_solver, use_pece=True),
 }
 
 # AUTOMATIC1111 display names -> ComfyUI names
@@ -1366,12 +1478,16 @@ def _sampler_key(name: str) -> str | None:
     return _LOOKUP.get(name.strip().lower())
 
 
-def get_sampler(name: str) -> Sampler:
-    """The sampler function for a ComfyUI name or AUTOMATIC1111 display name (case-insensitive)."""
+def get_sampler(name: str, schedule: DiscreteSchedule | None = None) -> Sampler:
+    """The sampler function for a ComfyUI name or AUTOMATIC1111 display name (case-insensitive); the
+    model's `schedule` is bound for samplers that place an interval by schedule fraction (sa_solver)."""
     key = _sampler_key(name)
     if key is None:
         raise _unknown_sampler(name)
-    return SAMPLERS[key]
+    sampler = SAMPLERS[key]
+    if schedule is not None and "schedule" in inspect.signature(sampler).parameters:
+        return partial(sampler, schedule=schedule)
+    return sampler
 
 
 def display_name(name: str) -> str:

@@ -94,6 +94,15 @@ class DiscreteSchedule:
         low, high, w = t.floor().long(), t.ceil().long(), t.frac()
         return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
 
+    def percent_to_sigma(self, percent: float) -> float:
+        """σ at a fraction of sampling (0: before the first step, 1: the end), as ComfyUI's discrete model
+        sampling maps it: σ(t) at t = (1 − percent)·999."""
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        return float(self.t_to_sigma(torch.tensor((1.0 - percent) * 999.0)))
+
 
 # ---------------------------------------------------------------------------------------------
 # σ schedules: (schedule, steps) -> descending σ ending in 0
