@@ -33,6 +33,7 @@ from sdlab.models.controlnet import ControlNetModel
 from sdlab.models.ops import compute_dtype, device_of
 from sdlab.models.t2i_adapter import (
     T2IAdapterModel,
+    aligned,
     detect_adapter,
     diffusers_to_original,
     feature_slots,
@@ -144,6 +145,8 @@ def _read_control_file(source: Path) -> StateDict:
 def _controlnet_layout(sd: StateDict, source: Path, base_unet: StateDict | None) -> StateDict:
     if "lora_controlnet" in sd:
         raise CheckpointError(f"{source}: Control-LoRA files are not supported (only full ControlNets)")
+    if "style_embedding" in sd:
+        raise CheckpointError(f"{source}: a T2I style adapter (needs CLIP vision features) is not supported")
     difference = sd.pop("difference", None) is not None
     if "controlnet_cond_embedding.conv_in.weight" in sd:
         sd = keymaps.controlnet_diffusers_to_ldm(sd)
@@ -282,7 +285,7 @@ def prepare_controls(
 ) -> list[Control]:
     """Each unit's control image preprocessed, resized to the image size (width x height, or for a model
     whose VAE does not downscale by the ControlNet's 8, the latent size times 8) and made a tensor, once;
-    a one-channel adapter (sketch) gets the mean of the RGB channels, as ComfyUI gives it."""
+    a one-channel adapter (sketch) gets the first channel, as sd-webui-controlnet gives it."""
     controls = []
     for i, spec in enumerate(specs):
         spec.validate(i)
@@ -291,8 +294,8 @@ def prepare_controls(
         image = preprocess(spec.preprocessor, spec.image, spec.mask, spec.threshold_a, spec.threshold_b)
         w, h = (n // latent_factor * net.cfg.downscale for n in (width, height))
         hint = hint_tensor(_resized(image, w, h, spec.resize_mode))
-        if isinstance(net, T2IAdapterModel) and net.cfg.hint_channels == 1:
-            hint = hint.mean(dim=1, keepdim=True)
+        if isinstance(net, T2IAdapterModel):
+            hint = _adapter_hint(hint, net, i, spec.model)
         if hint.shape[1] != net.cfg.hint_channels:
             raise ValueError(
                 f"controls[{i}]: {spec.model} takes {net.cfg.hint_channels}-channel control images, "
@@ -302,6 +305,18 @@ def prepare_controls(
             Control(net, hint, spec.weight, spec.guidance_start, spec.guidance_end, spec.control_mode)
         )
     return controls
+
+
+def _adapter_hint(hint: Tensor, net: T2IAdapterModel, index: int, name: str) -> Tensor:
+    """A T2I-Adapter's control image: its first channel for a one-channel adapter; its sides must be
+    multiples of the adapter's pixel unshuffle (16 for SDXL's: the extension fails on others too)."""
+    f = net.cfg.unshuffle
+    if hint.shape[-1] % f or hint.shape[-2] % f:
+        raise ValueError(
+            f"controls[{index}]: the T2I-Adapter {name} needs a size whose width and height are multiples "
+            f"of {f} px, got {hint.shape[-1]}x{hint.shape[-2]}"
+        )
+    return hint[:, :1] if net.cfg.hint_channels == 1 else hint
 
 
 def control_residuals(
@@ -333,22 +348,34 @@ def adapter_features(
 ) -> list[Tensor | None] | None:
     """The U-Net's `adapter` argument: the summed, scaled features of the T2I-Adapter units active at
     step fraction `fraction`, each at its input block (`feature_slots`), for latents x; `cond_mark` as in
-    `control_residuals`. None when no adapter is active."""
+    `control_residuals`. None when no adapter is active. Odd sizes pool and align as sd-webui-controlnet
+    does (floor, then nearest to the U-Net's shape)."""
     total: list[Tensor | None] | None = None
     for c in controls:
         if not isinstance(c.net, T2IAdapterModel) or not c.active(fraction):
             continue
         if c.features is None:
             with torch.no_grad():
-                c.features = c.net(c.hint.to(device_of(c.net), compute_dtype(c.net)))
+                features = c.net(c.hint.to(device_of(c.net), compute_dtype(c.net)), pooling="a1111")
+            c.features = aligned(c.net.cfg, features, *x.shape[-2:])
         mark = 1.0
         if c.mode == "control" and cond_mark is not None:
             mark = cond_mark.to(x.device, x.dtype)[:, None, None, None]
         scales = c.scales(len(c.features))
         feats = [f.to(x.device, x.dtype) * (s * mark) for f, s in zip(c.features, scales, strict=True)]
-        placed = place_features(unet, feats, *x.shape[-2:])
-        total = placed if total is None else [_sum(a, b) for a, b in zip(total, placed, strict=True)]
+        total = _placed(total, unet, feats, x)
     return total
+
+
+def _placed(
+    total: list[Tensor | None] | None, unet: UNetConfig, features: list[Tensor], x: Tensor
+) -> list[Tensor | None]:
+    """`total` (the U-Net's `adapter` argument so far) plus an adapter's features placed for latents x."""
+    try:
+        placed = place_features(unet, features, *x.shape[-2:])
+    except ValueError as e:
+        raise ValueError(f"T2I-Adapter at {x.shape[-1] * 8}x{x.shape[-2] * 8} px: {e}") from None
+    return placed if total is None else [_sum(a, b) for a, b in zip(total, placed, strict=True)]
 
 
 def _sum(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -376,16 +403,19 @@ def _added(total: list[Tensor] | None, outs: list[Tensor]) -> list[Tensor]:
 
 @dataclass(frozen=True, eq=False)
 class ComfyControl:
-    """A ControlNet attached to a ComfyUI CONDITIONING entry: the control image as given (1, 3, H, W) in
-    [0, 1], its strength, and the part of the schedule it acts in as percents that become σ bounds with
-    `percent_to_sigma` (ComfyUI's rule, not A1111's step fraction). An entry holds a chain of these,
-    summed (ComfyUI's `set_previous_controlnet`); equal only to itself, so entries sharing a chain batch."""
+    """A ControlNet or T2I-Adapter attached to a ComfyUI CONDITIONING entry: the control image as given
+    (1, 3, H, W) in [0, 1], its strength, and the part of the schedule it acts in as percents that become σ
+    bounds with `percent_to_sigma` (ComfyUI's rule, not A1111's step fraction). An entry holds a chain of
+    these, summed (ComfyUI's `set_previous_controlnet`); equal only to itself, so entries sharing a chain
+    batch."""
 
-    net: ControlNetModel
+    net: ControlNetModel | T2IAdapterModel
     image: Tensor
     strength: float = 1.0
     start_percent: float = 0.0
     end_percent: float = 1.0
+    # a T2I-Adapter's features by (latent height, width, dtype, device), kept while the size holds (ComfyUI)
+    features: dict[tuple, list[Tensor]] = field(default_factory=dict, repr=False)
 
 
 def comfy_hint(image: Tensor, width: int, height: int) -> Tensor:
@@ -410,7 +440,7 @@ def comfy_residuals(
     (an area entry's latents give the area's size, as in ComfyUI); added to `total` (other residuals).
     None when there are none."""
     for c, (start, end) in zip(chain, bounds, strict=True):
-        if sigma > start or sigma < end:
+        if isinstance(c.net, T2IAdapterModel) or sigma > start or sigma < end:
             continue
         if device_of(c.net) != x.device:
             c.net.to(x.device)
@@ -418,6 +448,43 @@ def comfy_residuals(
         hint = comfy_hint(c.image.to(x.device, torch.float32), x.shape[-1] * f, x.shape[-2] * f)
         total = _added(total, [o * c.strength for o in _net_outputs(c.net, hint, x, t, context, y)])
     return total
+
+
+def comfy_features(
+    chain: Sequence[ComfyControl],
+    bounds: Sequence[tuple[float, float]],
+    x: Tensor,
+    sigma: float,
+    unet: UNetConfig,
+    total: list[Tensor | None] | None = None,
+) -> list[Tensor | None] | None:
+    """The U-Net's `adapter` argument from an entry's T2I-Adapters active at σ (as `comfy_residuals`),
+    added to `total`: ComfyUI's `T2IAdapter.get_control`, each feature times the strength."""
+    for c, (start, end) in zip(chain, bounds, strict=True):
+        if not isinstance(c.net, T2IAdapterModel) or sigma > start or sigma < end:
+            continue
+        total = _placed(total, unet, [f * c.strength for f in _comfy_adapter_output(c, x)], x)
+    return total
+
+
+def _comfy_adapter_output(c: ComfyControl, x: Tensor) -> list[Tensor]:
+    """A ComfyUI T2I-Adapter's features for latents x: the control image cut and resized (nearest-exact) to
+    the latents' size x 8 rounded up to the adapter's pixel-unshuffle factor, made grey for a one-channel
+    adapter (the channels' mean), run at x's dtype with ComfyUI's pooling; kept while the size holds."""
+    key = (*x.shape[-2:], x.dtype, x.device)
+    if key not in c.features:
+        net = c.net
+        assert isinstance(net, T2IAdapterModel)
+        f = net.cfg.unshuffle
+        width, height = (-(-n * 8 // f) * f for n in (x.shape[-1], x.shape[-2]))
+        hint = comfy_hint(c.image.to(x.device, torch.float32), width, height)
+        if net.cfg.hint_channels == 1:
+            hint = hint.mean(dim=1, keepdim=True)
+        net.to(x.device, x.dtype)
+        with torch.no_grad():
+            c.features.clear()
+            c.features[key] = net(hint.to(x.dtype), pooling="comfyui")
+    return c.features[key]
 
 
 def controls_to_uncond(

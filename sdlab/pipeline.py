@@ -25,6 +25,7 @@ from sdlab.control import (
     Control,
     ControlSpec,
     adapter_features,
+    comfy_features,
     comfy_residuals,
     control_residuals,
     load_controls,
@@ -558,8 +559,8 @@ def sample(
     """
     calls = Calls(total=len(sigmas) - 1)
     guided = guided_denoiser(model, guidance, x, calls)
-    schedule = DiscreteSchedule.for_model(model.config)
     if handover is not None:
+        schedule = DiscreteSchedule.for_model(model.config)
         guided = _handing_over(guided, handover, schedule, len(sigmas) - 1, calls)
     if keep is not None:
         guided = _blend_denoised(guided, init, keep)
@@ -572,7 +573,7 @@ def sample(
         if callback is not None:
             callback(i + 1, total, denoised)
 
-    samples = get_sampler(sampler, schedule)(guided, x, sigmas, callback=on_step, generator=generators)
+    samples = get_sampler(sampler)(guided, x, sigmas, callback=on_step, generator=generators)
     check_finite(samples, "the sampled latents", overflow_cause("U-Net", samples.dtype))
     return samples if keep is None else init * keep + samples * (1 - keep)
 
@@ -612,15 +613,14 @@ def _unet_fn(
             assert calls is not None, "ComfyUI's ControlNets need the σ of each call"
             bounds = [(sigma_at(c.start_percent), sigma_at(c.end_percent)) for c in control]
             residuals = comfy_residuals(control, bounds, x, t, context, y, calls.sigma, residuals)
+            features = comfy_features(control, bounds, x, calls.sigma, model.unet.cfg, features)
         if c_concat is not None:
             x = torch.cat([x, c_concat.to(x)], dim=1)
-        if features is not None:
-            return model.unet(x, t, context, y, residuals, features)
         if ip_tokens is not None:  # IP-Adapter: the cross-attentions split them off (sdlab.ip_adapter)
             context = torch.cat([context, ip_tokens.to(context)], dim=1)
             if ip is not None and calls is not None:
                 ip.update(calls.step / calls.total, calls.sigma, sigma_at)
-        return model.unet(x, t, context, y, residuals)
+        return model.unet(x, t, context, y, residuals, features)
 
     return unet
 

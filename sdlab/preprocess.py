@@ -101,8 +101,9 @@ def gaussian_blur(arr: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def threshold(image: Image.Image, level: float | None = None, _: float | None = None) -> Image.Image:
-    """Binary map: white where a pixel's channel is above `level` (default 127), per channel (A1111)."""
-    return _image((_rgb(image) > (127 if level is None else level)).astype(np.uint8) * 255)
+    """Binary map: white where each of a pixel's channels is above `level` (default 127), as A1111's
+    extension computes it (`np.min(img, axis=2) > thr_a`)."""
+    return _image((_rgb(image).min(axis=2) > (127 if level is None else level)).astype(np.uint8) * 255)
 
 
 def invert(image: Image.Image, _a: float | None = None, _b: float | None = None) -> Image.Image:
@@ -121,10 +122,12 @@ def lineart_standard(image: Image.Image, _a: float | None = None, _b: float | No
 
 
 def scribble_xdog(image: Image.Image, level: float | None = None, _: float | None = None) -> Image.Image:
-    """A1111's "scribble_xdog": a difference of Gaussians (σ 0.5 and 5) thresholded at `level` (32)."""
+    """A1111's "scribble_xdog": a difference of Gaussians (σ 0.5 and 5) as 8 bits, white where twice its
+    darkness, wrapped to 8 bits as the extension's uint8 arithmetic wraps it, exceeds `level` (32)."""
     x = _rgb(image).astype(np.float32)
-    dog = (255 - np.min(gaussian_blur(x, 5.0) - gaussian_blur(x, 0.5), axis=2)).clip(0, 255)
-    return _image((dog < 255 - (32 if level is None else level)).astype(np.uint8) * 255)
+    dog = (255 - np.min(gaussian_blur(x, 5.0) - gaussian_blur(x, 0.5), axis=2)).clip(0, 255).astype(np.uint8)
+    darkness = (2 * (255 - dog.astype(np.int32))) % 256
+    return _image((darkness > (32 if level is None else level)).astype(np.uint8) * 255)
 
 
 def blur_gaussian(image: Image.Image, sigma: float | None = None, _: float | None = None) -> Image.Image:
@@ -139,6 +142,20 @@ def tile_resample(image: Image.Image, rate: float | None = None, _: float | None
         return image.convert("RGB")
     size = (max(1, int(image.width / rate)), max(1, int(image.height / rate)))
     return image.convert("RGB").resize(size, Image.BOX)
+
+
+def color_grid(image: Image.Image, _a: float | None = None, _b: float | None = None) -> Image.Image:
+    """A1111's "t2ia_color_grid" at the image's size: shrunk to 1/64 by cubic resampling and blown back up
+    by nearest, with OpenCV as the extension does it (`annotator/color`; the A1111 API first scales the
+    shorter side to the unit's processor_res)."""
+    import cv2  # the extension's resampling; OpenCV comes with the serve extra
+
+    rgb = _rgb(image)
+    h, w = rgb.shape[:2]
+    if h < 64 or w < 64:
+        raise ValueError(f"color_grid needs an image of at least 64x64 px, got {w}x{h}")
+    small = cv2.resize(rgb, (w // 64, h // 64), interpolation=cv2.INTER_CUBIC)
+    return _image(cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST))
 
 
 def map_image(image: Image.Image, _a: float | None = None, _b: float | None = None) -> Image.Image:
@@ -157,6 +174,7 @@ PREPROCESSORS: dict[str, Preprocessor] = {
     "normal_map": map_image,
     "blur_gaussian": blur_gaussian,
     "tile_resample": tile_resample,
+    "color_grid": color_grid,
 }
 NEEDS_WEIGHTS = {
     name: f"needs the {what} model weights, which sdlab does not ship or download"
@@ -190,6 +208,8 @@ NEEDS_WEIGHTS = {
             "HED/PiDiNet",
         ),
         (("mlsd",), "M-LSD"),
+        (("t2ia_sketch_pidi", "pidinet_sketch"), "PiDiNet"),
+        (("t2ia_style_clipvision", "clip_vision"), "CLIP vision (and T2I style adapter)"),
         (("seg_ofade20k", "seg_ofcoco", "seg_ufade20k"), "segmentation"),
     )
     for name in names

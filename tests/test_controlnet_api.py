@@ -1,10 +1,13 @@
 """ControlNet through the A1111 API in sd-webui-controlnet's format: a unit draws what the pipeline draws
 with the equivalent ControlSpec, the infotext entry is the extension's, the `/controlnet/*` routes answer
-in its shapes, and what sdlab cannot honour is refused naming the field."""
+in its shapes, and what sdlab cannot honour is refused naming the field. T2I-Adapters: an adapter unit
+(canny at a processor_res, the map fitted as the extension fits it) and a ComfyUI graph through `/prompt`
+each draw what the Python API draws with the same control image."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,19 +18,33 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference import randomize
 from test_controlnet import _controlnet
-from test_server_api import MODEL, b64png, folders, serving, unb64, write_models
+from test_controlnet_maps import canny, extension_detectmap_proc
+from test_server_api import (
+    MODEL,
+    b64png,
+    folders,
+    png,
+    serving,
+    txt2img_workflow,
+    unb64,
+    wait_history,
+    write_models,
+)
 
 from sdlab.checkpoints.io import write_safetensors
 from sdlab.checkpoints.load import load_model
 from sdlab.control import ControlSpec
 from sdlab.images import to_tensor
 from sdlab.infotext import parse_infotext
+from sdlab.models.t2i_adapter import T2IAdapterConfig, T2IAdapterModel
 from sdlab.pipeline import GenerationRequest, generate
 from sdlab.preprocess import preprocess
 from sdlab.server.state import Settings
 
 CN = "cn-tiny"
+ADAPTER = "t2iadapter_canny_sd15v2"
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +56,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     (models / "ControlNet").mkdir()
     sd = {f"control_model.{k}": v for k, v in _controlnet("sd1").state_dict().items()}
     write_safetensors(sd, models / "ControlNet" / f"{CN}.safetensors")
+    adapter = randomize(T2IAdapterModel(T2IAdapterConfig((32, 64), "full")), 3)
+    write_safetensors(adapter.state_dict(), models / "ControlNet" / f"{ADAPTER}.safetensors")
     with serving(Settings(folders(root, models))) as base:
         httpx.post(base + "/sdapi/v1/options", json={"sd_model_checkpoint": MODEL})
         yield base, models
@@ -51,10 +70,10 @@ def client(served: tuple[str, Path]) -> Iterator[httpx.Client]:
         yield c
 
 
-def _title(models: Path) -> str:
+def _title(models: Path, name: str = CN) -> str:
     """The extension's title: stem [A1111's old hash: SHA-256 of 64 KiB at 1 MiB, 8 digits]."""
-    data = (models / "ControlNet" / f"{CN}.safetensors").read_bytes()[0x100000:0x110000]
-    return f"{CN} [{hashlib.sha256(data).hexdigest()[:8]}]"
+    data = (models / "ControlNet" / f"{name}.safetensors").read_bytes()[0x100000:0x110000]
+    return f"{name} [{hashlib.sha256(data).hexdigest()[:8]}]"
 
 
 def _control_image(size: int = 32) -> Image.Image:
@@ -120,7 +139,8 @@ def test_webuiapi_controlnet_unit(served: tuple[str, Path]) -> None:
 def test_controlnet_routes(client: httpx.Client, served: tuple[str, Path]) -> None:
     assert client.get("/controlnet/version").json() == {"version": 3}
     assert client.get("/controlnet/settings").json() == {"control_net_unit_count": 3}
-    assert client.get("/controlnet/model_list").json() == {"model_list": [_title(served[1])]}
+    titles = client.get("/controlnet/model_list").json()["model_list"]
+    assert sorted(titles) == [_title(served[1]), _title(served[1], ADAPTER)]
     modules = client.get("/controlnet/module_list").json()
     assert modules["module_list"][:2] == ["none", "canny"] and "openpose" not in modules["module_list"]
     assert modules["module_detail"]["canny"]["sliders"] == [
@@ -129,7 +149,7 @@ def test_controlnet_routes(client: httpx.Client, served: tuple[str, Path]) -> No
         {"name": "High Threshold", "value": 200, "min": 1, "max": 255, "step": 1},
     ]
     aliases = client.get("/controlnet/module_list", params={"alias_names": True}).json()["module_list"]
-    assert "invert (from white bg & black line)" in aliases
+    assert "invert (from white bg & black line)" in aliases and "t2ia_color_grid" in aliases
 
     photo = _control_image(64)
     body = {"controlnet_module": "canny", "controlnet_input_images": [b64png(photo)]}
@@ -141,8 +161,9 @@ def test_controlnet_routes(client: httpx.Client, served: tuple[str, Path]) -> No
     assert np.array_equal(
         np.asarray(detected.convert("RGB")), np.asarray(preprocess("canny", photo, None, 50, 200))
     )
-    r = client.post("/controlnet/detect", json=body)  # processor_res 512: the image would be scaled first
-    assert r.status_code == 422 and "processor_res" in r.text
+    # processor_res 96: the image scaled by cubic, padded to 64s and cut back, as the extension does
+    r = client.post("/controlnet/detect", json=body | {"controlnet_processor_res": 96})
+    assert np.array_equal(np.asarray(unb64(r.json()["images"][0])), canny(np.asarray(photo), 96, 100, 200))
     r = client.post("/controlnet/detect", json=body | {"controlnet_module": "openpose"})
     assert r.status_code == 422 and "OpenPose" in r.text
 
@@ -158,8 +179,18 @@ def test_controlnet_routes(client: httpx.Client, served: tuple[str, Path]) -> No
         ({"unit": {"guidance_start": 0.9, "guidance_end": 0.1}}, "guidance_start"),
         ({"unit": {"control_mode": "Loud"}}, "control_mode"),
         ({"unit": {"resize_mode": "Stretch"}}, "resize_mode"),
-        ({"unit": {"module": "canny"}}, "args[0].processor_res = 512"),
-        ({"unit": {"module": "canny", "pixel_perfect": True, "image": b64png(_control_image(64))}}, "= 32"),
+        ({"unit": {"module": "t2ia_sketch_pidi"}}, "PiDiNet model weights"),
+        ({"unit": {"module": "t2ia_style_clipvision"}}, "CLIP vision"),
+        (
+            {
+                "unit": {
+                    "module": "canny",
+                    "processor_res": 2048,
+                    "image": b64png(_control_image(40).crop((0, 0, 1, 40))),
+                }
+            },
+            "processor_res",
+        ),
         ({"unit": {"effective_region_mask": b64png(_control_image())}}, "args[0].effective_region_mask"),
         ({"unit": {"hr_option": "Low res only"}}, "args[0].hr_option"),
         ({"unit": {"image": None}}, "args[0].image: no control image"),
@@ -185,3 +216,67 @@ def test_img2img_unit_without_image_uses_the_init_image(client: httpx.Client) ->
         assert r.status_code == 200, r.text
         images.append(to_tensor(unb64(r.json()["images"][0])))
     assert torch.equal(*images)
+
+
+def _adapter_expected(models: Path, image: Image.Image, **kw: Any) -> Image.Image:
+    spec = ControlSpec(str(models / "ControlNet" / f"{ADAPTER}.safetensors"), image, **kw)
+    req = GenerationRequest(
+        "a red apple", "blurry", 32, 32, steps=4, sampler="euler", seed=3, cfg_scale=7.0, controls=(spec,)
+    )
+    return generate(load_model(models / MODEL), req).images[0]
+
+
+def test_t2i_adapter_unit_with_the_extensions_map(client: httpx.Client, served: tuple[str, Path]) -> None:
+    """A canny unit on a T2I-Adapter model: a 40x30 photo scaled to processor_res 72 for canny, the edge
+    map cropped and resized to 32x32 as the extension does (a binary map: thinned), then the adapter."""
+    models = served[1]
+    photo = _control_image(40).crop((0, 0, 40, 30))
+    unit = _unit(module="canny", model=ADAPTER, image=b64png(photo), processor_res=72, weight=0.9)
+    r = _txt2img(client, unit)
+    assert r.status_code == 200, r.text
+    edges = canny(np.asarray(photo), 72, 100, 200)
+    fitted = Image.fromarray(extension_detectmap_proc(edges, "crop", 32, 32))
+    expected = _adapter_expected(models, fitted, weight=0.9)
+    image = to_tensor(unb64(r.json()["images"][0]))
+    assert torch.equal(image, to_tensor(expected))
+    other = _adapter_expected(models, Image.fromarray(np.asarray(photo.resize((32, 32)))), weight=0.9)
+    assert not torch.equal(image, to_tensor(other))  # the map matters
+    info = parse_infotext(json.loads(r.json()["info"])["infotexts"][0])["ControlNet 0"]
+    assert (
+        info.startswith(f"Module: canny, Model: {_title(models, ADAPTER)}, Weight: 0.9") and "Res: 72" in info
+    )
+
+
+def test_comfy_graph_with_a_t2i_adapter_equals_the_python_api(
+    client: httpx.Client, served: tuple[str, Path]
+) -> None:
+    """ControlNetLoader loads the adapter; with the control image at the latents' size x 8 (no resize on
+    either side), strength 1 over the whole schedule, the graph's image is the Python API's."""
+    control = _control_image(128)  # the tiny VAE downscales by 2: 32 px -> 16 latents -> 128 px hint
+    name = client.post("/upload/image", files={"image": ("adapter.png", png(control))}).json()["name"]
+    workflow = txt2img_workflow(seed=3, steps=4, size=32, prefix="adapter")
+    workflow["10"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+    workflow["11"] = {
+        "class_type": "ControlNetLoader",
+        "inputs": {"control_net_name": f"{ADAPTER}.safetensors"},
+    }
+    workflow["12"] = {
+        "class_type": "ControlNetApplyAdvanced",
+        "inputs": {
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "control_net": ["11", 0],
+            "image": ["10", 0],
+            "strength": 1.0,
+            "start_percent": 0.0,
+            "end_percent": 1.0,
+        },
+    }
+    workflow["3"]["inputs"] |= {"positive": ["12", 0], "negative": ["12", 1]}
+    r = client.post("/prompt", json={"prompt": workflow})
+    assert r.status_code == 200, r.text
+    entry = wait_history(client, r.json()["prompt_id"], timeout=120)
+    ref = entry["outputs"]["9"]["images"][0]
+    graph = Image.open(io.BytesIO(client.get("/view", params=ref).content)).convert("RGB")
+    expected = _adapter_expected(served[1], control)
+    assert torch.equal(to_tensor(graph), to_tensor(expected))

@@ -1,8 +1,9 @@
 """ComfyUI's ControlNet nodes on the tiny model: a ControlNetLoader + ControlNetApplyAdvanced run equals
 a hand-written sampling loop with ComfyUI's rules (the control image centre-cut with ComfyUI's rounding
 and resized by nearest-exact, residuals x strength, active over the σ range percent_to_sigma gives);
-ControlNetApply reaches the negative side as ComfyUI's sampler makes it; /object_info entries as
-ComfyUI's nodes.py declares them."""
+ControlNetApply reaches the negative side as ComfyUI's sampler makes it; a T2I-Adapter file through the
+same nodes equals a loop with ComfyUI's `T2IAdapter` rules (odd latent sizes included); /object_info
+entries as ComfyUI's nodes.py declares them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tiny import TINY, write_tiny
 from sdlab.checkpoints.io import write_safetensors
 from sdlab.diffusion.schedule import DiscreteSchedule
 from sdlab.models.controlnet import ControlNetConfig, ControlNetModel
+from sdlab.models.t2i_adapter import T2IAdapterConfig, T2IAdapterModel, halve, place_features
 from sdlab.pipeline import sampling_sigmas
 from sdlab.regions import percent_to_sigma
 from sdlab.server import nodes
@@ -34,6 +36,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> nodes.Env:
     sd = {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in net.state_dict().items()}
     (root / "controlnet").mkdir()
     write_safetensors({f"control_model.{k}": v for k, v in sd.items()}, root / "controlnet/cn.safetensors")
+    adapter = T2IAdapterModel(T2IAdapterConfig((32, 64), "full"))
+    sd = {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in adapter.state_dict().items()}
+    write_safetensors(sd, root / "controlnet" / "t2iadapter_tiny.safetensors")
     library = Library(root)
     return nodes.Env(library, ModelCache(library), Folders(root, tmp / "o", tmp / "i", tmp / "s"))
 
@@ -60,9 +65,9 @@ def _latent(env: nodes.Env, z: torch.Tensor) -> nodes.Latent:
     return nodes.Latent(64, 64, 1, z, scaling=(vae.cfg.scale_factor, vae.cfg.shift_factor))
 
 
-def _run(env: nodes.Env, apply: str, latent: nodes.Latent) -> torch.Tensor:
+def _run(env: nodes.Env, apply: str, latent: nodes.Latent, name: str = "cn.safetensors") -> torch.Tensor:
     model, clip, _ = nodes.checkpoint_loader(env, "tiny.safetensors")
-    (net,) = cn.controlnet_loader(env, "cn.safetensors")
+    (net,) = cn.controlnet_loader(env, name)
     with torch.inference_mode():
         (pos,) = nodes.clip_text_encode(env, "a red cat", clip)
         (neg,) = nodes.clip_text_encode(env, "blurry", clip)
@@ -78,14 +83,19 @@ def _run(env: nodes.Env, apply: str, latent: nodes.Latent) -> torch.Tensor:
     return out.samples
 
 
-def _manual(env: nodes.Env, z: torch.Tensor) -> torch.Tensor:
-    """Euler with CFG written out: each side's ControlNet residuals x strength while σ_end ≤ σ ≤ σ_start."""
+def _manual(env: nodes.Env, z: torch.Tensor, name: str = "cn.safetensors") -> torch.Tensor:
+    """Euler with CFG written out: each side's ControlNet residuals x strength while σ_end ≤ σ ≤ σ_start;
+    for a T2I-Adapter its features of the hint (made once) x strength after its input blocks instead."""
     model, clip, _ = nodes.checkpoint_loader(env, "tiny.safetensors")
     sd = model.sd
-    (net,) = cn.controlnet_loader(env, "cn.safetensors")
+    (net,) = cn.controlnet_loader(env, name)
     schedule = DiscreteSchedule.for_model(sd.config)
     hi, lo = percent_to_sigma(schedule, START), percent_to_sigma(schedule, END)
     hint = _comfy_hint((_image() + 1) / 2, z.shape[-1] * 8)
+    adapter = isinstance(net, T2IAdapterModel)
+    if adapter:
+        features = [f * STRENGTH for f in net(hint, pooling="comfyui")]
+        features = place_features(sd.unet.cfg, features, *z.shape[-2:])
     sigmas = sampling_sigmas(sd, "euler", "normal", STEPS)
     with torch.inference_mode():
         (pos,) = nodes.clip_text_encode(env, "a red cat", clip)
@@ -96,10 +106,12 @@ def _manual(env: nodes.Env, z: torch.Tensor) -> torch.Tensor:
             x_in, t = x / (s**2 + 1) ** 0.5, schedule.sigma_to_t(s[None])
             d = []
             for c in (pos, neg):
-                res = None
-                if lo <= float(s) <= hi:
+                res, feats = None, None
+                if lo <= float(s) <= hi and adapter:
+                    feats = features
+                elif lo <= float(s) <= hi:
                     res = [r * STRENGTH for r in net(x_in, hint, t, c.context)]
-                d.append(x - sd.unet(x_in, t, c.context, None, res) * s)
+                d.append(x - sd.unet(x_in, t, c.context, None, res, feats) * s)
             denoised = d[1] + (d[0] - d[1]) * CFG
             x = x + (x - denoised) / s * (sigmas[i + 1] - s)
     return x
@@ -126,6 +138,30 @@ def test_apply_reaches_the_negative_side(env: nodes.Env) -> None:
     assert torch.equal(_run(env, "apply", latent), _run(env, "advanced-whole", latent))
 
 
+def test_t2i_adapter_through_the_controlnet_nodes(env: nodes.Env) -> None:
+    """ComfyUI's loaders load T2I-Adapters too; applied with ComfyUI's rules on 9x9 latents (an odd size
+    its adapter pools with padding) the result equals the written-out loop."""
+    z = torch.randn(1, 4, 9, 9, generator=torch.Generator().manual_seed(5)) * 14
+    latent = _latent(env, z)
+    ours = _run(env, "advanced", latent, "t2iadapter_tiny.safetensors")
+    manual = _manual(env, z, "t2iadapter_tiny.safetensors")
+    plain = _run(env, "none", latent)
+    assert (ours - manual).abs().max() <= 1e-4 * manual.abs().max()
+    assert (ours - plain).abs().max() > 1e-2 * plain.abs().max()  # the adapter does change the result
+
+
+def test_comfyui_adapter_pooling_is_comfyuis_downsample() -> None:
+    """ComfyUI's `Downsample` (comfy/t2i_adapter/adapter.py) transcribed: AvgPool2d(2, 2) with padding set
+    to each side's parity before the call (zeros counted). diffusers' ceil mode differs on odd sides."""
+    x = torch.rand(1, 3, 9, 6, generator=torch.Generator().manual_seed(0))
+    op = torch.nn.AvgPool2d(kernel_size=2, stride=2)
+    op.padding = [x.shape[2] % 2, x.shape[3] % 2]
+    assert torch.equal(halve(x, "comfyui"), op(x))
+    assert halve(x, "diffusers").shape == op(x).shape and not torch.allclose(halve(x, "diffusers"), op(x))
+    even = x[..., :8, :]
+    assert torch.equal(halve(even, "comfyui"), halve(even, "diffusers"))
+
+
 def test_control_image_batch_is_refused(env: nodes.Env) -> None:
     (net,) = cn.controlnet_loader(env, "cn.safetensors")
     with pytest.raises(nodes.NodeError, match="image: a batch of 2"):
@@ -135,11 +171,12 @@ def test_control_image_batch_is_refused(env: nodes.Env) -> None:
 def test_object_info_matches_comfyuis_declarations(env: nodes.Env) -> None:
     strength = ["FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}]
     loader = nodes.object_info(env, "ControlNetLoader")
-    assert loader["input"] == {"required": {"control_net_name": [["cn.safetensors"]]}}
+    names = [["cn.safetensors", "t2iadapter_tiny.safetensors"]]
+    assert loader["input"] == {"required": {"control_net_name": names}}
     assert (loader["output"], loader["category"]) == (["CONTROL_NET"], "loaders")
     assert loader["display_name"] == "Load ControlNet Model"
     diff = nodes.object_info(env, "DiffControlNetLoader")
-    assert diff["input"]["required"] == {"model": ["MODEL"], "control_net_name": [["cn.safetensors"]]}
+    assert diff["input"]["required"] == {"model": ["MODEL"], "control_net_name": names}
     assert diff["display_name"] == "Load ControlNet Model (diff)"
     apply = nodes.object_info(env, "ControlNetApply")
     assert apply["input"]["required"] == {

@@ -21,9 +21,11 @@ from sdlab.control import Control, ControlSpec, adapter_features, load_controlne
 from sdlab.models.t2i_adapter import (
     T2IAdapterConfig,
     T2IAdapterModel,
+    aligned,
     detect_adapter,
     diffusers_to_original,
     feature_slots,
+    halve,
     place_features,
 )
 from sdlab.pipeline import GenerationRequest, generate
@@ -74,6 +76,22 @@ def test_feature_places_are_the_extensions() -> None:
     assert feature_slots(SDXL_UNET, xl, 128, 128) == [3, 5, 8, 9]
     with pytest.raises(ValueError, match="fits no place"):
         feature_slots(SD1_UNET, xl, 64, 64)
+
+
+def test_a1111_pooling_and_alignment_are_the_extensions() -> None:
+    """sd-webui-controlnet's adapter (scripts/adapter.py) pools with a plain AvgPool2d(2, 2) (odd sides
+    floored) and its `aligned_adding` resizes a feature whose shape differs from the U-Net's by nearest."""
+    x = torch.rand(1, 3, 9, 7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(halve(x, "a1111"), torch.nn.AvgPool2d(kernel_size=2, stride=2)(x))
+    cfg = T2IAdapterConfig((32, 64), "full")
+    net = randomize(T2IAdapterModel(cfg), 1)
+    with torch.no_grad():
+        feats = net(torch.rand(1, 3, 72, 56, generator=torch.Generator().manual_seed(1)), pooling="a1111")
+    assert [tuple(f.shape[-2:]) for f in feats] == [(9, 7), (4, 3)]
+    fitted = aligned(cfg, feats, 9, 7)
+    assert torch.equal(fitted[0], feats[0])
+    theirs = torch.nn.functional.interpolate(feats[1], size=(5, 4), mode="nearest")  # aligned_adding
+    assert torch.equal(fitted[1], theirs)
 
 
 def test_unet_adds_features_as_diffusers_does() -> None:

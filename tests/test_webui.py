@@ -32,6 +32,7 @@ from sdlab.control import ControlSpec
 from sdlab.images import to_tensor
 from sdlab.pipeline import GenerationRequest, generate
 from sdlab.preprocess import preprocess
+from sdlab.server.controlnet_api import MODULES, control_map
 from sdlab.server.state import Settings
 from sdlab.vae_tools import roundtrip
 
@@ -320,17 +321,15 @@ def test_txt2img_with_a_controlnet_unit(
         "resize_mode": "Just Resize",
         "processor_res": 64,
     }
+    # the A1111 API makes the extension's map (canny at processor_res, fitted by its detectmap_proc)
+    fitted = control_map(MODULES["canny"], control, 64, 100, 200, "resize", (32, 32), "unit")
     spec = ControlSpec(
         str(models / "ControlNet" / "cn-tiny.safetensors"),
-        control,
+        fitted,
         weight=0.6,
         guidance_start=0.2,
         guidance_end=0.9,
         control_mode="prompt",
-        resize_mode="resize",
-        preprocessor="canny",
-        threshold_a=100,
-        threshold_b=200,
     )
     req = GenerationRequest(PROMPT, "", 32, 32, steps=4, sampler="euler", seed=1234, controls=(spec,))
     expected = generate(load_model(models / MODEL), req).images[0]

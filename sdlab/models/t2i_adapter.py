@@ -14,11 +14,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdlab.config import UNetConfig
 
 KINDS = ("full", "full_xl", "light")
+# how a level halves a side of odd length: diffusers' ceil-mode pooling (a short window averages the pixels
+# it holds), TencentARC's code as ComfyUI runs it (one zero on each side of the odd axis, counted) or as
+# sd-webui-controlnet runs it (floor: the last row or column dropped; `aligned` then fits the U-Net)
+POOLINGS = ("diffusers", "comfyui", "a1111")
 XL_UNSHUFFLE_INPUTS = (256, 768)  # conv_in's input channels of SDXL adapters (1 or 3 channels x 16²)
 
 
@@ -57,20 +62,27 @@ class T2IAdapterConfig:
         return level == 2 if self.kind == "full_xl" else level > 0
 
 
+def halve(x: Tensor, pooling: str) -> Tensor:
+    """2x2 average pooling, an odd side treated as `pooling` (one of `POOLINGS`) says; even sides alike."""
+    if pooling == "comfyui":
+        return F.avg_pool2d(x, 2, 2, padding=(x.shape[-2] % 2, x.shape[-1] % 2))
+    return F.avg_pool2d(x, 2, 2, ceil_mode=pooling == "diffusers")
+
+
 class ResnetBlock(nn.Module):
     """A full adapter's resnet: optional 1x1 `in_conv` to the new width, then x + block2(relu(block1(x)))."""
 
     def __init__(self, in_c: int, out_c: int, down: bool, kernel_size: int) -> None:
         super().__init__()
-        self.down = nn.AvgPool2d(2, 2, ceil_mode=True) if down else None
+        self.down = down
         self.in_conv = nn.Conv2d(in_c, out_c, 1) if in_c != out_c else None
         self.block1 = nn.Conv2d(out_c, out_c, 3, padding=1)
         self.act = nn.ReLU()
         self.block2 = nn.Conv2d(out_c, out_c, kernel_size, padding=kernel_size // 2)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.down is not None:
-            x = self.down(x)
+    def forward(self, x: Tensor, pooling: str = "diffusers") -> Tensor:
+        if self.down:
+            x = halve(x, pooling)
         if self.in_conv is not None:
             x = self.in_conv(x)
         return x + self.block2(self.act(self.block1(x)))
@@ -94,19 +106,20 @@ class Extractor(nn.Module):
 
     def __init__(self, in_c: int, out_c: int, num_res_blocks: int, down: bool) -> None:
         super().__init__()
-        self.down = nn.AvgPool2d(2, 2, ceil_mode=True) if down else None
+        self.down = down
         self.in_conv = nn.Conv2d(in_c, out_c // 4, 1)
         self.body = nn.Sequential(*[LightResnetBlock(out_c // 4) for _ in range(num_res_blocks)])
         self.out_conv = nn.Conv2d(out_c // 4, out_c, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.down is not None:
-            x = self.down(x)
+    def forward(self, x: Tensor, pooling: str = "diffusers") -> Tensor:
+        if self.down:
+            x = halve(x, pooling)
         return self.out_conv(self.body(self.in_conv(x)))
 
 
 class T2IAdapterModel(nn.Module):
-    """Features, one per level, from a control image (B, hint_channels, H, W) with pixels in [0, 1]."""
+    """Features, one per level, from a control image (B, hint_channels, H, W) with pixels in [0, 1];
+    `pooling` (one of `POOLINGS`) says whose rounding odd sizes get."""
 
     def __init__(self, cfg: T2IAdapterConfig) -> None:
         super().__init__()
@@ -129,18 +142,18 @@ class T2IAdapterModel(nn.Module):
             blocks += [ResnetBlock(c, c, False, cfg.kernel_size) for _ in range(cfg.num_res_blocks - 1)]
         self.body = nn.ModuleList(blocks)
 
-    def forward(self, hint: Tensor) -> list[Tensor]:
+    def forward(self, hint: Tensor, pooling: str = "diffusers") -> list[Tensor]:
         x = self.unshuffle(hint)
         if self.cfg.kind == "light":
             features = []
             for block in self.body:
-                x = block(x)
+                x = block(x, pooling)
                 features.append(x)
             return features
         x = self.conv_in(x)
         features = []
         for i, block in enumerate(self.body):
-            x = block(x)
+            x = block(x, pooling)
             if (i + 1) % self.cfg.num_res_blocks == 0:
                 features.append(x)
         return features
@@ -222,6 +235,16 @@ def feature_slots(cfg: UNetConfig, features: Sequence[tuple[int, ...]], height: 
         slots.append(found)
         start = found + 1
     return slots
+
+
+def aligned(cfg: T2IAdapterConfig, features: Sequence[Tensor], height: int, width: int) -> list[Tensor]:
+    """Features made with "a1111" pooling fitted to the U-Net's shapes for latents of height x width by
+    nearest resizing, as sd-webui-controlnet's `aligned_adding` fits them (unchanged where they agree)."""
+    shapes = cfg.feature_shapes(height, width)
+    return [
+        f if tuple(f.shape[-2:]) == s[1:] else F.interpolate(f, size=s[1:], mode="nearest")
+        for f, s in zip(features, shapes, strict=True)
+    ]
 
 
 def place_features(

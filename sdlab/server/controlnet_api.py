@@ -3,29 +3,31 @@
 
 Field names, defaults, module names, model titles ("name [hash]", looked up as the extension's
 `find_closest_lora_model_name` does) and the infotext entry follow the extension
-(`internal_controlnet/args.py`, `scripts/api.py`, `scripts/global_state.py`). The control image is
-resized with sdlab's `resize_image` (A1111's img2img rules, Lanczos), not the extension's
-`high_quality_resize`: the two agree when the (preprocessed) image already has the output size.
-sdlab runs a preprocessor on the image at its own size: the extension first scales the image's shorter
-side to `processor_res` (or to the pixel-perfect size), so a unit whose image is not already that size is
-refused (HTTP 422 naming `processor_res`) rather than drawn differently. The extension also appends the
-detected maps to the returned images; sdlab returns only the generated images."""
+(`internal_controlnet/args.py`, `scripts/api.py`, `scripts/global_state.py`). The control map is made
+as the extension makes it (`sdlab.server.controlnet_maps`): the image scaled to `processor_res` (or the
+pixel-perfect size) around a preprocessor with a resolution slider, then fitted to the output size by
+`detectmap_proc` (binary edge maps re-binarised and thinned); the `inpaint` module's RGBA image is fitted
+with sdlab's `resize_image` instead. A unit whose model is a T2I-Adapter runs as one (`sdlab.control`).
+The extension also appends the detected maps to the returned images; sdlab returns only the generated
+images."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, HTTPException
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdlab.control import A1111_CONTROL_MODES, CONTROL_MODES, ControlSpec
-from sdlab.images import RESIZE_MODES, ImageLimits
+from sdlab.images import DEFAULT_LIMITS, RESIZE_MODES, ImageLimits
 from sdlab.ip_adapter import IPAdapterSpec
 from sdlab.preprocess import NEEDS_WEIGHTS, preprocess
+from sdlab.server.controlnet_maps import at_resolution, detectmap_proc, hwc3, shortest_edge
 from sdlab.server.library import Library
 from sdlab.server.preview import png_base64
 from sdlab.server.state import MAX_JOB_IMAGES, Server
@@ -63,13 +65,32 @@ HIDDEN = Slider("EMPTY_LABEL", 0.5, 0.0, 1.0, 0.01)  # the bound check of a modu
 
 @dataclass(frozen=True)
 class Module:
-    """A preprocessor as the extension lists it: sdlab's function, the UI label, its sliders."""
+    """A preprocessor as the extension lists it: sdlab's function, the UI label, its sliders and how it
+    scales its input to processor_res first (`scaling`: "pad", the extension's `resize_image_with_pad`;
+    "cut", the same cut back before it runs; "edge", the shorter side to the resolution by area; "": not)."""
 
     preprocessor: str
     label: str
-    resolution: bool = False  # the extension scales the input to processor_res first
+    scaling: str = ""
     slider_1: Slider | None = None
     slider_2: Slider | None = None
+
+    @property
+    def resolution(self) -> bool:
+        return bool(self.scaling)
+
+    def run(self, image: Image.Image, res: int, a: float | None, b: float | None) -> np.ndarray:
+        """The detected map (H, W, 3) of `image` at processor resolution `res`, as the extension makes it."""
+
+        def detect(x: np.ndarray) -> np.ndarray:
+            return np.asarray(preprocess(self.preprocessor, Image.fromarray(x), None, a, b).convert("RGB"))
+
+        arr = hwc3(np.asarray(image.convert("RGB")))
+        if self.scaling == "edge":
+            return detect(shortest_edge(arr, res))
+        if self.scaling:
+            return at_resolution(arr, res, detect, crop_first=self.scaling == "cut")
+        return detect(arr)
 
     def detail(self) -> dict[str, Any]:
         """The extension's `module_detail` entry."""
@@ -88,19 +109,20 @@ MODULES: dict[str, Module] = {
     "canny": Module(
         "canny",
         "canny",
-        True,
+        "pad",
         Slider("Low Threshold", 100, 1, 255),
         Slider("High Threshold", 200, 1, 255),
     ),
     "invert": Module("invert", "invert (from white bg & black line)"),
     "lineart_standard": Module("lineart_standard", "lineart_standard (from white bg & black line)"),
-    "scribble_xdog": Module("scribble_xdog", "scribble_xdog", True, Slider("XDoG Threshold", 32, 1, 64)),
-    "threshold": Module("threshold", "threshold", True, Slider("Binarization Threshold", 127, 0, 255)),
+    "scribble_xdog": Module("scribble_xdog", "scribble_xdog", "pad", Slider("XDoG Threshold", 32, 1, 64)),
+    "threshold": Module("threshold", "threshold", "pad", Slider("Binarization Threshold", 127, 0, 255)),
     "tile_resample": Module(
-        "tile_resample", "tile_resample", False, Slider("Down Sampling Rate", 1.0, 1.0, 8.0, 0.01)
+        "tile_resample", "tile_resample", "", Slider("Down Sampling Rate", 1.0, 1.0, 8.0, 0.01)
     ),
-    "blur_gaussian": Module("blur_gaussian", "blur_gaussian", True, Slider("Sigma", 9.0, 0.01, 64.0, 0.01)),
+    "blur_gaussian": Module("blur_gaussian", "blur_gaussian", "cut", Slider("Sigma", 9.0, 0.01, 64.0, 0.01)),
     "inpaint": Module("inpaint", "inpaint_global_harmonious"),
+    "color": Module("color_grid", "t2ia_color_grid", "edge"),  # for T2I-Adapter color models
 }
 BY_LABEL = {m.label: name for name, m in MODULES.items()}
 # unit fields sdlab reads; the others must keep the extension's default (or are harmless)
@@ -262,25 +284,18 @@ def _unit(library: Library, unit: dict[str, Any], i: int, size: tuple[int, int],
     res = RESOLUTION.resolve(_number(unit, "processor_res", -1, i))
     if unit.get("pixel_perfect", False):
         res = pixel_perfect_resolution(image.size, size, resize)
-    if module.resolution and min(image.size) != res:
-        raise HTTPException(
-            422,
-            f"{what}.processor_res = {res:g}: sdlab runs preprocessors at the image's own size; send an "
-            f"image whose shorter side is {res:g} px (it is {min(image.size)})",
-        )
+    sliders = (a if module.slider_1 else None, b if module.slider_2 else None)
     try:
-        spec = ControlSpec(
-            model=str(path),
-            image=image,
+        if module.preprocessor == "inpaint":
+            spec = ControlSpec(str(path), image, resize_mode=resize, preprocessor="inpaint", mask=mask)
+        else:  # the extension's map at the output size, given as it is
+            spec = ControlSpec(str(path), control_map(module, image, int(res), *sliders, resize, size, what))
+        spec = replace(
+            spec,
             weight=_number(unit, "weight", 1.0, i),
             guidance_start=_number(unit, "guidance_start", 0.0, i),
             guidance_end=_number(unit, "guidance_end", 1.0, i),
             control_mode=_control_mode(unit.get("control_mode", "Balanced")),
-            resize_mode=resize,
-            preprocessor=module.preprocessor,
-            mask=mask,
-            threshold_a=a if module.slider_1 else None,
-            threshold_b=b if module.slider_2 else None,
         )
         spec.validate(i)
     except ValueError as e:
@@ -299,6 +314,40 @@ def _unit(library: Library, unit: dict[str, Any], i: int, size: tuple[int, int],
         "Control Mode": CONTROL_MODE_NAMES[spec.control_mode],
     }
     return Unit(i, spec, ", ".join(f"{k}: {v}" for k, v in values.items()))
+
+
+MAX_MAP_PIXELS = DEFAULT_LIMITS.max_pixels  # a preprocessor's input once scaled to processor_res
+
+
+def control_map(
+    module: Module,
+    image: Image.Image,
+    res: int,
+    a: float | None,
+    b: float | None,
+    resize: str,
+    size: tuple[int, int],
+    what: str,
+) -> Image.Image:
+    """The extension's control map of a unit: `module` run at processor resolution `res`, fitted to `size`
+    (width, height) by `detectmap_proc` with resize mode `resize`; 422 naming the field it cannot make."""
+    detected = detected_map(module, image, res, a, b, what)
+    return Image.fromarray(detectmap_proc(detected, resize, size[1], size[0]))
+
+
+def detected_map(
+    module: Module, image: Image.Image, res: int, a: float | None, b: float | None, what: str
+) -> np.ndarray:
+    """`Module.run`, with 422s naming `what` for a resolution too large for the image or a failure."""
+    w, h = image.size
+    if module.resolution and w * h * (res / min(w, h)) ** 2 > MAX_MAP_PIXELS:
+        raise HTTPException(
+            422, f"{what}.processor_res = {res}: the scaled image would exceed {MAX_MAP_PIXELS:,} px"
+        )
+    try:
+        return module.run(image, res, a, b)
+    except ValueError as e:
+        raise HTTPException(422, f"{what}: {e}") from e
 
 
 def _images(unit: dict[str, Any], what: str, decode) -> tuple[Image.Image | None, Image.Image | None]:
@@ -382,18 +431,15 @@ def routes(server: Server) -> APIRouter:
         images = []
         for i, data in enumerate(inputs):
             image = decode_image(data, f"controlnet_input_images[{i}]", limits)
-            if module.resolution and min(image.size) != res:
-                raise HTTPException(
-                    422, f"controlnet_processor_res = {res:g}: send an image whose shorter side is {res:g} px"
-                )
-            mask = None
-            if module.preprocessor == "inpaint":
-                mask = decode_image(masks[i], f"controlnet_masks[{i}]", limits).convert("L")
+            if module.preprocessor != "inpaint":
+                out = detected_map(module, image, int(res), a, b, f"controlnet_input_images[{i}]")
+                images.append(png_base64(Image.fromarray(out)))
+                continue
+            mask = decode_image(masks[i], f"controlnet_masks[{i}]", limits).convert("L")
             try:
-                out = preprocess(module.preprocessor, image, mask, a, b)
+                images.append(png_base64(preprocess("inpaint", image, mask, a, b)))
             except ValueError as e:
                 raise HTTPException(422, str(e)) from e
-            images.append(png_base64(out))
         return {"info": "Success", "images": images}
 
     return api
