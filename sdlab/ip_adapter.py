@@ -4,8 +4,9 @@ cross-attention): out = attn(q, k_text, v_text) + weight · attn(q, k_ip, v_ip).
 
 Files in the published layout: `image_proj.*` (ImageProjModel `proj`/`norm`, or the "plus" Resampler)
 and `ip_adapter.N.to_k_ip/to_v_ip` with N = 1, 3, 5, … in diffusers' attention-processor order (down
-blocks, up blocks, mid block). The negative side gets the projection of zero image embeddings (plain) or
-of the encoder's features of all-zero (normalised) pixels ("plus"), as diffusers'
+blocks, up blocks, mid block): 16 layers on SD1.x, 70 on SDXL, whose `ip-adapter_sdxl` reads ViT-bigG's
+image embedding and the `_vit-h` adapters ViT-H's. The negative side gets the projection of zero image
+embeddings (plain) or of the encoder's features of all-zero (normalised) pixels ("plus"), as diffusers'
 `prepare_ip_adapter_image_embeds`.
 
 Each interface follows the tool it imitates (`IPAdapterSpec.convention`): "diffusers" (the Python API
@@ -349,7 +350,7 @@ def prepare_ip_adapters(specs: Sequence[IPAdapterSpec], unet: UNetModel) -> Prep
     conds, unconds, gates = [], [], []
     for spec in specs:
         adapter = _adapter(spec, dtype, device)
-        _check_fit(adapter, unet, len(attns))
+        check_fit(adapter, unet)
         cond, uncond = adapter.image_tokens(*_encoder_inputs(spec, adapter, dtype, device))
         conds.append(cond)
         unconds.append(uncond)
@@ -367,13 +368,14 @@ def _adapter(spec: IPAdapterSpec, dtype: torch.dtype, device: torch.device) -> I
     return load_ip_adapter(_find(spec.model, IP_ADAPTER_FOLDERS, "IP-Adapter file"), dtype, device)
 
 
-def _check_fit(adapter: IPAdapterModel, unet: UNetModel, count: int) -> None:
-    """The adapter's layers number the U-Net's cross-attentions 1, 3, 5, ... at the U-Net's context width."""
-    numbers = [n for n, _ in adapter.cfg.layers]
-    if numbers != [2 * i + 1 for i in range(count)] or adapter.cfg.context_dim != unet.cfg.context_dim:
+def check_fit(adapter: IPAdapterModel, unet: UNetModel) -> None:
+    """The adapter's layers number the U-Net's cross-attentions 1, 3, 5, ... with their inner widths, at
+    the U-Net's context width (an SD1.5 adapter on SDXL, or the reverse, is refused by name)."""
+    layers = [(2 * i + 1, a.to_k.out_features) for i, a in enumerate(cross_attentions(unet))]
+    if list(adapter.cfg.layers) != layers or adapter.cfg.context_dim != unet.cfg.context_dim:
         raise CheckpointError(
-            f"{adapter.source}: this IP-Adapter has {len(numbers)} cross-attention layers of context width "
-            f"{adapter.cfg.context_dim}; the model has {count} of {unet.cfg.context_dim}"
+            f"{adapter.source}: this IP-Adapter's {len(adapter.cfg.layers)} cross-attention layers (context "
+            f"width {adapter.cfg.context_dim}) do not fit the model's {len(layers)} ({unet.cfg.context_dim})"
         )
 
 
@@ -387,6 +389,13 @@ def _encoder_inputs(
     else:
         encoder = load_clip_vision(_clip_vision_path(spec, Path(adapter.source)), dtype, device)
     size, plus = encoder.cfg.image_size, adapter.cfg.resampler is not None
+    given = encoder.cfg.width if plus else encoder.cfg.projection_dim
+    if given != adapter.cfg.embed_dim:  # e.g. ip-adapter_sdxl (ViT-bigG's 1280) with ViT-H (1024)
+        what = "hidden states" if plus else "image embeddings"
+        raise CheckpointError(
+            f"{adapter.source}: this IP-Adapter reads CLIP {what} of width {adapter.cfg.embed_dim}; the "
+            f"CLIP vision model gives {given} (ViT-H: 1280 / 1024, ViT-bigG: 1664 / 1280, hidden / embedding)"
+        )
     if spec.convention == "a1111" and plus:
         raise ValueError(
             f"{adapter.source}: 'plus' IP-Adapters through the A1111 API are not supported (the extension "

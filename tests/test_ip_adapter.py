@@ -3,8 +3,10 @@ against diffusers' `load_ip_adapter` on the tiny SD1 model (seeded random weight
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from reference import diffusers_pipeline, max_diff, psnr, randomize, write_diffu
 from tiny import TINY, write_tiny
 
 from sdlab.checkpoints.io import CheckpointError, write_safetensors
-from sdlab.checkpoints.load import load_model
+from sdlab.checkpoints.load import StableDiffusion, load_model
 from sdlab.ip_adapter import IPAdapterConfig, IPAdapterModel, IPAdapterSpec, cross_attentions
 from sdlab.models.clip_vision import CLIPVisionModel, VisionConfig, preprocess_image
 from sdlab.models.unet import UNetModel
@@ -68,15 +70,16 @@ def test_preprocessing_matches_clip_image_processor(size: tuple[int, int]) -> No
     assert max_diff(preprocess_image(image, 28), proc(image, return_tensors="pt").pixel_values) < 1e-6
 
 
-def _adapter_file(folder: Path, unet: UNetModel, plus: bool) -> Path:
-    """An IP-Adapter for `unet` with seeded random weights, in the published flat layout."""
+def _adapter_file(folder: Path, unet: UNetModel, plus: bool, vision: VisionConfig = TINY_VISION) -> Path:
+    """An IP-Adapter for `unet` and an encoder of `vision` with seeded random weights, in the published flat
+    layout."""
     layers = tuple((2 * i + 1, a.to_k.out_features) for i, a in enumerate(cross_attentions(unet)))
     context = unet.cfg.context_dim
     if plus:
         # depth 4: diffusers assumes it
-        cfg = IPAdapterConfig(layers, context, TINY_VISION.width, 6, resampler=(128, 4, 2))
+        cfg = IPAdapterConfig(layers, context, vision.width, 6, resampler=(128, 4, 2))
     else:
-        cfg = IPAdapterConfig(layers, context, TINY_VISION.projection_dim, 4)
+        cfg = IPAdapterConfig(layers, context, vision.projection_dim, 4)
     sd = randomize(IPAdapterModel(cfg), 31).state_dict()
     assert IPAdapterConfig.from_state_dict(sd) == cfg
     return write_safetensors(sd, folder / f"ip-adapter{'-plus' * plus}.safetensors")
@@ -139,3 +142,147 @@ def test_adapters_that_do_not_fit_are_refused(tmp_path: Path) -> None:
         generate(model, req)
     with pytest.raises(ValueError, match=r"ip_adapters\[0\]: no image"):
         GenerationRequest("x", ip_adapters=(IPAdapterSpec(str(adapter)),)).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL: the published adapters' shapes, and parity on a reduced-width SDXL
+
+# the published encoders (their config.json): OpenAI ViT-L/14, LAION ViT-H/14 and ViT-bigG/14
+PUBLISHED_VISION = {
+    "vit-l": VisionConfig(1024, 24, 16, 4096, projection_dim=768, act="quick_gelu"),
+    "vit-h": VisionConfig(1280, 32, 16, 5120, projection_dim=1024, act="gelu"),
+    "vit-bigg": VisionConfig(1664, 48, 16, 8192, projection_dim=1280, act="gelu"),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_VISION))
+def test_published_encoders_are_read_from_their_shapes(name: str) -> None:
+    """Heads and activation are not in the shapes: 16 heads (bigG: of 104 channels) and gelu except OpenAI's
+    ViT-L, as their configs say."""
+    with torch.device("meta"):
+        sd = CLIPVisionModel(PUBLISHED_VISION[name]).state_dict()
+    assert VisionConfig.from_state_dict(sd) == PUBLISHED_VISION[name]
+
+
+# the published SDXL adapters (h94/IP-Adapter): (image feature width, tokens, "plus" Resampler)
+PUBLISHED_XL_ADAPTERS = {
+    "ip-adapter_sdxl": (1280, 4, None),  # ViT-bigG's image embedding
+    "ip-adapter_sdxl_vit-h": (1024, 4, None),
+    "ip-adapter-plus_sdxl_vit-h": (1280, 16, (1280, 4, 20)),  # ViT-H's hidden states
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_XL_ADAPTERS))
+def test_published_sdxl_adapters_fit_sdxl_only(name: str) -> None:
+    """The published SDXL adapters' shapes (h94/IP-Adapter: ip_adapter.1 ... ip_adapter.139 of inner width
+    640 / 1280 at context 2048) fit sdlab's SDXL U-Net and are refused on SD1.5's."""
+    from sdlab.config import SD1, SDXL_UNET
+    from sdlab.ip_adapter import check_fit
+
+    with torch.device("meta"):
+        xl, sd1 = UNetModel(SDXL_UNET), UNetModel(SD1.unet)
+        layers = tuple((2 * i + 1, 640 if i < 4 or 54 <= i < 60 else 1280) for i in range(70))
+        adapter = IPAdapterModel(IPAdapterConfig(layers, 2048, *PUBLISHED_XL_ADAPTERS[name]))
+    sd = adapter.state_dict()
+    assert max(int(k.split(".")[1]) for k in sd if k.startswith("ip_adapter.")) == 139
+    assert IPAdapterConfig.from_state_dict(sd) == adapter.cfg
+    check_fit(adapter, xl)
+    with pytest.raises(CheckpointError, match="70 cross-attention layers .* the model's 16"):
+        check_fit(adapter, sd1)
+
+
+# reduced-width stand-ins for the encoders the SDXL adapters read: "vit-g" for ip-adapter_sdxl, "vit-h" for
+# ip-adapter_sdxl_vit-h and ip-adapter-plus_sdxl_vit-h (different widths and projections)
+XL_VISION = {
+    "vit-g": VisionConfig(
+        width=192, layers=2, heads=3, intermediate=384, patch=14, image_size=28, projection_dim=160
+    ),
+    "vit-h": TINY_VISION,
+}
+
+
+@dataclass
+class XL:
+    model: StableDiffusion
+    pipe: Any
+    folder: Path
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XL]:
+    """The reduced-width SDXL of test_controlnet (SDXL's 70 cross-attentions at a fifth of the width) and
+    diffusers' StableDiffusionXLPipeline from the folder sdlab's converter writes (Euler over Karras σ); one
+    torch thread (many small products)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from test_controlnet import XL_REDUCED
+    from tiny import tiny_checkpoint
+
+    from sdlab.checkpoints.load import convert, save_single_file
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("ip-xl")
+    path = save_single_file(tiny_checkpoint(XL_REDUCED, seed=30), folder / "xl.safetensors")
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        str(convert(path, folder / "xl")), local_files_only=True, add_watermarker=False
+    )
+    pipe.scheduler = EulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, use_karras_sigmas=True, timestep_spacing="linspace"
+    )
+    pipe.set_progress_bar_config(disable=True)
+    yield XL(load_model(path), pipe, folder)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    ("encoder", "plus"),
+    [("vit-g", False), ("vit-h", False), ("vit-h", True)],
+    ids=["sdxl-vit-g", "sdxl-vit-h", "plus-sdxl-vit-h"],
+)
+def test_sdxl_generate_matches_diffusers_load_ip_adapter(encoder: str, plus: bool, xl: XL) -> None:
+    folder = xl.folder / f"{encoder}-{'plus' if plus else 'plain'}"
+    _, reference_encoder = _transformers_vision(XL_VISION[encoder])
+    reference_encoder.save_pretrained(folder / "image_encoder")
+    adapter = _adapter_file(folder, xl.model.unet, plus, XL_VISION[encoder])
+    image, seed, size, steps, cfg = _image(), 5, 64, 3, 6.0
+    spec = IPAdapterSpec(str(adapter), image, 0.7, clip_vision=str(folder / "image_encoder"))
+    request = GenerationRequest("a red apple", "blurry", size, size, steps, cfg, "euler", "karras", seed)
+    ours = generate(xl.model, replace(request, ip_adapters=(spec,))).images[0]
+
+    xl.pipe.load_ip_adapter(
+        str(folder), subfolder="", weight_name=adapter.name, image_encoder_folder="image_encoder"
+    )
+    xl.pipe.set_ip_adapter_scale(0.7)
+    latents = torch.randn((1, 4, size // 8, size // 8), generator=torch.Generator("cpu").manual_seed(seed))
+    try:
+        with torch.no_grad():
+            ref = xl.pipe(
+                "a red apple",
+                negative_prompt="blurry",
+                ip_adapter_image=image,
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                guidance_scale=cfg,
+                latents=latents,
+            ).images[0]
+    finally:
+        xl.pipe.unload_ip_adapter()
+    value = psnr(ours, ref)
+    print(f"\nSDXL IP-Adapter ({encoder}, {'plus' if plus else 'plain'}) vs diffusers: PSNR {value:.1f} dB")
+    assert np.asarray(ref).std() > 5
+    assert value >= 40.0
+    if not plus:  # once: the image prompt changes the image
+        assert psnr(generate(xl.model, request).images[0], ref) < 30.0
+
+
+def test_an_encoder_of_the_wrong_width_is_refused(xl: XL, tmp_path: Path) -> None:
+    """ip-adapter_sdxl with a ViT-H encoder (the usual mix-up) is refused naming both widths."""
+    adapter = _adapter_file(tmp_path, xl.model.unet, False, XL_VISION["vit-g"])
+    encoder = randomize(CLIPVisionModel(XL_VISION["vit-h"]), 3)
+    spec = IPAdapterSpec(str(adapter), _image(), clip_vision=encoder)
+    request = GenerationRequest("x", width=64, height=64, steps=1, ip_adapters=(spec,))
+    with pytest.raises(
+        CheckpointError, match="image embeddings of width 160; the CLIP vision model gives 64"
+    ):
+        generate(xl.model, request)
