@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from sdlab.server.jobs import DONE, Outcome, Worker
+from sdlab.server.jobs import DONE, Outcome
 from sdlab.server.paths import Folders
-from sdlab.server.queue_pg import PgJobStore
+from sdlab.server.queue_pg import PgJobStore, PgWorker
 
 
 def folders() -> Folders:
@@ -29,7 +29,7 @@ def folders() -> Folders:
 def drain(url: str) -> None:
     """Run no-op jobs until the queue holds no pending job."""
     store = PgJobStore(url, 10**9, folders())
-    worker = Worker(store, {"noop": lambda job, live: Outcome(DONE, {})}, lambda: None)
+    worker = PgWorker(store, {"noop": lambda job, live: Outcome(DONE, {})}, lambda: None)
     claims: list[float] = []
     while True:
         start = time.perf_counter()

@@ -227,6 +227,10 @@ class Live:
     interrupted: bool = False
     skipped: bool = False
     on_step: Callable[[Live], None] | None = None  # the runner's per-step reporting (previews)
+    # On a shared queue: the job is no longer this worker's (its lease went to another worker, or was not
+    # renewed by `hold_until`, a time.monotonic() value); it stops and its outcome is not recorded.
+    lost: bool = False
+    hold_until: float | None = None
 
     def step_done(self, step: int, total: int, latent: Tensor) -> None:
         """Record a sampling step; raise Interrupted or Skipped when a client asked for it."""
@@ -236,9 +240,12 @@ class Live:
         self.check()
 
     def check(self) -> None:
-        """Raise Interrupted or Skipped if a client asked for it since the last check."""
-        if self.interrupted:
-            raise Interrupted("interrupted")
+        """Raise Interrupted or Skipped if a client asked for it since the last check; Interrupted too once
+        this worker no longer holds the job (`lost`, or `hold_until` passed)."""
+        if self.hold_until is not None and time.monotonic() > self.hold_until:
+            self.lost = True
+        if self.interrupted or self.lost:
+            raise Interrupted("interrupted" if self.interrupted else "lease lost")
         if self.skipped:
             self.skipped = False
             raise Skipped
@@ -328,8 +335,12 @@ class Worker:
                 continue
             self._run(job)
 
+    def begin(self, job: Job) -> Live:
+        """The live record of a job starting to run here."""
+        return Live(job)
+
     def _run(self, job: Job) -> None:
-        self.live = live = Live(job)
+        self.live = live = self.begin(job)
         self.on_change()
         try:
             outcome = self.runners[job.kind](job, live)
@@ -341,7 +352,10 @@ class Worker:
         if self._stopping and live.interrupted:
             outcome = Outcome(FAILED, outcome.result, SHUTDOWN_ERROR)
         self.live = None
-        self.store.finish(job.id, outcome.state, outcome.result, outcome.error)
+        if live.lost:  # a shared queue handed the job on (or will): another worker records its outcome
+            log.warning("job %s: this worker lost its lease; stopped, its outcome is not recorded", job.id)
+        else:
+            self.store.finish(job.id, outcome.state, outcome.result, outcome.error)
         self._resolve(job.id)
         self.on_change()
 

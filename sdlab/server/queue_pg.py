@@ -2,10 +2,11 @@
 
 The same jobs and states as the SQLite `JobStore`, in a database every process reaches. Workers claim the
 oldest pending job with `SELECT ... FOR UPDATE SKIP LOCKED` (no two claim the same row) and hold a lease they
-renew; a job whose lease ran out (its worker died) goes back to pending once and is failed with the reason the
-second time, so a job is never lost. A worker's finish counts only while it still holds the job (one too
-starved to renew in time may still be running it when another takes it over), and stores the result's image
-files in the database in the same transaction, so any front end serves them; uploaded inputs and request
+renew from a thread and connection of their own; a job whose lease ran out (its worker died or stalled) goes
+back to pending once and is failed with the reason the second time, so a job is never lost. A worker whose
+renewal finds the lease gone, or that could not renew it in time, stops the job at its next step; its finish
+counts only while it still holds the job (fencing), and stores the result's image files in the database in
+the same transaction, so any front end serves them; uploaded inputs and request
 images are stored when received, so any worker reads them. Workers advertise their loaded checkpoints
 (`workers`) and prefer jobs for them within a bounded look-ahead, and store their running job's progress in
 its row. Front ends learn of finished jobs, /ws messages and interrupts through LISTEN/NOTIFY (a preview too
@@ -30,7 +31,19 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from sdlab.server.jobs import CANCELLED, FAILED, FINISHED, PENDING, RUNNING, Job, Live, QueueFull, Worker, log
+from sdlab.server.jobs import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+    Job,
+    Live,
+    QueueFull,
+    Runner,
+    Worker,
+    log,
+)
 from sdlab.server.paths import Folders, confined
 from sdlab.server.preview import PNG, PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA, latent_preview, png_base64
 from sdlab.server.state import Events, Message
@@ -94,6 +107,10 @@ MAX_NOTIFY = 7900  # PostgreSQL's NOTIFY payload limit is 8000 bytes
 # A worker takes, among the LOOK_AHEAD oldest pending jobs, the oldest whose model it has loaded; a job that
 # has waited PREFER_WAIT_S counts as preferred by every worker, so none waits on preference longer than that.
 LOOK_AHEAD, PREFER_WAIT_S = 8, 30.0
+# A worker renews its lease RENEWALS_PER_LEASE times per lease period; a job whose lease was last renewed
+# (request sent) more than HOLD_FRACTION of a lease ago stops at its next step: one missed renewal is
+# tolerated, and the database hands the job on no sooner than a whole lease after that renewal.
+RENEWALS_PER_LEASE, HOLD_FRACTION = 3, 5 / 6
 
 
 def is_queue_url(value: str | None) -> bool:
@@ -133,7 +150,9 @@ class PgJobStore:
         self.device = "cpu"  # what a worker advertises in the workers table
         self.models_held: Callable[[], list[str]] = list  # the checkpoints a worker has loaded
         self.held: list[str] = []  # as of its last claim
-        self._lock = threading.Lock()
+        self.claimed_at = 0.0  # time.monotonic() when its last claim was sent
+        self._lock, self._lease_lock = threading.Lock(), threading.Lock()
+        self._lease_db: psycopg.Connection | None = None  # renewals' own connection, opened when first used
         try:
             self._db = connect(url)
         except psycopg.OperationalError as e:  # a command-line error: one line (an OSError), no traceback
@@ -215,6 +234,7 @@ class PgJobStore:
         self.expire()
         self.held = self.models_held()
         with self._transaction() as db:
+            self.claimed_at = time.monotonic()
             row = db.execute(
                 f"UPDATE jobs SET state = %s, started = %s, worker = %s, attempts = attempts + 1, "
                 f"lease_until = now() + %s * interval '1 second' WHERE number = (SELECT number FROM jobs "
@@ -234,16 +254,27 @@ class PgJobStore:
             (self.worker_id, socket.gethostname(), self.device, self.held),
         )
 
-    def renew(self, progress: dict[str, dict[str, Any]] | None = None) -> list[str]:
-        """Extend this worker's leases, storing the progress of its running jobs (job id -> progress) for
-        the front ends; returns the ids of its jobs a client asked to interrupt."""
-        rows = self._query(
-            "UPDATE jobs SET lease_until = now() + %s * interval '1 second', "
-            "progress = COALESCE(%s::jsonb -> id, progress) WHERE worker = %s AND state = %s "
-            "RETURNING id, interrupt",
-            (self.lease_s, json.dumps(progress or {}), self.worker_id, RUNNING),
-        )
-        return [r["id"] for r in rows if r["interrupt"]]
+    def renew(self, job_ids: list[str]) -> dict[str, bool]:
+        """Extend this worker's leases on job_ids, on a connection of its own (a job's thread may be using
+        the other); those it still holds -> whether a client asked to interrupt them."""
+        with self._lease_lock:
+            if self._lease_db is None or self._lease_db.closed:
+                self._lease_db = connect(self.url)
+            rows = self._lease_db.execute(
+                "UPDATE jobs SET lease_until = now() + %s * interval '1 second' "
+                "WHERE id = ANY(%s) AND worker = %s AND state = %s RETURNING id, interrupt",
+                (self.lease_s, job_ids, self.worker_id, RUNNING),
+            ).fetchall()
+        return {r["id"]: r["interrupt"] for r in rows}
+
+    def report(self, progress: dict[str, dict[str, Any]]) -> None:
+        """Store the progress of this worker's running jobs (job id -> progress) for the front ends."""
+        if progress:
+            self._query(
+                "UPDATE jobs SET progress = %s::jsonb -> id "
+                "WHERE id = ANY(%s) AND worker = %s AND state = %s RETURNING id",
+                (json.dumps(progress), list(progress), self.worker_id, RUNNING),
+            )
 
     def running(self) -> list[Live]:
         """The running jobs whose workers reported progress, latest started first, as `Live` records."""
@@ -387,10 +418,13 @@ class PgJobStore:
         self._query("SELECT pg_notify(%s, %s)", (channel, payload))
 
     def close(self) -> None:
-        """Leave the workers table and close the connection."""
+        """Leave the workers table and close the connections."""
         with self._lock:
             self._db.execute("DELETE FROM workers WHERE id = %s", (self.worker_id,))
             self._db.close()
+        with self._lease_lock:
+            if self._lease_db is not None:
+                self._lease_db.close()
 
 
 def job_model(request: dict[str, Any]) -> str | None:
@@ -571,10 +605,80 @@ class FrontEnd(Worker):
                 self._resolve(job_id)
 
 
+class PgWorker(Worker):
+    """A `Worker` on the PostgreSQL queue: it holds a lease on the job it runs, renewed by its `LeaseKeeper`;
+    a job whose lease is lost (taken over, or not renewed in time) stops at its next step, unrecorded."""
+
+    def __init__(self, store: PgJobStore, runners: dict[str, Runner], on_change: Callable[[], None]) -> None:
+        super().__init__(store, runners, on_change)
+        self.keeper = LeaseKeeper(store, self)
+
+    def begin(self, job: Job) -> Live:
+        """The live record of a job just claimed, held until HOLD_FRACTION of a lease after the claim."""
+        assert isinstance(self.store, PgJobStore)
+        return Live(job, hold_until=self.store.claimed_at + HOLD_FRACTION * self.store.lease_s)
+
+    def start(self) -> None:
+        """Start the worker thread and the lease renewal."""
+        super().start()
+        self.keeper.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the worker thread (its running job too), then the lease renewal."""
+        super().stop(timeout)
+        self.keeper.stop()
+
+
+class LeaseKeeper:
+    """A worker's lease renewal: a thread that every lease/RENEWALS_PER_LEASE seconds extends the lease of the
+    job the worker runs, through the store's renewal connection, so neither the job's thread nor the store's
+    main connection can delay it. When the job is no longer this worker's (its lease expired and the job was
+    re-queued or taken over), it marks the job lost at once: the runner stops at its next step."""
+
+    def __init__(self, store: PgJobStore, worker: Worker) -> None:
+        self.store, self.worker = store, worker
+        self.period = store.lease_s / RENEWALS_PER_LEASE
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sdlab-lease", daemon=True)
+
+    def start(self) -> None:
+        """Start renewing."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop renewing (the running job then stops by its `hold_until`)."""
+        self._stop.set()
+        self._thread.join(self.period + 5)
+
+    def _run(self) -> None:
+        due = time.monotonic()
+        while not self._stop.wait(max(0.0, due - time.monotonic())):
+            due = max(due + self.period, time.monotonic())  # a fixed rate: one slow renewal delays no other
+            live = self.worker.live
+            if live is not None and not live.lost:
+                self.renew(live)
+
+    def renew(self, live: Live) -> None:
+        """Renew the lease of the job `live` records, or mark it lost (and interrupt it when asked)."""
+        sent = time.monotonic()
+        try:
+            held = self.store.renew([live.job.id])
+        except psycopg.Error as e:  # the database is unreachable: the job stops by its hold_until if it lasts
+            log.warning("lease renewal failed: %s", e)
+            return
+        if live.job.id not in held:
+            live.lost = True
+            log.warning("job %s: its lease expired and the queue took it back; stopping it", live.job.id)
+            return
+        live.hold_until = sent + HOLD_FRACTION * self.store.lease_s
+        live.interrupted = live.interrupted or held[live.job.id]
+
+
 def queue_listener(server: Any) -> Listener:
     """The listener of a process on the PostgreSQL queue: wakes its worker for new jobs and stops the job
-    a client interrupted; renews its leases; in a front end, resolves waiters and relays workers' /ws
-    messages to its WebSocket clients."""
+    a client interrupted; records its heartbeat and its running job's progress (leases are renewed by the
+    worker's `LeaseKeeper`); in a front end, resolves waiters and relays workers' /ws messages to its
+    WebSocket clients."""
     store, worker = server.store, server.worker
     front_end = isinstance(worker, FrontEnd)
 
@@ -598,14 +702,11 @@ def queue_listener(server: Any) -> Listener:
             store.expire()
             return
         store.heartbeat()
-        for job_id in store.renew(live_progress(worker.live)):
-            worker.interrupt(job_id)
+        store.report(live_progress(worker.live))
 
     store.models_held = server.models.loaded
     channels = (DONE_CHANNEL, EVENTS) if front_end else (QUEUE, INTERRUPT)
-    return Listener(
-        store.url, channels, on_notify, tick, tick_s=1.0 if front_end else min(1.0, store.lease_s / 3)
-    )
+    return Listener(store.url, channels, on_notify, tick)
 
 
 class PgEvents(Events):
@@ -639,4 +740,4 @@ def open_queue(settings: Any) -> tuple[PgJobStore, Events, type[Worker]]:
     store = PgJobStore(settings.queue, settings.max_queue, settings.folders, settings.lease_s)
     if settings.workers == 0:
         return store, Events(), FrontEnd
-    return store, PgEvents(store), Worker
+    return store, PgEvents(store), PgWorker
