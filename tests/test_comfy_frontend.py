@@ -178,7 +178,19 @@ def test_start_up_routes(client: TestClient) -> None:
     assert client.get("/api/features").json() == FEATURES
     assert client.get("/api/i18n").json() == {} and client.get("/api/workflow_templates").json() == {}
     assert client.get("/api/global_subgraphs").json() == {}
-    assert client.get("/api/models").json() == ["checkpoints", "configs", "loras", "vae", "embeddings"]
+    assert client.get("/api/models").json() == [
+        "checkpoints",
+        "configs",
+        "loras",
+        "vae",
+        "text_encoders",
+        "diffusion_models",
+        "clip_vision",
+        "embeddings",
+        "controlnet",
+        "upscale_models",
+        "ipadapter",
+    ]
     assert client.get("/api/models/checkpoints").json() == [MODEL]
     assert client.get("/api/models/configs").json() == []
     assert client.get("/api/models/unet").status_code == 404

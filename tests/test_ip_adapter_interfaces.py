@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -228,3 +229,57 @@ def test_a1111_unit_matches_the_python_api(setup, client: httpx.Client) -> None:
     assert missing.status_code == 422 and "clip_g.pth" in missing.text
     plus = _txt2img(client, model="ip-adapter-plus")
     assert plus.status_code == 422 and "'plus' IP-Adapters through the A1111 API" in plus.text
+
+
+def test_a1111_lists_ip_adapters_and_runs_ip_adapter_auto(setup, client: httpx.Client) -> None:  # noqa: ANN001
+    """/controlnet/model_list lists the IP-Adapters in models/ControlNet ("stem [hash]") and module_list the
+    IP-Adapter preprocessors with the extension's (empty) details; "ip-adapter-auto" picks the encoder by
+    the model's preset name (IPAdapterPreset.match_model), so ip-adapter_sd15 runs as ip-adapter_clip_h."""
+    _, models, model = setup
+    folder = models / "ControlNet"
+    shutil.copy(folder / "ip-adapter.safetensors", folder / "ip-adapter_sd15.safetensors")
+    titles = client.get("/controlnet/model_list").json()["model_list"]
+    assert {_title(models, n) for n in ("ip-adapter", "ip-adapter-plus", "ip-adapter_sd15")} <= set(titles)
+    labels = {  # the extension's names and UI labels, in its order
+        "ip-adapter-auto": "ip-adapter-auto",
+        "ip-adapter_clip_sd15": "ip-adapter_clip_h",
+        "ip-adapter_clip_sdxl_plus_vith": "ip-adapter_clip_sdxl_plus_vith",
+        "ip-adapter_clip_sdxl": "ip-adapter_clip_g",
+    }
+    for listed in (list(labels), list(labels.values())):
+        alias = listed != list(labels)
+        modules = client.get("/controlnet/module_list", params={"alias_names": alias}).json()
+        assert [m for m in modules["module_list"] if m.startswith("ip-adapter")] == listed
+        assert all(modules["module_detail"][m] == {"model_free": False, "sliders": []} for m in listed)
+    body = {"controlnet_module": "ip-adapter_clip_h", "controlnet_input_images": [b64png(_image())]}
+    r = client.post("/controlnet/detect", json=body)
+    assert r.status_code == 422 and "an IP-Adapter preprocessor" in r.text
+
+    r = _txt2img(client, module="ip-adapter-auto", model="ip-adapter_sd15", weight=0.6)
+    assert r.status_code == 200, r.text
+    spec = IPAdapterSpec(
+        str(models / "ControlNet" / "ip-adapter_sd15.safetensors"),
+        _image(28, 28),
+        0.6,
+        str(models / "clip_vision" / "clip_h.pth"),
+        convention="a1111",
+    )
+    expected = generate(model, replace(REQ, ip_adapters=(spec,))).images[0]
+    assert torch.equal(to_tensor(unb64(r.json()["images"][0])), to_tensor(expected))
+    r = _txt2img(client, module="ip-adapter-auto", model="ip-adapter")
+    assert r.status_code == 422 and "ip-adapter is not an IP-Adapter preset name" in r.text
+
+
+def test_comfy_model_folders_follow_folder_paths(setup, client: httpx.Client) -> None:  # noqa: ANN001
+    """/models names the folders as ComfyUI's folder_paths does (ComfyUI_IPAdapter_plus adds `ipadapter`
+    last) and /models/{folder} answers its sorted file names; a folder ComfyUI does not have is a 404."""
+    _, models, _ = setup
+    (models / "upscale_models").mkdir(exist_ok=True)
+    (models / "upscale_models" / "4x-test.pth").write_bytes(b"")
+    folders = client.get("/models").json()
+    assert folders[-5:] == ["clip_vision", "embeddings", "controlnet", "upscale_models", "ipadapter"]
+    controlnets = client.get("/models/controlnet").json()
+    assert controlnets == sorted(controlnets) and "ip-adapter.safetensors" in controlnets
+    assert client.get("/models/upscale_models").json() == ["4x-test.pth"]
+    assert client.get("/models/clip_vision").json() == ["clip_h.pth"]
+    assert client.get("/models/t2i_adapter").status_code == 404

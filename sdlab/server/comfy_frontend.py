@@ -321,7 +321,7 @@ def routes(server: Server, web_root: Path | None) -> APIRouter:
 
     @api.get("/models/{folder}")
     def models_in(folder: str) -> list[str]:
-        return list(_folder(server, folder))
+        return sorted(_folder(server, folder))  # folder_paths.get_filename_list sorts
 
     @api.get("/experiment/models")
     def experiment_folders() -> list[dict[str, Any]]:
@@ -591,16 +591,21 @@ def run_free(server: Server, job: Job, live: Live) -> Outcome:
 
 
 def _model_folders(server: Server) -> dict[str, dict[str, Path]]:
-    """ComfyUI's model folder names -> listed name -> path (configs: none, sdlab detects models)."""
+    """ComfyUI's model folder names sdlab reads, in folder_paths' order (then ComfyUI_IPAdapter_plus's
+    `ipadapter`) -> listed name -> path (configs: none, sdlab detects models)."""
     library = server.library
     return {
         "checkpoints": library.checkpoints(),
         "configs": {},
         "loras": library.loras(),
         "vae": library.vaes(),
-        "embeddings": library.embeddings(),
-        "ipadapter": library.ipadapters(),
+        "text_encoders": library.listing("text_encoders"),
+        "diffusion_models": library.listing("diffusion_models"),
         "clip_vision": library.clip_visions(),
+        "embeddings": library.embeddings(),
+        "controlnet": library.controlnets(),
+        "upscale_models": library.upscale_models(),
+        "ipadapter": library.ipadapters(),
     }
 
 

@@ -187,6 +187,14 @@ def module_of(name: str) -> Module:
         return MODULES[key]
     if key in NEEDS_WEIGHTS:
         raise HTTPException(422, f"controlnet module {name!r}: {NEEDS_WEIGHTS[key]}")
+    if key.startswith("ip-adapter"):
+        from sdlab.server.ip_adapter_api import IP_PREPROCESSORS  # it builds on this module
+
+        raise HTTPException(
+            422,
+            f"controlnet module {name!r}: an IP-Adapter preprocessor; sdlab runs "
+            f"{', '.join(IP_PREPROCESSORS)} in units and /controlnet/detect does not return their features",
+        )
     raise HTTPException(422, f"controlnet module {name!r} is not supported; sdlab has {', '.join(MODULES)}")
 
 
@@ -410,8 +418,11 @@ def routes(server: Server) -> APIRouter:
 
     @api.get("/module_list")
     def module_list(alias_names: bool = False) -> dict[str, Any]:
+        from sdlab.server.ip_adapter_api import ip_module_list  # it builds on this module
+
         names = {(m.label if alias_names else name): m for name, m in MODULES.items()}
-        return {"module_list": list(names), "module_detail": {n: m.detail() for n, m in names.items()}}
+        detail = {n: m.detail() for n, m in names.items()} | ip_module_list(alias_names)
+        return {"module_list": list(detail), "module_detail": detail}
 
     @api.post("/detect")
     def detect(body: DetectRequest) -> dict[str, Any]:
