@@ -82,6 +82,7 @@ class Family:
     upcast_attention: bool = False  # the family's published diffusers config upcasts attention
     vae_fp16_overflows: bool = False  # its VAE gives Inf in float16 (SDXL): `--dtype auto` avoids it
     diffusers_pipeline: str = "StableDiffusionPipeline"
+    comfy_sdxl: bool = False  # ComfyUI's model class is SDXL / SDXLRefiner (IPAdapter_plus picks files by it)
     steps: int = 20
     cfg: float = 7.0
 
@@ -211,6 +212,7 @@ SDXL = Family(
     diffusers_cuts_text=False,
     vae_fp16_overflows=True,
     diffusers_pipeline="StableDiffusionXLPipeline",
+    comfy_sdxl=True,
 )
 SDXL_INPAINT = replace(
     SDXL,

@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -23,12 +25,17 @@ from reference import max_diff, randomize
 from test_ip_adapter import TINY_VISION, _adapter_file, _image
 from test_server_api import MODEL, b64png, folders, png, serving, unb64, wait_history, write_models
 
+from sdlab import families
+from sdlab.checkpoints.io import write_safetensors
 from sdlab.checkpoints.load import StableDiffusion, load_model
 from sdlab.cli import main
 from sdlab.images import to_tensor
 from sdlab.ip_adapter import IPAdapterSpec
 from sdlab.models.clip_vision import CLIPVisionModel, a1111_clip_pixels, comfy_clip_pixels, preprocess_image
 from sdlab.pipeline import GenerationRequest, generate
+from sdlab.server.library import Library
+from sdlab.server.nodes import Model, NodeError
+from sdlab.server.nodes_ip_adapter import ipadapter_unified_loader
 from sdlab.server.state import Settings
 
 REQ = GenerationRequest("a red apple", "blurry", 32, 32, 4, 7.0, "euler", "normal", 3)
@@ -283,3 +290,60 @@ def test_comfy_model_folders_follow_folder_paths(setup, client: httpx.Client) ->
     assert client.get("/models/upscale_models").json() == ["4x-test.pth"]
     assert client.get("/models/clip_vision").json() == ["clip_h.pth"]
     assert client.get("/models/t2i_adapter").status_code == 404
+
+
+def test_unified_loader_finds_a_presets_files_and_the_simple_node_applies_them(
+    setup,  # noqa: ANN001
+    client: httpx.Client,
+) -> None:
+    """IPAdapterUnifiedLoader's PLUS preset on an SD1.5 model finds ip-adapter-plus_sd15 and the ViT-H
+    encoder by ComfyUI_IPAdapter_plus's file-name rules (utils.get_ipadapter_file / get_clipvision_file);
+    the IPAdapter node (weight_type standard: linear) then gives the Python API's image. Presets without a
+    file, or refused on the model's family, are errors naming the preset."""
+    _, models, model = setup
+    folder = models / "ipadapter"
+    shutil.copy(folder / "ip-adapter-plus.safetensors", folder / "ip-adapter-plus_sd15.safetensors")
+    encoder = randomize(CLIPVisionModel(TINY_VISION), 21).state_dict()  # clip_h.pth's weights
+    write_safetensors(encoder, models / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors")
+    workflow = _workflow()
+    workflow["10"] = {
+        "class_type": "IPAdapterUnifiedLoader",
+        "inputs": {"model": ["4", 0], "preset": "PLUS (high strength)"},
+    }
+    del workflow["11"]
+    simple = {"model": ["10", 0], "ipadapter": ["10", 1], "image": ["12", 0], "weight": 0.7}
+    simple |= {"start_at": 0.3, "end_at": 1.0, "weight_type": "standard"}
+    workflow["13"] = {"class_type": "IPAdapter", "inputs": simple}
+    client.post("/upload/image", files={"image": ("ref.png", png(_image(70, 50)))})
+    r = client.post("/prompt", json={"prompt": workflow})
+    assert r.status_code == 200, r.text
+    entry = wait_history(client, r.json()["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    got = Image.open(io.BytesIO(client.get("/view", params=entry["outputs"]["9"]["images"][0]).content))
+    pixels = (to_tensor(_image(70, 50)) + 1) / 2
+    spec = _spec(models, "ipadapter", True, image=pixels, weight=0.7, start=0.3, convention="comfy")
+    expected = generate(model, replace(REQ, ip_adapters=(spec,))).images[0]
+    assert torch.equal(to_tensor(got), to_tensor(expected))
+
+    info = client.get("/object_info/IPAdapterUnifiedLoader").json()["IPAdapterUnifiedLoader"]
+    assert info["input"]["required"]["preset"][0] == [  # the pack's INPUT_TYPES
+        "LIGHT - SD1.5 only (low strength)",
+        "STANDARD (medium strength)",
+        "VIT-G (medium strength)",
+        "PLUS (high strength)",
+        "PLUS FACE (portraits)",
+        "FULL FACE - SD1.5 only (portraits stronger)",
+    ]
+    assert info["input"]["optional"] == {"ipadapter": ["IPADAPTER"]}
+    assert (info["output"], info["output_name"]) == (["MODEL", "IPADAPTER"], ["model", "ipadapter"])
+
+    env = SimpleNamespace(library=Library(models))
+    xl = SimpleNamespace(sd=SimpleNamespace(family=families.SDXL))
+    for on, preset, message in (
+        (model, "LIGHT - SD1.5 only (low strength)", r"IPAdapter model not found .*sd15.light"),
+        (xl, "LIGHT - SD1.5 only (low strength)", "not supported for SDXL models"),
+        (xl, "PLUS (high strength)", r"IPAdapter model not found .*plus.sdxl.vit.h"),
+        (model, "VIT-G (medium strength)", r"ClipVision model not found .*ViT.bigG"),
+    ):
+        with pytest.raises(NodeError, match=f"preset '{re.escape(preset)}': {message}"):
+            ipadapter_unified_loader(env, Model(on) if on is model else on, preset)

@@ -1,15 +1,16 @@
 """IP-Adapter in ComfyUI workflows: core ComfyUI's CLIPVisionLoader and the nodes of cubiq's
-ComfyUI_IPAdapter_plus people's workflows contain (IPAdapterModelLoader, IPAdapterAdvanced, IPAdapter),
-declared with that pack's input names, choices and defaults. The adapter rides on the MODEL
-(`Model.ip_adapters`) and acts while it samples, as the pack's attention patch does: ComfyUI's
-`clip_preprocess` on the image, a black image's features as the "plus" negative side, start_at/end_at as
-the σ range `percent_to_sigma` gives (`sdlab.ip_adapter`, convention "comfy"). Inputs sdlab cannot honour
-(weight types other than linear, other embeds scalings, attention masks, image batches) are refused
-naming the input. Registered in `sdlab.server.nodes.NODE_TYPES` on import.
+ComfyUI_IPAdapter_plus people's workflows contain (IPAdapterUnifiedLoader, IPAdapterModelLoader,
+IPAdapterAdvanced, IPAdapter), declared with that pack's input names, choices and defaults. The adapter
+rides on the MODEL (`Model.ip_adapters`) and acts while it samples, as the pack's attention patch does:
+ComfyUI's `clip_preprocess` on the image, a black image's features as the "plus" negative side,
+start_at/end_at as the σ range `percent_to_sigma` gives (`sdlab.ip_adapter`, convention "comfy"). Inputs
+sdlab cannot honour (weight types other than linear, other embeds scalings, attention masks, image batches)
+are refused naming the input. Registered in `sdlab.server.nodes.NODE_TYPES` on import.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +46,19 @@ WEIGHT_TYPES = [
 SIMPLE_WEIGHT_TYPES = ["standard", "prompt is more important", "style transfer"]
 COMBINE_EMBEDS = ["concat", "add", "subtract", "average", "norm average"]  # only act on image batches
 EMBEDS_SCALING = ["V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty"]  # "V only": weight x output
+# IPAdapterUnifiedLoader's presets -> the file-name patterns utils.get_ipadapter_file tries in order on SD1.x
+# and on SDXL (none: the pack refuses the preset there); utils.get_clipvision_file's patterns by preset
+_EXT = r"\.(safetensors|bin)$"
+UNIFIED_PRESETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "LIGHT - SD1.5 only (low strength)": ((r"sd15.light.v11" + _EXT, r"sd15.light" + _EXT), ()),
+    "STANDARD (medium strength)": ((r"ip.adapter.sd15" + _EXT,), (r"ip.adapter.sdxl.vit.h" + _EXT,)),
+    "VIT-G (medium strength)": ((r"sd15.vit.g" + _EXT,), (r"ip.adapter.sdxl" + _EXT,)),
+    "PLUS (high strength)": ((r"ip.adapter.plus.sd15" + _EXT,), (r"plus.sdxl.vit.h" + _EXT,)),
+    "PLUS FACE (portraits)": ((r"plus.face.sd15" + _EXT,), (r"plus.face.sdxl.vit.h" + _EXT,)),
+    "FULL FACE - SD1.5 only (portraits stronger)": ((r"full.face.sd15" + _EXT,), ()),
+}
+CLIP_VISION_BIGG = r"(ViT.bigG.14.*39B.b160k|ipadapter.*sdxl|sdxl.*model)\.(bin|safetensors)"
+CLIP_VISION_H = r"(ViT.H.14.*s32B.b79K|ipadapter.*sd15|sd1.?5.*model)\.(bin|safetensors)"
 T = TypeVar("T")
 _RANGE = {
     "start_at": _float(0.0, 0.0, 1.0, 0.001),
@@ -93,6 +107,51 @@ def ipadapter_model_loader(env: Env, ipadapter_file: str) -> tuple[IPAdapterInpu
     """An IP-Adapter from models/ipadapter (plain or "plus"; .safetensors or .bin)."""
     path = env.library.find(env.library.ipadapters(), ipadapter_file, "IP-Adapter")
     return (IPAdapterInput(_loaded(load_ip_adapter, path, "ipadapter_file")),)
+
+
+def _first_match(names: dict[str, Path], patterns: tuple[str, ...]) -> Path | None:
+    """The first of the sorted names (ComfyUI's file list) matching the first pattern any name matches."""
+    for pattern in patterns:
+        found = [n for n in sorted(names) if re.search(pattern, n, re.IGNORECASE)]
+        if found:
+            return names[found[0]]
+    return None
+
+
+@node(
+    "IPAdapterUnifiedLoader",
+    "IPAdapter Unified Loader",
+    "ipadapter",
+    ("MODEL", "IPADAPTER"),
+    inputs={"model": ("MODEL",), "preset": (_list(list(UNIFIED_PRESETS)),)},
+    optional={"ipadapter": ("IPADAPTER",)},
+    output_names=("model", "ipadapter"),
+)
+def ipadapter_unified_loader(
+    env: Env, model: Model, preset: str, ipadapter: IPAdapterInput | None = None
+) -> tuple[Model, IPAdapterInput]:
+    """The IP-Adapter and CLIP vision model of a preset, found by ComfyUI_IPAdapter_plus's file-name rules
+    in models/ipadapter and models/clip_vision (SDXL's files for an SDXL model); the model unchanged. An
+    `ipadapter` input only lets the pack reuse what an earlier loader loaded, so it changes nothing here."""
+    clip_pattern = CLIP_VISION_BIGG if preset.startswith("VIT-G") else CLIP_VISION_H
+    clip_path = _first_match(env.library.clip_visions(), (clip_pattern,))
+    if clip_path is None:
+        raise NodeError(
+            f"preset {preset!r}: ClipVision model not found (no file in clip_vision matches {clip_pattern})"
+        )
+    sdxl = model.sd.family.comfy_sdxl
+    sd15_patterns, sdxl_patterns = UNIFIED_PRESETS[preset]
+    patterns = sdxl_patterns if sdxl else sd15_patterns
+    if not patterns:
+        raise NodeError(f"preset {preset!r}: not supported for {'SDXL' if sdxl else 'SD1.5'} models")
+    path = _first_match(env.library.ipadapters(), patterns)
+    if path is None:
+        raise NodeError(
+            f"preset {preset!r}: IPAdapter model not found (no file in ipadapter matches "
+            f"{' or '.join(patterns)})"
+        )
+    adapter = _loaded(load_ip_adapter, path, "preset")
+    return model, IPAdapterInput(adapter, _loaded(load_clip_vision, clip_path, "preset"))
 
 
 def _pixels01(image: Tensor, field: str) -> Tensor:
