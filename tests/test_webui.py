@@ -23,13 +23,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference import randomize
 from test_controlnet import _controlnet
+from test_ip_adapter import TINY_VISION, _adapter_file
 from test_server_api import MODEL, b64png, folders, serving, unb64, write_models
 
 from sdlab.checkpoints.io import write_safetensors
 from sdlab.checkpoints.load import load_model
 from sdlab.control import ControlSpec
 from sdlab.images import to_tensor
+from sdlab.ip_adapter import IPAdapterSpec
+from sdlab.models.clip_vision import CLIPVisionModel
 from sdlab.pipeline import GenerationRequest, generate
 from sdlab.preprocess import preprocess
 from sdlab.server.controlnet_api import MODULES, control_map
@@ -335,6 +339,46 @@ def test_txt2img_with_a_controlnet_unit(
     expected = generate(load_model(models / MODEL), req).images[0]
     ours = decode(card.locator("img").get_attribute("src"))
     assert torch.equal(to_tensor(ours.convert("RGB")), to_tensor(expected))
+
+
+def test_txt2img_with_an_ip_adapter(
+    page: tuple[Any, Traffic], shoot: Shoot, models: Path, tmp_path: Path
+) -> None:
+    """The IP-Adapter section sends one sd-webui-controlnet IP-Adapter unit (model, encoder module, image,
+    weight); the image is the pipeline's with the equivalent IPAdapterSpec (the A1111 conventions)."""
+    page, traffic = page
+    model = load_model(models / MODEL)
+    adapter = _adapter_file(models / "ControlNet", model.unet, plus=False)
+    encoder = models / "clip_vision" / "clip_h.pth"
+    encoder.parent.mkdir(exist_ok=True)
+    torch.save(randomize(CLIPVisionModel(TINY_VISION), 21).state_dict(), encoder)
+    try:
+        page.reload()  # the lists with the adapter
+        settings(page, size=32, steps=4)
+        page.fill("#prompt", PROMPT)
+        page.select_option("#sampler", "Euler")
+        page.get_by_text("IP-Adapter", exact=True).click()
+        page.set_input_files("#ip-file", picture(tmp_path / "prompt.png", (28, 28)))  # the encoder's size
+        expect(page.get_by_label("Enable IP-Adapter")).to_be_checked()
+        title = page.locator("#ip-model option", has_text="ip-adapter [").get_attribute("value")
+        page.select_option("#ip-model", title)
+        page.select_option("#ip-module", "ip-adapter_clip_sd15")
+        page.fill("#ip-weight", "0.6")
+        shoot(page, "ip-adapter")
+        page.get_by_role("button", name="Generate").click()
+        card = page.locator("#gallery .card")
+        expect(card).to_have_count(1)
+        [unit] = traffic.last_post("/sdapi/v1/txt2img")["alwayson_scripts"]["controlnet"]["args"]
+        assert decode(unit.pop("image")).size == (28, 28)
+        assert unit == {"enabled": True, "model": title, "module": "ip-adapter_clip_sd15", "weight": 0.6}
+        image = Image.open(tmp_path / "prompt.png")
+        spec = IPAdapterSpec(str(adapter), image, 0.6, str(encoder), convention="a1111")
+        req = GenerationRequest(PROMPT, "", 32, 32, steps=4, sampler="euler", seed=1234, ip_adapters=(spec,))
+        ours = decode(card.locator("img").get_attribute("src"))
+        assert torch.equal(to_tensor(ours.convert("RGB")), to_tensor(generate(model, req).images[0]))
+    finally:
+        adapter.unlink()
+        encoder.unlink()
 
 
 def test_vae_page_shows_reconstruction_channels_and_psnr(

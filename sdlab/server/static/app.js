@@ -52,7 +52,10 @@ async function loadLists() {
     ["model_list", "module_list"].map((name) => getJSON(`/controlnet/${name}`)),
   );
   fillSelect($("cn-model"), controlnets.model_list.map((m) => [m, m]), controlnets.model_list[0]);
-  fillSelect($("cn-module"), modules.module_list.map((m) => [m, m]), "none");
+  const isIP = (m) => m.startsWith("ip-adapter"); // the extension's IP-Adapter preprocessors
+  fillSelect($("cn-module"), modules.module_list.filter((m) => !isIP(m)).map((m) => [m, m]), "none");
+  fillSelect($("ip-model"), controlnets.model_list.map((m) => [m, m]), controlnets.model_list[0]);
+  fillSelect($("ip-module"), modules.module_list.filter(isIP).map((m) => [m, m]), "ip-adapter_clip_sd15");
 }
 
 function setupTabs() {
@@ -198,7 +201,8 @@ function generationBody() {
     n_iter: number("batch-count"),
     override_settings: { sd_model_checkpoint: $("model").value },
   };
-  if ($("cn-enable").checked) body.alwayson_scripts = { controlnet: { args: [controlNetUnit()] } };
+  const units = [$("cn-enable").checked && controlNetUnit(), $("ip-enable").checked && ipAdapterUnit()];
+  if (units.some(Boolean)) body.alwayson_scripts = { controlnet: { args: units.filter(Boolean) } };
   if ($("init-box").hidden) return ["txt2img", $("hires").checked ? { ...body, ...hiresFields() } : body];
   body.init_images = [$("init-image").src];
   body.denoising_strength = number("strength");
@@ -246,6 +250,19 @@ function controlNetUnit() {
   };
 }
 
+// IP-Adapter: a unit whose module is one of the extension's IP-Adapter preprocessors (the image encoder)
+function ipAdapterUnit() {
+  const image = $("ip-image");
+  if (!image.src) throw new Error("IP-Adapter: choose an image prompt (or untick Enable IP-Adapter)");
+  return {
+    enabled: true,
+    model: $("ip-model").value,
+    module: $("ip-module").value,
+    image: image.src,
+    weight: number("ip-weight"),
+  };
+}
+
 async function previewControl() {
   showError(null);
   try {
@@ -278,6 +295,17 @@ function setupControlNet() {
     }
   });
   $("cn-preview").addEventListener("click", previewControl);
+  $("ip-file").addEventListener("change", async (e) => {
+    const file = e.target.files[0];
+    if (!file) return;
+    try {
+      await showImage($("ip-image"), await readFile(file));
+      $("ip-image").hidden = false;
+      $("ip-enable").checked = true;
+    } catch (error) {
+      showError(error);
+    }
+  });
 }
 
 async function pollProgress(run) {
