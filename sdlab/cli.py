@@ -16,6 +16,7 @@ from sdlab.devices import add_device_arguments
 from sdlab.diffusion.samplers import SAMPLERS
 from sdlab.diffusion.schedule import SCHEDULES
 from sdlab.fast import FAST_PRESET, FastMode
+from sdlab.finite import NonFiniteError
 from sdlab.hires import HiresFix
 from sdlab.images import RESIZE_MODES, ImageLimits, add_image_limit_arguments, open_image
 from sdlab.ip_adapter import IPAdapterSpec
@@ -453,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, OSError) as e:
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, OSError, NonFiniteError) as e:
         print(f"sdlab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

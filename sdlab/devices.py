@@ -61,26 +61,38 @@ def _gpu_prefers_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype `--dtype name` computes in on `device`: `auto` is float32 on the CPU, else bfloat16 where
+    the GPU has it, else float16 (training's autocast dtype too)."""
+    if name == "auto":
+        half = torch.bfloat16 if _gpu_prefers_bf16(device) else torch.float16
+        return torch.float32 if device.type == "cpu" else half
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_flag(dtype: torch.dtype) -> str:
+    """The `--dtype` name of a dtype (fp32, fp16, bf16)."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
 def resolve_precision(name: str | torch.dtype, device: torch.device, family: Family) -> Precision:
     """The precision `--dtype name` means on `device` for a model of `family` (see the module doc).
     A named dtype holds the weights in it too on a GPU; on the CPU they stay as the file has them."""
     if isinstance(name, torch.dtype):
         return Precision(name, name, name)
-    if name != "auto" and name not in DTYPES:
-        raise ValueError(f"--dtype {name!r}: expected auto, {', '.join(DTYPES)}")
-    if name == "auto":
-        half = torch.bfloat16 if _gpu_prefers_bf16(device) else torch.float16
-        compute = torch.float32 if device.type == "cpu" else half
-    else:
-        compute = DTYPES[name]
+    compute = resolve_dtype(name, device)
     vae = compute
     if compute == torch.float16 and family.vae_fp16_overflows and name == "auto":
         vae = torch.bfloat16 if _gpu_prefers_bf16(device) else torch.float32
     return Precision(compute, vae, "file" if device.type == "cpu" else compute)
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, offload: bool = True) -> None:
-    """--device, --dtype and, for commands that sample, --offload and --attention."""
+def add_device_arguments(
+    parser: argparse.ArgumentParser, offload: bool = True, attention: bool = True
+) -> None:
+    """--device, --dtype and, where they mean something, --offload (commands that sample) and --attention."""
     parser.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="compute precision")
     if offload:
@@ -91,6 +103,7 @@ def add_device_arguments(parser: argparse.ArgumentParser, offload: bool = True) 
             help="keep weights on the CPU: each network (model) or each layer (sequential) on the device "
             "only while it runs",
         )
+    if attention:
         parser.add_argument(
             "--attention",
             default="sdpa",
@@ -124,9 +137,9 @@ class Placement:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Placement:
-        return cls(
-            args.device, args.dtype, getattr(args, "offload", "none"), getattr(args, "attention", "sdpa")
-        )
+        """The options a command's arguments hold (those it has not: their defaults)."""
+        fields = {"device": "auto", "dtype": "auto", "offload": "none", "attention": "sdpa"}
+        return cls(**{name: getattr(args, name, default) for name, default in fields.items()})
 
     def validate(self) -> None:
         """ValueError naming the option when a value cannot be honoured here."""

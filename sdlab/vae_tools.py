@@ -41,12 +41,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from sdlab import families
 from sdlab.checkpoints.detect import detect_vae
 from sdlab.checkpoints.io import read_metadata, read_state_dict, write_safetensors
 from sdlab.checkpoints.load import StableDiffusion, build_module, read_checkpoint, read_vae, resolve_model
 from sdlab.config import VAEConfig
+from sdlab.devices import Placement, add_device_arguments, resolve_device, resolve_precision
 from sdlab.finite import all_finite, check_finite, dtype_name, overflow_cause
 from sdlab.images import open_image, save_png, to_pil, to_tensor
+from sdlab.models.blocks import set_attention
 from sdlab.models.ops import compute_dtype, device_of
 from sdlab.models.vae import AutoencoderKL, Decoder, DiagonalGaussian, Encoder, Level, ResnetBlock
 
@@ -56,6 +59,7 @@ TILE_ABOVE_PIXELS = 1024 * 1024  # automatic tiling for images larger than this
 DECODE_TILE, DECODE_OVERLAP = 64, 16  # latent pixels (512 and 128 image pixels for SD)
 ENCODE_TILE, ENCODE_OVERLAP = 512, 128  # image pixels
 LATENT_KEY = "latent"
+CPU_FP32 = Placement("cpu", "fp32")  # the Python API's default: float32 weights and maths on the CPU
 
 # ---------------------------------------------------------------------------------------------
 # tiling
@@ -289,8 +293,10 @@ def decode_tiled(
     tile: int = DECODE_TILE,
     overlap: int = DECODE_OVERLAP,
     offload: torch.device | str | None = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Decode VAE latents (unscaled) to pixels in tiles of `tile` latent pixels overlapping by `overlap`.
+    """Decode VAE latents (unscaled) to pixels in tiles of `tile` latent pixels overlapping by `overlap`,
+    computing in `dtype` (default the VAE's).
 
     The middle block runs on the whole latent; the upsampling path runs tile by tile with shared
     GroupNorm statistics, the tiles waiting on `offload` (None: the VAE's device) between layers.
@@ -298,7 +304,7 @@ def decode_tiled(
     device = device_of(vae)
     dec = vae.decoder
     tiles = _grid(z.shape[-2], z.shape[-1], tile, overlap)
-    h = dec.mid(dec.conv_in(vae.post_quant_conv(z.to(device, compute_dtype(vae)))))
+    h = dec.mid(dec.conv_in(vae.post_quant_conv(z.to(device, dtype or compute_dtype(vae)))))
     pieces = _lockstep(
         _decoder_ops(dec), tiles, [t.crop(h, 1) for t in tiles], device, _offload_device(offload, device)
     )
@@ -313,8 +319,10 @@ def encode_tiled(
     tile: int = ENCODE_TILE,
     overlap: int = ENCODE_OVERLAP,
     offload: torch.device | str | None = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> DiagonalGaussian:
-    """Encode pixels to the posterior in tiles of `tile` image pixels overlapping by `overlap`.
+    """Encode pixels to the posterior in tiles of `tile` image pixels overlapping by `overlap`, computing
+    in `dtype` (default the VAE's).
 
     The downsampling path runs tile by tile with shared GroupNorm statistics (the tiles waiting on
     `offload` between layers); the stitched lowest-resolution features go through the middle block and
@@ -328,7 +336,7 @@ def encode_tiled(
         )
     enc, device = vae.encoder, device_of(vae)
     tiles = _grid(x.shape[-2] // f, x.shape[-1] // f, tile // f, overlap // f)
-    x = x.to(device, compute_dtype(vae))
+    x = x.to(device, dtype or compute_dtype(vae))
     pieces = _lockstep(
         _encoder_ops(enc), tiles, [t.crop(x, f) for t in tiles], device, _offload_device(offload, device)
     )
@@ -350,17 +358,25 @@ def decode(
     `tiled=None` tiles large images only."""
     z = z.to(device_of(vae), dtype or compute_dtype(vae))
     if _wants_tiles(tiled, z.shape[-2] * z.shape[-1] * vae.cfg.downscale**2):
-        return decode_tiled(vae, z)
+        return decode_tiled(vae, z, **_dtype_arg(dtype))
     return vae.decode(z)
 
 
 @torch.no_grad()
-def encode(vae: AutoencoderKL, x: Tensor, tiled: bool | None = None) -> DiagonalGaussian:
-    """Encode pixels in [-1, 1] to the posterior; `tiled=None` tiles large images only."""
-    x = x.to(device_of(vae), compute_dtype(vae))
+def encode(
+    vae: AutoencoderKL, x: Tensor, tiled: bool | None = None, dtype: torch.dtype | None = None
+) -> DiagonalGaussian:
+    """Encode pixels in [-1, 1] to the posterior computing in `dtype` (default the VAE's); `tiled=None`
+    tiles large images only."""
+    x = x.to(device_of(vae), dtype or compute_dtype(vae))
     if _wants_tiles(tiled, x.shape[-2] * x.shape[-1]):
-        return encode_tiled(vae, x)
+        return encode_tiled(vae, x, **_dtype_arg(dtype))
     return vae.encode(x)
+
+
+def _dtype_arg(dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """The tiled paths' `dtype` keyword when one is asked for (the float32 retry of a half-precision VAE)."""
+    return {} if dtype is None else {"dtype": dtype}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,8 +415,13 @@ def encode_pixels(
     tiled: bool | None = None,
 ) -> Tensor:
     """Pixels (B, 3, H, W) in [-1, 1] -> latents scaled as the U-Net sees them, `(z - shift) * scale`;
-    z is a posterior draw with noise from `generator`, else the posterior mean."""
+    z is a posterior draw with noise from `generator`, else the posterior mean. An encoder that overflows
+    half precision runs again in float32 (as the decoder, `decode_pixels`)."""
     posterior = encode(vae, pixels, tiled)
+    dtype = posterior.mean.dtype
+    if dtype != torch.float32 and not (all_finite(posterior.mean) and all_finite(posterior.logvar)):
+        log.warning("the VAE encoder overflowed %s: encoding again in float32", dtype_name(dtype))
+        posterior = encode(vae, pixels, tiled, torch.float32)
     z = posterior.sample(generator) if generator is not None else posterior.mode()
     latents = (z - vae.cfg.shift_factor) * vae.cfg.scale_factor
     return check_finite(latents, "the VAE-encoded image", _vae_cause("encoder", latents))
@@ -532,27 +553,36 @@ def roundtrip(
 # command line (`sdlab vae ...`; registered by sdlab.cli through `add_vae_parser`)
 
 
-def load_vae(model: str | Path | None = None, vae: str | Path | None = None) -> AutoencoderKL:
-    """The VAE of a checkpoint (the default one when neither is given), or of a standalone VAE file.
+def load_vae(
+    model: str | Path | None = None, vae: str | Path | None = None, placement: Placement = CPU_FP32
+) -> AutoencoderKL:
+    """The VAE of a checkpoint (the default one when neither is given), or of a standalone VAE file,
+    placed as `placement` says (its VAE precision: `--dtype auto` keeps an SDXL VAE out of float16).
 
     `model` is anything `sdlab generate -m` takes (a file, a folder, an installed model's name). A
-    standalone file alone gets the SD1/SD2 scale factor (shapes cannot tell an SDXL VAE apart); with
-    `model` too, it takes that model's scale factor.
+    standalone file alone gets the SD1/SD2 scale factor and precision (shapes cannot tell an SDXL VAE
+    apart; an overflow in float16 is redone in float32); with `model` too, it takes that model's.
     """
     if model is None and vae is not None:
-        sd, what = read_vae(vae), str(vae)
+        sd, what, family = read_vae(vae), str(vae), families.get("sd1")
         cfg = detect_vae(sd, what)
     else:
         ckpt = read_checkpoint(resolve_model(model))
         if vae is not None:
             ckpt.vae = read_vae(vae)
-        cfg, sd, what = ckpt.detect().vae, ckpt.vae, str(vae or ckpt.source)
-    return build_module(AutoencoderKL, cfg, sd, f"{what} (VAE)", torch.float32, "cpu")
+        detected = ckpt.detect()
+        cfg, sd, what, family = detected.vae, ckpt.vae, str(vae or ckpt.source), families.get(detected.family)
+    device = resolve_device(placement.device)
+    precision = resolve_precision(placement.dtype, device, family)
+    module = build_module(AutoencoderKL, cfg, sd, f"{what} (VAE)", precision.vae, device, precision.storage)
+    set_attention(module, placement.attention)
+    return module
 
 
 def cli_roundtrip(args: argparse.Namespace) -> int:
     """`sdlab vae roundtrip IMG [-o OUT]`: print the latent shape, compression and PSNR; save the result."""
-    report = roundtrip(load_vae(args.model, args.vae), open_image(args.image, args.image), tiled=args.tiled)
+    vae = load_vae(args.model, args.vae, Placement.from_args(args))
+    report = roundtrip(vae, open_image(args.image, args.image), tiled=args.tiled)
     print("\n".join(report.format()))
     if args.output is not None:
         print(f"wrote {save_png(report.reconstruction, args.output)}")
@@ -561,7 +591,7 @@ def cli_roundtrip(args: argparse.Namespace) -> int:
 
 def cli_encode(args: argparse.Namespace) -> int:
     """`sdlab vae encode IMG -o LATENT.safetensors`: write the scaled latents of an image."""
-    vae = load_vae(args.model, args.vae)
+    vae = load_vae(args.model, args.vae, Placement.from_args(args))
     image = open_image(args.image, args.image)
     seed = getattr(args, "sample_seed", None)  # optional in hand-built namespaces
     sampled = seed is not None
@@ -578,7 +608,7 @@ def cli_encode(args: argparse.Namespace) -> int:
 
 def cli_decode(args: argparse.Namespace) -> int:
     """`sdlab vae decode LATENT -o IMG`: decode a latent file to PNG (one file per latent in a batch)."""
-    vae = load_vae(args.model, args.vae)
+    vae = load_vae(args.model, args.vae, Placement.from_args(args))
     z = load_latents(args.latent, vae.cfg.embed_dim)
     stored = read_metadata(args.latent).get("scale_factor")
     if stored is not None and float(stored) != vae.cfg.scale_factor:
@@ -618,6 +648,7 @@ def add_vae_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
             "-m", "--model", help="checkpoint file or diffusers folder (default: the default model)"
         )
         p.add_argument("--vae", help="standalone VAE file (replaces the model's VAE)")
+        add_device_arguments(p, offload=False)
         p.add_argument(
             "--tiled",
             action=argparse.BooleanOptionalAction,

@@ -4,15 +4,18 @@ fp32 weights bit for bit, the VAE's float32 retry, offload hooks moving weights 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from reference import psnr
+from test_lora import _random_lora
 from tiny import TINY, tiny_checkpoint, write_tiny
 
-from sdlab import families, offload
+from sdlab import families, lora, offload
+from sdlab.checkpoints.io import write_safetensors
 from sdlab.checkpoints.load import StableDiffusion, load_model, save_single_file
 from sdlab.cli import main
 from sdlab.devices import Placement, resolve_device, resolve_precision
@@ -20,7 +23,7 @@ from sdlab.finite import NonFiniteError
 from sdlab.models import blocks, ops
 from sdlab.offload import HOME, send_back
 from sdlab.pipeline import GenerationRequest, generate
-from sdlab.vae_tools import decode_pixels
+from sdlab.vae_tools import decode_pixels, encode_pixels, save_latents
 
 REQ = GenerationRequest(prompt="a red cube", negative_prompt="blur", seed=3, steps=1, width=32, height=32)
 
@@ -70,17 +73,44 @@ def _overflowing(model: StableDiffusion) -> None:
         model.vae.decoder.conv_in.weight.mul_(1e5)
 
 
-def test_vae_overflow_in_fp16_is_decoded_again_in_fp32(files: dict[str, Path]) -> None:
+@pytest.mark.parametrize("tiled", [False, True])
+def test_vae_overflow_in_fp16_is_decoded_again_in_fp32(files: dict[str, Path], tiled: bool) -> None:
+    """Untiled and tiled (the path large images take): the retry computes in float32 throughout."""
     model = load_model(files["fp32"])
     _overflowing(model)
     latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
-    exact = decode_pixels(model.vae, latents)
+    exact = decode_pixels(model.vae, latents, tiled)
     ops.adopt(model.vae, torch.float16)  # fp32 weights, fp16 maths
     with torch.inference_mode():
         assert not torch.isfinite(model.vae.decode(latents.half())).all()  # it does overflow
-    retried = decode_pixels(model.vae, latents)
+    retried = decode_pixels(model.vae, latents, tiled)
     assert retried.dtype == torch.float32
     assert torch.equal(retried, exact)
+
+
+def test_vae_encoder_overflow_in_fp16_is_encoded_again_in_fp32(files: dict[str, Path]) -> None:
+    model = load_model(files["fp32"])
+    with torch.no_grad():
+        model.vae.encoder.conv_in.weight.mul_(1e5)  # overflows float16 only
+    pixels = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    exact = encode_pixels(model.vae, pixels)
+    ops.adopt(model.vae, torch.float16)
+    with torch.inference_mode():
+        assert not torch.isfinite(model.vae.encode(pixels.half()).mean).all()
+    assert torch.equal(encode_pixels(model.vae, pixels), exact)
+
+
+def test_cli_reports_an_overflow_in_one_line(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """A VAE that overflows even float32: `sdlab vae decode` exits 2 with the reason, and writes no PNG."""
+    model = load_model(files["fp32"])
+    with torch.no_grad():
+        model.vae.decoder.conv_in.weight.mul_(1e36)  # finite weights, infinite activations
+    vae = write_safetensors(model.vae.state_dict(), tmp_path / "vae.safetensors")
+    latent = save_latents(torch.ones(1, 4, 4, 4), tmp_path / "z.safetensors", model.vae.cfg)
+    assert main(["vae", "decode", str(latent), "--vae", str(vae), "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdlab vae: error: the VAE-decoded image holds NaN or Inf values: the VAE decoder")
+    assert err.count("\n") == 1 and not list(tmp_path.glob("*.png"))
 
 
 def test_vae_overflow_in_fp32_is_an_error(files: dict[str, Path]) -> None:
@@ -194,3 +224,60 @@ def test_cli_device_options(capsys: pytest.CaptureFixture[str]) -> None:
         capsys.readouterr().err.strip()
         == "sdlab generate: error: --device cuda:0: 0 CUDA device(s) available"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA on weights kept in the file's float16
+
+
+def _targets(model: StableDiffusion) -> dict[str, torch.nn.Module]:
+    return lora.training_targets(model.unet, model.text_encoders, model.family, conv=True)
+
+
+@pytest.fixture(scope="module")
+def lora_file(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sd = _random_lora(_targets(load_model(files["fp32"])), seed=1)
+    return lora.save_lora(sd, tmp_path_factory.mktemp("lora") / "lora.safetensors")
+
+
+def test_lora_merges_into_fp16_storage_rounded_once(files: dict[str, Path], lora_file: Path) -> None:
+    """sdlab merges in float32 and stores the result in the weight's dtype (ComfyUI's and A1111's way):
+    the float16 weight is the float32 merge rounded once, so |error| <= 2^-11 |W'| (2^-25 when subnormal),
+    against the float32-storage model holding the same file's numbers. Unmerging puts back the original
+    float16 tensors; the image stays within 55 dB of the float32-storage image (61 dB measured)."""
+    kept, wide = load_model(files["fp16"], storage_dtype="file"), load_model(files["fp16"])
+    originals = {name: layer.weight for name, layer in _targets(kept).items()}
+    base = generate(kept, REQ)
+    req = replace(REQ, loras=((str(lora_file), 0.8),))
+    a, b = generate(kept, req), generate(wide, req)  # merged, and kept merged after the call
+    for name, layer in _targets(kept).items():
+        w16, w32 = layer.weight, _targets(wide)[name].weight
+        assert w16.dtype == torch.float16 and torch.equal(w16, w32.half())
+        assert ((w16.float() - w32).abs() <= (w32.abs() * 2**-11).clamp(min=2**-25)).all()
+    assert 55 <= psnr(a.images[0], b.images[0]) < 100
+    again = generate(kept, REQ)  # the LoRA taken out: the original float16 tensors, bit for bit
+    assert all(layer.weight is originals[name] for name, layer in _targets(kept).items())
+    assert torch.equal(again.latents, base.latents)
+
+
+def test_hooked_lora_on_fp16_storage_equals_fp32_storage(files: dict[str, Path], lora_file: Path) -> None:
+    """LoRA layers added per call (training's LoRANetwork, never merged) on float16-stored weights: the
+    same bits as on float32 weights, since the up-cast is exact."""
+    outs = []
+    for model in (load_model(files["fp16"], storage_dtype="file"), load_model(files["fp16"])):
+        network = lora.LoRANetwork(_targets(model), 4, 2.0, conv_rank=3, conv_alpha=1.5)
+        network.load_state_dict(lora.read_lora(lora_file))
+        outs.append(generate(model, REQ).latents)
+        network.remove()
+    assert torch.equal(*outs)
+    assert not torch.equal(outs[0], generate(model, REQ).latents)  # the LoRA did change the result
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_offload_with_a_lora_leaves_results_unchanged(files, lora_file: Path, mode: str) -> None:
+    """A LoRA merged into offloaded weights: the merged weights live on the CPU and travel as the others."""
+    req = replace(REQ, loras=((str(lora_file), 0.8),))
+    expected = generate(load_model(files["fp32"]), req)
+    model = Placement("cpu", "fp32", offload=mode).load(files["fp32"])
+    assert torch.equal(generate(model, req).latents, expected.latents)
+    assert {p.device.type for p in model.unet.parameters()} == {"cpu"}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlab.config import unet_config
+from sdlab.devices import DEVICE_CHOICES, DTYPES, dtype_flag, resolve_device, resolve_dtype
 from sdlab.train.presets import MINI_ATTENTION, MINI_TEXT, MINI_UNET, MINI_VAE
 
 LOOP_FLAGS = {  # flag dest -> LoopConfig field
@@ -32,7 +33,6 @@ LOOP_FLAGS = {  # flag dest -> LoopConfig field
     "log_every": "log_every",
     "workers": "num_workers",
     "device": "device",
-    "precision": "precision",
 }
 
 
@@ -83,9 +83,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--log-every", type=_at_least(1), default=None)
     p.add_argument("--workers", type=_at_least(0), default=None, help="data loader processes")
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    _device_flags(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help=f"{DEVICE_CHOICES} (default auto)")
+    p.add_argument(
+        "--dtype",
+        "--precision",
+        dest="dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="autocast precision, float32 master weights (default auto: fp32 on the CPU, bf16 or fp16 "
+        "with a gradient scaler on a GPU)",
+    )
+
+
+def _precision(args: argparse.Namespace) -> str:
+    """--dtype on the --device (checked here: one line if absent), `auto` resolved, so that a run's
+    config.json records what it trained in."""
+    return dtype_flag(resolve_dtype(args.dtype, resolve_device(args.device or "auto")))
 
 
 def _loop(args: argparse.Namespace, base: Any) -> Any:
@@ -93,7 +111,7 @@ def _loop(args: argparse.Namespace, base: Any) -> Any:
     given = {
         field: getattr(args, dest) for dest, field in LOOP_FLAGS.items() if getattr(args, dest) is not None
     }
-    return replace(base, progress=args.progress, **given)
+    return replace(base, progress=args.progress, precision=_precision(args), **given)
 
 
 def _data(args: argparse.Namespace) -> Any:
@@ -205,6 +223,7 @@ def cmd_mini(args: argparse.Namespace) -> int:
 
     cfg = mini_recipe.MiniConfig()
     stage = {"device": args.device, "num_workers": args.workers, "batch_size": args.batch_size}
+    stage["precision"] = _precision(args)
 
     def loop(base: LoopConfig, steps: int | None) -> LoopConfig:
         return _set(base, steps=steps, progress=args.progress, **stage)
@@ -306,7 +325,7 @@ def add_train_parser(subparsers: Any) -> None:
     )
     p.add_argument("--batch-size", type=_at_least(1), default=None)
     p.add_argument("--workers", type=_at_least(0), default=None)
-    p.add_argument("--device", default=None)
+    _device_flags(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=cmd_mini)
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from sdlab.checkpoints.io import read_state_dict, write_json, write_safetensors
+from sdlab.devices import resolve_device, resolve_dtype
 from sdlab.train.data import StepBatches, collate
 
 CHECKPOINTS = "checkpoints"
@@ -62,8 +63,9 @@ class LoopConfig:
     sample_every: int = 0  # 0 = no sample grids
     log_every: int = 10
     num_workers: int = 0
-    device: str = "auto"  # auto = the local CUDA device under torchrun, else cuda if present, else cpu
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast
+    device: str = "auto"  # auto = the local CUDA device under torchrun, else CUDA, MPS or the CPU
+    # fp16/bf16: autocast with float32 master weights (fp16 with a gradient scaler); auto: sdlab.devices'
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "fp32"
     progress: bool = True
 
     def lr_at(self, step: int) -> float:
@@ -100,9 +102,7 @@ def setup_ranks(device: str = "auto") -> Ranks:
     """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
@@ -266,6 +266,7 @@ class RunState:
     out_dir: Path
     params: dict[str, nn.Parameter]
     opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # disabled (a pass-through) unless the run is in float16
     ema: EMA | None
     ranks: Ranks
     keep: int
@@ -284,7 +285,8 @@ class RunState:
             )
             if self.ema is not None:
                 write_safetensors(self.ema.shadow, partial / "ema.safetensors")
-            torch.save({"step": step, "optimizer": self.opt.state_dict()}, partial / "state.pt")
+            state = {"step": step, "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
+            torch.save(state, partial / "state.pt")
         self.ranks.barrier()
         if self.ranks.main:
             shutil.rmtree(final, ignore_errors=True)
@@ -302,6 +304,8 @@ class RunState:
             }
         state = torch.load(path / "state.pt", weights_only=True, map_location=self.ranks.device)
         self.opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # absent before float16 training, empty when it is off
+            self.scaler.load_state_dict(state["scaler"])
         rng = path / f"rng_rank{self.ranks.rank}.pt"
         if rng.is_file():  # absent when resuming with more processes than the run had
             set_rng_state(torch.load(rng, weights_only=True))
@@ -341,8 +345,9 @@ def run(
     if not params:
         raise ValueError("the task has no trainable parameters")
     opt = torch.optim.AdamW(params.values(), lr=loop.lr, betas=loop.betas, weight_decay=loop.weight_decay)
+    scaler = torch.amp.GradScaler(ranks.device.type, enabled=autocast_dtype(loop, ranks) == torch.float16)
     ema = EMA(params, loop.ema_decay) if loop.ema_decay else None
-    state = RunState(out_dir, params, opt, ema, ranks, loop.keep_checkpoints)
+    state = RunState(out_dir, params, opt, scaler, ema, ranks, loop.keep_checkpoints)
     start = state.load(done[-1][1]) if resume and done else 0
     _train(task, module, state, loop, start)
     if ranks.main:
@@ -385,6 +390,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 def _train(task: Task, module: nn.Module, state: RunState, loop: LoopConfig, start: int) -> None:
     """Steps start … loop.steps − 1, checkpointing, logging and sampling on the way."""
     params, opt, ema, ranks, out_dir = state.params, state.opt, state.ema, state.ranks, state.out_dir
+    dtype, scaler = autocast_dtype(loop, ranks), state.scaler
     model = _wrap(module, ranks)
     sampler = StepBatches(
         len(task.dataset), loop.batch_size, loop.seed, start, loop.steps, ranks.rank, ranks.world
@@ -396,13 +402,15 @@ def _train(task: Task, module: nn.Module, state: RunState, loop: LoopConfig, sta
     for step, data in zip(range(start, loop.steps), loader, strict=True):
         for group in opt.param_groups:
             group["lr"] = loop.lr_at(step)
-        with torch.autocast(ranks.device.type, torch.bfloat16, enabled=loop.precision == "bf16"):
+        with torch.autocast(ranks.device.type, dtype, enabled=dtype != torch.float32):
             loss, logs = model(Batch(data, step, loop.seed, ranks, loop.batch_size))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # the true gradients, for clipping and the overflow check
         if loop.grad_clip:
             logs["grad_norm"] = nn.utils.clip_grad_norm_(params.values(), loop.grad_clip)
-        opt.step()
+        scaler.step(opt)  # skipped when a float16 gradient overflowed (the scale is then lowered)
+        scaler.update()
         if ema is not None:
             ema.update(step)
         done = step + 1
@@ -413,6 +421,11 @@ def _train(task: Task, module: nn.Module, state: RunState, loop: LoopConfig, sta
             with ema.applied() if ema else contextlib.nullcontext():
                 task.sample(out_dir / "samples" / f"step_{done:08d}.png")
     log.close()
+
+
+def autocast_dtype(loop: LoopConfig, ranks: Ranks) -> torch.dtype:
+    """The dtype the forward pass autocasts to (float32: no autocast); `auto` as `sdlab.devices` says."""
+    return resolve_dtype(loop.precision, ranks.device)
 
 
 def _wrap(module: nn.Module, ranks: Ranks) -> nn.Module:

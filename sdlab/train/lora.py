@@ -7,10 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from sdlab import lora
 from sdlab.checkpoints.load import load_model
 from sdlab.train.data import DataConfig, build_dataset
-from sdlab.train.loop import LoopConfig, Ranks, Task, run
+from sdlab.train.loop import LoopConfig, Ranks, Task, autocast_dtype, run
 from sdlab.train.unet import DiffusionConfig, DiffusionTrainer, SampleConfig, grid_writer
 
 ARTEFACT = "lora.safetensors"
@@ -34,8 +36,11 @@ class LoRATrainConfig:
 
 
 def build(cfg: LoRATrainConfig, ranks: Ranks) -> Task:
-    """The LoRA task: the frozen model with a LoRANetwork hooked into its layers."""
-    model = load_model(cfg.model)
+    """The LoRA task: the frozen model with a LoRANetwork hooked into its layers. The base is held as the
+    file stores it (fp16 weights up-cast per layer: the same maths as float32 weights), or in the autocast
+    dtype of a half-precision run (kohya's way); the LoRA's own weights are float32 master weights."""
+    dtype = autocast_dtype(cfg.loop, ranks)
+    model = load_model(cfg.model, storage_dtype="file" if dtype == torch.float32 else dtype)
     if model.family.inpaint:
         raise ValueError(
             f"{cfg.model}: LoRA training takes text-to-image models, not a {model.family.label} model"
