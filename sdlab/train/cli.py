@@ -95,8 +95,8 @@ def _device_flags(p: argparse.ArgumentParser) -> None:
         dest="dtype",
         default="auto",
         choices=["auto", *DTYPES],
-        help="autocast precision, float32 master weights (default auto: fp32 on the CPU, bf16 or fp16 "
-        "with a gradient scaler on a GPU)",
+        help="autocast precision, float32 master weights (default auto: fp32 on the CPU; on a GPU bf16, "
+        "or fp16 with a gradient scaler where bf16 is missing)",
     )
 
 
