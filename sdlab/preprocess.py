@@ -2,7 +2,8 @@
 
 Names and defaults follow AUTOMATIC1111's sd-webui-controlnet (`threshold_a`/`threshold_b` are its two
 slider values). `canny` computes exactly what `cv2.Canny` computes (the extension's implementation);
-the filters built on Gaussian blurs use OpenCV's float kernel but are not claimed bit-exact. Detectors
+the filters built on Gaussian blurs call OpenCV's when it is installed (then they are the extension's to
+the bit), else a NumPy transcription of it (the same up to float32 summation order). Detectors
 that need model weights (OpenPose, MiDaS, ...) are named in `NEEDS_WEIGHTS` and refused with the reason.
 """
 
@@ -84,8 +85,18 @@ def _hysteresis(candidates: np.ndarray, strong: np.ndarray) -> np.ndarray:
 
 
 def gaussian_blur(arr: np.ndarray, sigma: float) -> np.ndarray:
-    """`cv2.GaussianBlur(float_image, (0, 0), sigma)`: OpenCV's float kernel (2·round(4σ)+1 taps,
-    normalised), separable, mirrored borders (reflect-101); (H, W[, C]) float32 in and out."""
+    """`cv2.GaussianBlur(float_image, (0, 0), sigma)`, the extension's blur: OpenCV's own when it is installed
+    (the `serve` extra), else `gaussian_blur_numpy`; (H, W[, C]) float32 in and out."""
+    try:
+        import cv2
+    except ImportError:
+        return gaussian_blur_numpy(arr, sigma)
+    return cv2.GaussianBlur(arr.astype(np.float32), (0, 0), sigma)
+
+
+def gaussian_blur_numpy(arr: np.ndarray, sigma: float) -> np.ndarray:
+    """OpenCV's float Gaussian blur in NumPy: its kernel (2·round(4σ)+1 taps, normalised), separable,
+    mirrored borders (reflect-101); the same up to float32 summation order."""
     n = int(round(sigma * 4 * 2 + 1)) | 1
     xs = np.arange(n, dtype=np.float64) - (n - 1) / 2
     k = np.exp(-(xs**2) / (2 * sigma * sigma))
@@ -208,6 +219,7 @@ NEEDS_WEIGHTS = {
             "HED/PiDiNet",
         ),
         (("mlsd",), "M-LSD"),
+        (("inpaint_only+lama",), "LaMa inpainting"),
         (("t2ia_sketch_pidi", "pidinet_sketch"), "PiDiNet"),
         (("t2ia_style_clipvision", "clip_vision"), "CLIP vision (and T2I style adapter)"),
         (("seg_ofade20k", "seg_ofcoco", "seg_ufade20k"), "segmentation"),

@@ -5,19 +5,43 @@ few-colour maps by nearest, area and cubic otherwise) in all three resize modes,
 
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from sdlab.preprocess import preprocess
+from sdlab.images import DEFAULT_LIMITS
+from sdlab.preprocess import gaussian_blur_numpy, preprocess
 from sdlab.server.controlnet_api import MODULES
-from sdlab.server.controlnet_maps import detectmap_proc
+from sdlab.server.controlnet_maps import detectmap_proc, inpaint_input, visualize_inpaint_mask
 
 cv2 = pytest.importorskip("cv2")
 
 # ---------------------------------------------------------------------------------------------
 # the extension, transcribed (scripts/utils.py, scripts/controlnet.py, scripts/lvminthin.py,
 # annotator/color, scripts/preprocessor/model_free_preprocessors.py and legacy/processor.py)
+
+
+def HWC3(x):
+    assert x.dtype == np.uint8
+    if x.ndim == 2:
+        x = x[:, :, None]
+    assert x.ndim == 3
+    H, W, C = x.shape
+    assert C == 1 or C == 3 or C == 4
+    if C == 3:
+        return x
+    if C == 1:
+        return np.concatenate([x, x, x], axis=2)
+    if C == 4:
+        color = x[:, :, 0:3].astype(np.float32)
+        alpha = x[:, :, 3:4].astype(np.float32) / 255.0
+        y = color * alpha + 255.0 * (1.0 - alpha)
+        y = y.clip(0, 255).astype(np.uint8)
+        return y
 
 
 def pad64(x):
@@ -126,6 +150,11 @@ def get_unique_axis0(data):
 
 
 def high_quality_resize(x, size):
+    inpaint_mask = None
+    if x.ndim == 3 and x.shape[2] == 4:
+        inpaint_mask = x[:, :, 3]
+        x = x[:, :, 0:3]
+
     if x.shape[0] != size[1] or x.shape[1] != size[0]:
         new_size_is_smaller = (size[0] * size[1]) < (x.shape[0] * x.shape[1])
         new_size_is_bigger = (size[0] * size[1]) > (x.shape[0] * x.shape[1])
@@ -148,6 +177,8 @@ def high_quality_resize(x, size):
         else:
             interpolation = cv2.INTER_CUBIC
         y = cv2.resize(x, size, interpolation=interpolation)
+        if inpaint_mask is not None:
+            inpaint_mask = cv2.resize(inpaint_mask, size, interpolation=interpolation)
         if is_binary:
             y = np.mean(y.astype(np.float32), axis=2).clip(0, 255).astype(np.uint8)
             if is_one_pixel_edge:
@@ -159,11 +190,20 @@ def high_quality_resize(x, size):
             y = np.stack([y] * 3, axis=2)
     else:
         y = x
+    if inpaint_mask is not None:
+        inpaint_mask = (inpaint_mask > 127).astype(np.float32) * 255.0
+        inpaint_mask = inpaint_mask[:, :, None].clip(0, 255).astype(np.uint8)
+        y = np.concatenate([y, inpaint_mask], axis=2)
     return y
 
 
-def extension_detectmap_proc(detected_map, resize_mode, h, w):
-    """`Script.detectmap_proc` (ResizeMode RESIZE / OUTER_FIT / INNER_FIT as "resize" / "fill" / "crop")."""
+def extension_detectmap_proc(detected_map, resize_mode, h, w, module="none"):
+    """`Script.detectmap_proc(detected_map, module, resize_mode, h, w)` (ResizeMode RESIZE / OUTER_FIT /
+    INNER_FIT as "resize" / "fill" / "crop"), the map it returns."""
+    if "inpaint" in module:
+        detected_map = detected_map.astype(np.float32)
+    else:
+        detected_map = HWC3(detected_map)
     if resize_mode == "resize":
         return high_quality_resize(detected_map, (w, h))
     old_h, old_w, _ = detected_map.shape
@@ -182,6 +222,9 @@ def extension_detectmap_proc(detected_map, resize_mode, h, w):
             axis=0,
         )
         high_quality_border_color = np.median(borders, axis=0).astype(detected_map.dtype)
+        if len(high_quality_border_color) == 4:
+            # Inpaint hijack
+            high_quality_border_color[3] = 255
         high_quality_background = np.tile(high_quality_border_color[None, None], [h, w, 1])
         detected_map = high_quality_resize(detected_map, (safeint(old_w * k), safeint(old_h * k)))
         new_h, new_w, _ = detected_map.shape
@@ -263,3 +306,153 @@ def test_color_grid_preprocessor() -> None:
     assert np.array_equal(ours, apply_color(image, 130))
     with pytest.raises(ValueError, match="at least 64x64"):
         preprocess("color_grid", Image.fromarray(photo(40, 80)))
+
+
+# ---------------------------------------------------------------------------------------------
+# inpaint units (the RGBA input fitted in float32) and lineart_standard at processor_res
+
+
+def get_pytorch_control(x):
+    """`scripts/controlnet.py` get_pytorch_control, then the hook's ControlNet inpaint protocol."""
+    y = torch.from_numpy(x).float() / 255.0
+    y = y.permute(2, 0, 1)[None]
+    if y.shape[1] == 4:
+        c, m = y[:, 0:3], (y[:, 3:4] > 0.5).float()
+        y = c * (1 - m) - m
+    return y
+
+
+def lineart_standard(img, res):
+    img, remove_pad = resize_image_with_pad(img, res)
+    x = img.astype(np.float32)
+    g = cv2.GaussianBlur(x, (0, 0), 6.0)
+    intensity = np.min(g - x, axis=2).clip(0, 255)
+    intensity /= max(16, np.median(intensity[intensity > 8]))
+    intensity *= 127
+    result = intensity.clip(0, 255).astype(np.uint8)
+    return HWC3(remove_pad(result))
+
+
+def disc_mask(w: int, h: int) -> np.ndarray:
+    m = np.zeros((h, w), np.uint8)
+    cv2.circle(m, (w // 3, h // 2), min(w, h) // 3, 255, -1)
+    return m
+
+
+@pytest.mark.parametrize("name", list(MAPS))
+@pytest.mark.parametrize("mode", ["resize", "crop", "fill"])
+@pytest.mark.parametrize("size", [(64, 48), (24, 16), (37, 29)], ids=["bigger", "smaller", "same"])
+def test_inpaint_map_is_the_extensions(name: str, mode: str, size: tuple[int, int]) -> None:
+    """An inpaint input (image + mask in alpha) fitted in float32 with the mask following the colours'
+    interpolation, cut at 127, and repainted in a fill's margin: the extension's array, dtype included."""
+    x = np.concatenate([MAPS[name], disc_mask(37, 29)[:, :, None]], axis=2)
+    ours = detectmap_proc(x.copy(), mode, size[1], size[0], inpaint=True)
+    theirs = extension_detectmap_proc(x.copy(), mode, size[1], size[0], "inpaint")
+    assert ours.dtype == theirs.dtype and ours.shape == (size[1], size[0], 4)
+    assert np.array_equal(ours, theirs)
+    assert set(np.unique(ours[:, :, 3])) == {0, 255}
+
+
+def _unit_spec(tmp_path, unit: dict, size: tuple[int, int] = (40, 32)):
+    from sdlab.server.controlnet_api import parse_units
+    from sdlab.server.library import Library
+
+    (tmp_path / "ControlNet").mkdir(exist_ok=True)
+    (tmp_path / "ControlNet" / "cn.safetensors").write_bytes(b"\0" * 64)  # listed, never loaded here
+    scripts = {"controlnet": {"args": [{"model": "cn"} | unit]}}
+    return parse_units(Library(tmp_path), scripts, size, None, DEFAULT_LIMITS)[0].spec
+
+
+def _b64(arr: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("mode", ["Just Resize", "Crop and Resize", "Resize and Fill"])
+def test_inpaint_unit_feeds_the_extensions_hint(tmp_path, mode: str) -> None:
+    """An A1111 inpaint unit: image (RGBA, composited on white by HWC3) and mask (an RGB image: its first
+    channel) read as `parse_image`, fitted as the extension fits them; the control sdlab feeds the ControlNet
+    is the extension's hint: −1 on the repainted pixels, the colours within 8-bit rounding elsewhere."""
+    from sdlab.control import hint_tensor
+
+    rng = np.random.default_rng(5)
+    image = np.concatenate([photo(37, 29, seed=3), rng.integers(0, 256, (29, 37, 1), dtype=np.uint8)], 2)
+    mask = np.stack(
+        [disc_mask(37, 29), rng.integers(0, 256, (29, 37), dtype=np.uint8), np.zeros((29, 37))], 2
+    )
+    mask = mask.astype(np.uint8)
+    unit = {"module": "inpaint_global_harmonious", "image": _b64(image), "mask": _b64(mask)}
+    spec = _unit_spec(tmp_path, unit | {"resize_mode": mode})
+    ours = hint_tensor(preprocess(spec.preprocessor, spec.image, spec.mask))
+    rgba = np.concatenate([HWC3(image), HWC3(mask)[:, :, 0:1]], axis=2)  # combine_image_and_mask
+    mode_key = {"Just Resize": "resize", "Crop and Resize": "crop", "Resize and Fill": "fill"}[mode]
+    fitted = extension_detectmap_proc(rgba, mode_key, 32, 40, "inpaint")
+    theirs = get_pytorch_control(fitted)
+    masked = theirs == -1
+    assert masked.any() and (~masked).any()
+    assert torch.equal(ours == -1, masked)
+    # the colours a job stores as PNG: the extension's float map rounded, its cubic overshoot clipped
+    stored = np.concatenate([np.round(fitted[:, :, :3]).clip(0, 255), fitted[:, :, 3:]], axis=2)
+    assert torch.equal(ours, get_pytorch_control(stored.astype(np.float32)))
+    in_range = ((theirs >= 0) & (theirs <= 1)) | masked
+    assert (ours - theirs)[in_range].abs().max() <= 0.5 / 255 + 1e-7
+    assert spec.resize_mode == "resize" and spec.image.size == (40, 32)  # fitted already
+
+
+def test_inpaint_unit_refusals_and_no_mask(tmp_path) -> None:
+    """A mask of another size is refused naming the unit (the extension raises too); without a mask
+    nothing is repainted (the extension's zero alpha); in img2img without its own image, inpaint_only and
+    inpaint_only+lama: refused with the reason."""
+    from fastapi import HTTPException
+
+    from sdlab.control import hint_tensor
+    from sdlab.server.controlnet_api import parse_units
+    from sdlab.server.library import Library
+
+    image = photo(40, 32, seed=4)
+    with pytest.raises(HTTPException, match=r"args\[0\]: the mask is 20x32 px, the image 40x32"):
+        _unit_spec(tmp_path, {"module": "inpaint", "image": _b64(image), "mask": _b64(image[:, :20])})
+    spec = _unit_spec(tmp_path, {"module": "inpaint", "image": _b64(image)})
+    hint = hint_tensor(preprocess(spec.preprocessor, spec.image, spec.mask))
+    assert torch.equal(hint, get_pytorch_control(image))
+    scripts = {"controlnet": {"args": [{"module": "inpaint", "model": "cn"}]}}
+    with pytest.raises(HTTPException, match="needs its own image and mask"):
+        parse_units(Library(tmp_path), scripts, (40, 32), Image.fromarray(image), DEFAULT_LIMITS)
+    with pytest.raises(HTTPException, match="blends the VAE-encoded control image"):
+        _unit_spec(tmp_path, {"module": "inpaint_only", "image": _b64(image)})
+    with pytest.raises(HTTPException, match="LaMa inpainting model weights"):
+        _unit_spec(tmp_path, {"module": "inpaint_only+lama", "image": _b64(image)})
+
+
+def test_detect_shows_the_inpaint_input_as_the_extension() -> None:
+    """`/controlnet/detect`'s inpaint image: `visualize_inpaint_mask` of image + mask (alpha 255 − m // 2)."""
+    x = np.concatenate([photo(12, 10), disc_mask(12, 10)[:, :, None]], axis=2)
+    shown = visualize_inpaint_mask(inpaint_input(x[:, :, :3], x[:, :, 3]))
+    assert np.array_equal(shown[:, :, :3], x[:, :, :3])
+    assert np.array_equal(shown[:, :, 3], 255 - x[:, :, 3] // 2)
+
+
+@pytest.mark.parametrize("res", [40, 50, 96])
+def test_lineart_standard_at_processor_res_is_the_extensions(res: int) -> None:
+    """lineart_standard runs on the image scaled to processor_res and edge-padded to 64s (its median over
+    the padded image), with OpenCV's blur: the extension's map to the bit. At the image's own size (50)
+    the padding alone changes a quarter of the pixels from the map of the unpadded image."""
+    image = 255 - edge_map(70, 50, True)  # black strokes on white
+    image = cv2.addWeighted(image, 0.8, photo(70, 50, seed=6), 0.2, 0)
+    ours = MODULES["lineart_standard"].run(Image.fromarray(image), res, None, None)
+    theirs = lineart_standard(image, res)
+    assert ours.shape == theirs.shape and theirs.max() > 100
+    assert np.array_equal(ours, theirs)
+    if res == 50:
+        unpadded = np.asarray(preprocess("lineart_standard", Image.fromarray(image)))
+        assert (ours != unpadded).mean() > 0.1
+
+
+def test_numpy_blur_is_opencvs() -> None:
+    """The blur used without OpenCV: OpenCV's kernel and borders, equal up to float32 summation order."""
+    x = photo(33, 21, seed=7).astype(np.float32)
+    for sigma in (0.5, 6.0):
+        np.testing.assert_allclose(
+            gaussian_blur_numpy(x, sigma), cv2.GaussianBlur(x, (0, 0), sigma), atol=2e-4
+        )

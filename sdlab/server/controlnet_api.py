@@ -6,8 +6,11 @@ Field names, defaults, module names, model titles ("name [hash]", looked up as t
 (`internal_controlnet/args.py`, `scripts/api.py`, `scripts/global_state.py`). The control map is made
 as the extension makes it (`sdlab.server.controlnet_maps`): the image scaled to `processor_res` (or the
 pixel-perfect size) around a preprocessor with a resolution slider, then fitted to the output size by
-`detectmap_proc` (binary edge maps re-binarised and thinned); the `inpaint` module's RGBA image is fitted
-with sdlab's `resize_image` instead. A unit whose model is a T2I-Adapter runs as one (`sdlab.control`).
+`detectmap_proc` (binary edge maps re-binarised and thinned); the `inpaint` module's image and mask are
+fitted together as the extension fits them (in float32, the mask following the colours), the colours
+then rounded to 8 bits (a job stores its images as PNG). Unit images are read as the extension reads
+them (HWC3: transparency composited on white; a mask's first channel).
+A unit whose model is a T2I-Adapter runs as one (`sdlab.control`).
 The extension also appends the detected maps to the returned images; sdlab returns only the generated
 images."""
 
@@ -27,7 +30,14 @@ from sdlab.control import A1111_CONTROL_MODES, CONTROL_MODES, ControlSpec
 from sdlab.images import DEFAULT_LIMITS, RESIZE_MODES, ImageLimits
 from sdlab.ip_adapter import IPAdapterSpec
 from sdlab.preprocess import NEEDS_WEIGHTS, preprocess
-from sdlab.server.controlnet_maps import at_resolution, detectmap_proc, hwc3, shortest_edge
+from sdlab.server.controlnet_maps import (
+    at_resolution,
+    detectmap_proc,
+    hwc3,
+    inpaint_input,
+    shortest_edge,
+    visualize_inpaint_mask,
+)
 from sdlab.server.library import Library
 from sdlab.server.preview import png_base64
 from sdlab.server.state import MAX_JOB_IMAGES, Server
@@ -114,7 +124,7 @@ MODULES: dict[str, Module] = {
         Slider("High Threshold", 200, 1, 255),
     ),
     "invert": Module("invert", "invert (from white bg & black line)"),
-    "lineart_standard": Module("lineart_standard", "lineart_standard (from white bg & black line)"),
+    "lineart_standard": Module("lineart_standard", "lineart_standard (from white bg & black line)", "pad"),
     "scribble_xdog": Module("scribble_xdog", "scribble_xdog", "pad", Slider("XDoG Threshold", 32, 1, 64)),
     "threshold": Module("threshold", "threshold", "pad", Slider("Binarization Threshold", 127, 0, 255)),
     "tile_resample": Module(
@@ -187,6 +197,12 @@ def module_of(name: str) -> Module:
         return MODULES[key]
     if key in NEEDS_WEIGHTS:
         raise HTTPException(422, f"controlnet module {name!r}: {NEEDS_WEIGHTS[key]}")
+    if key == "inpaint_only":
+        raise HTTPException(
+            422,
+            f"controlnet module {name!r}: it blends the VAE-encoded control image into every step's "
+            "prediction and the decoded image, which sdlab does not do yet; inpaint_global_harmonious runs",
+        )
     if key.startswith("ip-adapter"):
         from sdlab.server.ip_adapter_api import IP_PREPROCESSORS  # it builds on this module
 
@@ -253,13 +269,15 @@ def parse_units(
     args = script.get("args", []) if isinstance(script, dict) else script or []
     if not isinstance(args, list) or not all(isinstance(u, dict) for u in args):
         raise HTTPException(422, "alwayson_scripts.controlnet.args must be a list of unit objects")
+
+    def decode(data: str, what: str) -> Image.Image:
+        return decode_image(data, what, limits, "RGBA")  # HWC3 made by _images, as the extension's
+
     units = []
     for i, unit in enumerate(args):
         if not unit.get("enabled", True):  # the API's units count as enabled unless they say otherwise
             continue
-        units.append(
-            _unit(library, unit, i, size, init_image, lambda data, what: decode_image(data, what, limits))
-        )
+        units.append(_unit(library, unit, i, size, init_image, decode))
     return units
 
 
@@ -285,6 +303,12 @@ def _unit(library: Library, unit: dict[str, Any], i: int, size: tuple[int, int],
         raise HTTPException(422, f"{what}.image: no control image (txt2img needs one)")
     if mask is not None and module.preprocessor != "inpaint":
         raise HTTPException(422, f"{what}.mask: only the inpaint module reads a mask")
+    if module.preprocessor == "inpaint" and image is init_image:
+        raise HTTPException(
+            422,
+            f"{what}.image: an inpaint unit needs its own image and mask; sdlab does not take them from "
+            "img2img's init image and mask as the extension does",
+        )
     resize = _resize_mode(unit.get("resize_mode", "Crop and Resize"))
     threshold_a = _number(unit, "threshold_a", -1, i)
     threshold_b = _number(unit, "threshold_b", -1, i)
@@ -295,7 +319,7 @@ def _unit(library: Library, unit: dict[str, Any], i: int, size: tuple[int, int],
     sliders = (a if module.slider_1 else None, b if module.slider_2 else None)
     try:
         if module.preprocessor == "inpaint":
-            spec = ControlSpec(str(path), image, resize_mode=resize, preprocessor="inpaint", mask=mask)
+            spec = inpaint_control(str(path), image, mask, resize, size)
         else:  # the extension's map at the output size, given as it is
             spec = ControlSpec(str(path), control_map(module, image, int(res), *sliders, resize, size, what))
         spec = replace(
@@ -343,6 +367,19 @@ def control_map(
     return Image.fromarray(detectmap_proc(detected, resize, size[1], size[0]))
 
 
+def inpaint_control(
+    model: str, image: Image.Image, mask: Image.Image | None, resize: str, size: tuple[int, int]
+) -> ControlSpec:
+    """An inpaint unit's control as the extension feeds it: image and mask (none: nothing repainted) fitted
+    to `size` (width, height) by `detectmap_proc` with resize mode `resize`, the colours rounded to 8 bits;
+    ValueError when the mask's size is not the image's."""
+    arr = inpaint_input(np.asarray(image), None if mask is None else np.asarray(mask))
+    fitted = detectmap_proc(arr, resize, size[1], size[0], inpaint=True)
+    rgb = Image.fromarray(np.round(fitted[:, :, :3]).clip(0, 255).astype(np.uint8))
+    mask = Image.fromarray(fitted[:, :, 3].astype(np.uint8))
+    return ControlSpec(model, rgb, preprocessor="inpaint", mask=mask)
+
+
 def detected_map(
     module: Module, image: Image.Image, res: int, a: float | None, b: float | None, what: str
 ) -> np.ndarray:
@@ -360,7 +397,8 @@ def detected_map(
 
 def _images(unit: dict[str, Any], what: str, decode) -> tuple[Image.Image | None, Image.Image | None]:
     """The unit's image and mask: `image` (or the legacy `input_image`) as base64, {"image", "mask"} or
-    [image, mask]; `mask` (or `mask_image`) as base64. A mask is read as A1111 reads one (white = repaint)."""
+    [image, mask]; `mask` (or `mask_image`) as base64. Both read as the extension's `parse_image` reads them
+    (HWC3: transparency composited on white); the mask is its first channel (white = repaint)."""
     image = unit.get("image", unit.get("input_image"))
     mask = unit.get("mask", unit.get("mask_image"))
     if isinstance(image, dict):
@@ -369,9 +407,14 @@ def _images(unit: dict[str, Any], what: str, decode) -> tuple[Image.Image | None
         image, mask = image
     if image is not None and not isinstance(image, str):
         raise HTTPException(422, f"{what}.image: expected base64 text or {{'image': ..., 'mask': ...}}")
-    return (decode(image, f"{what}.image") if image else None), (
-        decode(mask, f"{what}.mask").convert("L") if mask else None
+    return (_parsed(decode(image, f"{what}.image")) if image else None), (
+        Image.fromarray(np.asarray(_parsed(decode(mask, f"{what}.mask")))[:, :, 0]) if mask else None
     )
+
+
+def _parsed(image: Image.Image) -> Image.Image:
+    """An image as the extension's `parse_image` makes it: HWC3, transparency composited on white."""
+    return Image.fromarray(hwc3(np.asarray(image.convert("RGBA"))))
 
 
 def pixel_perfect_resolution(image: tuple[int, int], target: tuple[int, int], resize: str) -> int:
@@ -441,16 +484,17 @@ def routes(server: Server) -> APIRouter:
         res = RESOLUTION.resolve(body.controlnet_processor_res)
         images = []
         for i, data in enumerate(inputs):
-            image = decode_image(data, f"controlnet_input_images[{i}]", limits)
+            image = _parsed(decode_image(data, f"controlnet_input_images[{i}]", limits, "RGBA"))
             if module.preprocessor != "inpaint":
                 out = detected_map(module, image, int(res), a, b, f"controlnet_input_images[{i}]")
                 images.append(png_base64(Image.fromarray(out)))
                 continue
-            mask = decode_image(masks[i], f"controlnet_masks[{i}]", limits).convert("L")
+            mask = np.asarray(decode_image(masks[i], f"controlnet_masks[{i}]", limits, "RGBA"))[:, :, 0]
             try:
-                images.append(png_base64(preprocess("inpaint", image, mask, a, b)))
+                rgba = inpaint_input(np.asarray(image), mask)
             except ValueError as e:
-                raise HTTPException(422, str(e)) from e
+                raise HTTPException(422, f"controlnet_masks[{i}]: {e}") from e
+            images.append(png_base64(Image.fromarray(visualize_inpaint_mask(rgba))))
         return {"info": "Success", "images": images}
 
     return api

@@ -1,7 +1,9 @@
 """sd-webui-controlnet's control-map preparation, for the A1111 API: the input scaled to `processor_res`
 (and padded to multiples of 64) around a preprocessor, then the detected map fitted to the output size
 by `detectmap_proc`'s `high_quality_resize` (nearest for maps of few colours, area when shrinking, cubic
-when growing; binary maps re-binarised with Otsu's threshold, one-pixel edges thinned).
+when growing; binary maps re-binarised with Otsu's threshold, one-pixel edges thinned). The inpaint
+modules' RGBA input (image + mask, `internal_controlnet/args.py` `combine_image_and_mask`) is fitted the
+same way in float32, its mask following the colours' interpolation and cut at 127.
 
 Transcribed from the extension (`scripts/preprocessor/legacy/processor.py` `resize_image_with_pad`,
 `scripts/controlnet.py` `detectmap_proc`, `scripts/lvminthin.py`, `annotator/color`) and computed with
@@ -130,11 +132,24 @@ def lvmin_thin(x: np.ndarray, prunings: bool = True) -> np.ndarray:
     return x
 
 
-def high_quality_resize(x: Map, size: tuple[int, int]) -> Map:
-    """The extension's `high_quality_resize` of an (H, W, 3) map to size (w, h) (RGB maps only)."""
+def high_quality_resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The extension's `high_quality_resize` of an (H, W, 3) map to size (w, h). An (H, W, 4) inpaint map
+    (float colours, the mask in alpha) has its mask resized with the colours' interpolation and cut at 127."""
+    if x.shape[2] != 4:
+        return _resized_map(x, size)[0]
+    y, interpolation = _resized_map(x[:, :, :3], size)
+    mask = x[:, :, 3]
+    if interpolation is not None:
+        mask = _cv2().resize(mask, size, interpolation=interpolation)
+    return np.concatenate([y, (mask[:, :, None] > 127).astype(np.uint8) * 255], axis=2)
+
+
+def _resized_map(x: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, int | None]:
+    """An RGB map at size (w, h) and the OpenCV interpolation used (None: already that size): nearest for
+    maps of few colours, area when shrinking, cubic when growing; binary maps re-binarised, thinned."""
     cv2 = _cv2()
     if x.shape[0] == size[1] and x.shape[1] == size[0]:
-        return x
+        return x, None
     smaller = size[0] * size[1] < x.shape[0] * x.shape[1]
     bigger = size[0] * size[1] > x.shape[0] * x.shape[1]
     colours = len(_unique_rows(x.reshape(-1, x.shape[2])))
@@ -151,7 +166,7 @@ def high_quality_resize(x: Map, size: tuple[int, int]) -> Map:
         interpolation = cv2.INTER_CUBIC
     y = cv2.resize(x, size, interpolation=interpolation)
     if not binary:
-        return y
+        return y, interpolation
     y = np.mean(y.astype(np.float32), axis=2).clip(0, 255).astype(np.uint8)
     if one_pixel_edge:
         y = nake_nms(y)
@@ -159,13 +174,16 @@ def high_quality_resize(x: Map, size: tuple[int, int]) -> Map:
         y = lvmin_thin(y, prunings=bigger)
     else:
         _, y = cv2.threshold(y, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    return np.stack([y] * 3, axis=2)
+    return np.stack([y] * 3, axis=2), interpolation
 
 
-def detectmap_proc(detected: Map, resize_mode: str, height: int, width: int) -> Map:
-    """The extension's `detectmap_proc` for an RGB map: stretched to width x height (`resize`), scaled
-    to cover and centre-cropped (`crop`), or scaled to fit on the median border colour (`fill`)."""
-    detected = hwc3(detected)
+def detectmap_proc(
+    detected: np.ndarray, resize_mode: str, height: int, width: int, inpaint: bool = False
+) -> np.ndarray:
+    """The extension's `detectmap_proc`: the map stretched to width x height (`resize`), scaled to cover
+    and centre-cropped (`crop`), or scaled to fit on the median border colour (`fill`). An `inpaint` map
+    (RGBA, the mask in alpha) is fitted in float32 as the extension fits it, the fill's border masked."""
+    detected = detected.astype(np.float32) if inpaint else hwc3(detected)
     if resize_mode == "resize":
         return high_quality_resize(detected, (width, height))
     old_h, old_w = float(detected.shape[0]), float(detected.shape[1])
@@ -174,7 +192,10 @@ def detectmap_proc(detected: Map, resize_mode: str, height: int, width: int) -> 
     size = (int(np.round(old_w * k)), int(np.round(old_h * k)))
     if resize_mode == "fill":
         borders = np.concatenate([detected[0], detected[-1], detected[:, 0], detected[:, -1]], axis=0)
-        out = np.tile(np.median(borders, axis=0).astype(detected.dtype)[None, None], [height, width, 1])
+        border = np.median(borders, axis=0).astype(detected.dtype)
+        if len(border) == 4:  # inpaint: the margin is repainted
+            border[3] = 255
+        out = np.tile(border[None, None], [height, width, 1])
         detected = high_quality_resize(detected, size)
         new_h, new_w, _ = detected.shape
         pad_h, pad_w = max(0, (height - new_h) // 2), max(0, (width - new_w) // 2)
@@ -184,3 +205,25 @@ def detectmap_proc(detected: Map, resize_mode: str, height: int, width: int) -> 
     new_h, new_w, _ = detected.shape
     pad_h, pad_w = max(0, (new_h - height) // 2), max(0, (new_w - width) // 2)
     return detected[pad_h : pad_h + height, pad_w : pad_w + width]
+
+
+# ---------------------------------------------------------------------------------------------
+# inpaint
+
+
+def inpaint_input(image: Map, mask: np.ndarray | None) -> np.ndarray:
+    """`ControlNetUnit.combine_image_and_mask`: the (H, W, 3) image with the first channel of the mask's
+    HWC3 as alpha (white = repaint; no mask: zeros, nothing repainted); ValueError when the sizes differ."""
+    alpha = np.zeros_like(image[:, :, :1]) if mask is None else hwc3(mask)[:, :, :1]
+    if alpha.shape[:2] != image.shape[:2]:
+        raise ValueError(
+            f"the mask is {alpha.shape[1]}x{alpha.shape[0]} px, the image {image.shape[1]}x{image.shape[0]}"
+        )
+    return np.concatenate([image, alpha], axis=2)
+
+
+def visualize_inpaint_mask(rgba: np.ndarray) -> np.ndarray:
+    """The extension's `visualize_inpaint_mask`, /controlnet/detect's inpaint image: alpha 255 − mask // 2."""
+    out = rgba.copy()
+    out[:, :, 3] = 255 - out[:, :, 3] // 2
+    return out
