@@ -32,7 +32,7 @@ from sdlab.control import (
     prepare_controls,
 )
 from sdlab.diffusion.denoiser import Denoiser, DenoiserFn, add_noise, guide
-from sdlab.diffusion.samplers import DISCARD_PENULTIMATE_SIGMA, get_sampler, resolve_sampler
+from sdlab.diffusion.samplers import DISCARD_PENULTIMATE_SIGMA, Sampler, get_sampler, resolve_sampler
 from sdlab.diffusion.schedule import DiscreteSchedule, get_sigmas
 from sdlab.embeddings import Embeddings, embedding_dirs
 from sdlab.fast import FastMode, fast_mode
@@ -545,22 +545,23 @@ def sample(
     x: Tensor,
     sigmas: Tensor,
     guidance: Guidance,
-    sampler: str,
+    sampler: str | Sampler,
     seeds: list[int],
     init: Tensor | None = None,
     keep: Tensor | None = None,
     callback: Callback | None = None,
     handover: Handover | None = None,
 ) -> Tensor:
-    """Run `sampler` on noisy latents x (B, C, h, w) from σ = sigmas[0] down to sigmas[-1].
+    """Run `sampler` (a name, or a sampler function with its options bound, as ComfyUI's SAMPLER nodes make
+    one) on noisy latents x (B, C, h, w) from σ = sigmas[0] down to sigmas[-1].
 
     Image i draws its sampler noise from a generator seeded with seeds[i]; where `keep` is 1 the
     latents stay at `init` (latent-blending inpainting); `handover` switches models part-way.
     """
     calls = Calls(total=len(sigmas) - 1)
     guided = guided_denoiser(model, guidance, x, calls)
+    schedule = DiscreteSchedule.for_model(model.config)
     if handover is not None:
-        schedule = DiscreteSchedule.for_model(model.config)
         guided = _handing_over(guided, handover, schedule, len(sigmas) - 1, calls)
     if keep is not None:
         guided = _blend_denoised(guided, init, keep)
@@ -573,7 +574,8 @@ def sample(
         if callback is not None:
             callback(i + 1, total, denoised)
 
-    samples = get_sampler(sampler)(guided, x, sigmas, callback=on_step, generator=generators)
+    run = get_sampler(sampler, schedule) if isinstance(sampler, str) else sampler
+    samples = run(guided, x, sigmas, callback=on_step, generator=generators)
     check_finite(samples, "the sampled latents", overflow_cause("U-Net", samples.dtype))
     return samples if keep is None else init * keep + samples * (1 - keep)
 

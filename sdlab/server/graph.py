@@ -195,7 +195,7 @@ class _Checker:
         return None
 
 
-_CONVERT: dict[str, Callable[[Any], Any]] = {"INT": int, "FLOAT": float, "STRING": str}
+_CONVERT: dict[str, Callable[[Any], Any]] = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
 
 
 def _literal(name: str, value: Any, spec: tuple[Any, ...], env: Env) -> tuple[Any, dict[str, Any] | None]:
@@ -216,8 +216,10 @@ def _literal(name: str, value: Any, spec: tuple[Any, ...], env: Env) -> tuple[An
             "invalid_input_type", f"Input must be a link to a {kind}", details, input_name=name
         )
     try:
-        if isinstance(value, (dict, list)) or (kind != "STRING" and isinstance(value, bool)):
+        if isinstance(value, (dict, list)) or (kind in ("INT", "FLOAT") and isinstance(value, bool)):
             raise TypeError(f"got {type(value).__name__}")
+        if kind == "BOOLEAN" and not isinstance(value, bool):  # ComfyUI's bool() makes "false" true
+            raise TypeError(f"expected true or false, got {value!r}")
         value = _CONVERT[kind](value)
     except (TypeError, ValueError, OverflowError) as e:
         message = f"Failed to convert an input value to a {kind} value"

@@ -28,7 +28,7 @@ from sdlab.checkpoints.io import CheckpointError
 from sdlab.checkpoints.load import StableDiffusion
 from sdlab.conditioning import Conditioning, encode_text
 from sdlab.diffusion import denoiser
-from sdlab.diffusion.samplers import SAMPLERS
+from sdlab.diffusion.samplers import SAMPLERS, Sampler
 from sdlab.diffusion.schedule import SCHEDULES
 from sdlab.embeddings import Embeddings, embedding_dirs
 from sdlab.images import (
@@ -522,7 +522,7 @@ def _sample(
     seed: int,
     sigmas: Tensor,
     guidance: Guidance,
-    sampler: str,
+    sampler: str | Sampler,
     add_noise: bool,
     callback: Callable[[int, int, Tensor], None] | None = None,
 ) -> Latent:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import Tensor
 from sdlab.checkpoints.io import CheckpointError
 from sdlab.checkpoints.load import StableDiffusion
 from sdlab.checkpoints.parts import load_text_encoders, load_unet
-from sdlab.diffusion.samplers import SAMPLERS
+from sdlab.diffusion.samplers import SAMPLERS, Sampler, sample_sa_solver
 from sdlab.diffusion.schedule import SCHEDULES, DiscreteSchedule, get_sigmas
 from sdlab.models.vae import AutoencoderKL
 from sdlab.pipeline import Guidance
@@ -525,7 +526,8 @@ def vae_encode_tiled(env: Env, pixels: Tensor, vae: AutoencoderKL, tile_size: in
 
 
 # ---------------------------------------------------------------------------------------------
-# custom sampling: SAMPLER (a sampler name), SIGMAS (a σ tensor), NOISE, GUIDER
+# custom sampling: SAMPLER (a sampler name, or a sampler function with its options), SIGMAS (a σ tensor),
+# NOISE, GUIDER
 
 
 @dataclass(frozen=True)
@@ -555,6 +557,54 @@ class Guider:
 def ksampler_select(env: Env, sampler_name: str) -> tuple[str]:
     """A sampler by name."""
     return (sampler_name,)
+
+
+_UNROUNDED = {"step": 0.01, "round": False}
+
+
+@node(
+    "SamplerSASolver",
+    "SamplerSASolver",
+    "sampling/custom_sampling/samplers",
+    ("SAMPLER",),
+    inputs={
+        "model": ("MODEL",),
+        "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, **_UNROUNDED}),
+        "sde_start_percent": _float(0.2, 0.0, 1.0, 0.001),
+        "sde_end_percent": _float(0.8, 0.0, 1.0, 0.001),
+        "s_noise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, **_UNROUNDED}),
+        "predictor_order": _int(3, 1, 6),
+        "corrector_order": _int(4, 0, 6),
+        "use_pece": ("BOOLEAN", {"default": False}),
+        "simple_order_2": ("BOOLEAN", {"default": False}),
+    },
+)
+def sampler_sa_solver(
+    env: Env,
+    model: Model,
+    eta: float,
+    sde_start_percent: float,
+    sde_end_percent: float,
+    s_noise: float,
+    predictor_order: int,
+    corrector_order: int,
+    use_pece: bool,
+    simple_order_2: bool,
+) -> tuple[Sampler]:
+    """SA-Solver with these options, its SDE interval placed on `model`'s schedule (ComfyUI's node)."""
+    sampler = partial(
+        sample_sa_solver,
+        eta=eta,
+        sde_start_percent=sde_start_percent,
+        sde_end_percent=sde_end_percent,
+        s_noise=s_noise,
+        predictor_order=predictor_order,
+        corrector_order=corrector_order,
+        use_pece=use_pece,
+        simple_order_2=simple_order_2,
+        schedule=DiscreteSchedule.for_model(model.sd.config),
+    )
+    return (sampler,)
 
 
 @node(
@@ -630,7 +680,7 @@ def cfg_guider(env: Env, model: Model, positive: Conds, negative: Conds, cfg: fl
     output_names=("output", "denoised_output"),
 )
 def sampler_custom_advanced(
-    env: Env, noise: Noise, guider: Guider, sampler: str, sigmas: Tensor, latent_image: Latent
+    env: Env, noise: Noise, guider: Guider, sampler: str | Sampler, sigmas: Tensor, latent_image: Latent
 ) -> tuple[Latent, Latent]:
     """Samples along the σ schedule; also returns the last step's prediction of the clean latents."""
     denoised: list[Tensor] = []
