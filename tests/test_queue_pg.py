@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from test_server_api import MODEL, txt2img_workflow, wait_history, write_models
+from test_server_api import MODEL, check_skip, txt2img_workflow, wait_history, write_models
 
 from sdlab.server.jobs import (
     CANCELLED,
@@ -367,12 +367,12 @@ def test_progress_and_previews_reach_the_front_end(cluster: Cluster) -> None:
     with connect(ws_url + "meta", open_timeout=10) as meta:
         meta.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
         assert json.loads(meta.recv(timeout=10))["type"] in ("feature_flags", "status")
-        body = {"prompt": txt2img_workflow(steps=2, size=192, prefix="big"), "client_id": "meta"}
+        body = {"prompt": txt2img_workflow(steps=2, size=160, prefix="big"), "client_id": "meta"}
         big_id = client.post("/prompt", json=body).json()["prompt_id"]
         frame = _first_preview(meta)
         kind, size = struct.unpack(">II", frame[:8])
         assert kind == 4 and json.loads(frame[8 : 8 + size])["prompt_id"] == big_id
-        assert Image.open(io.BytesIO(frame[8 + size :])).size == (96, 96)  # the tiny VAE: 1/2
+        assert Image.open(io.BytesIO(frame[8 + size :])).size == (80, 80)  # the tiny VAE: 1/2
     with psycopg.connect(
         cluster.queue
     ) as db:  # that preview was over NOTIFY's limit: stored, and sent by reference
@@ -386,6 +386,10 @@ def _first_preview(ws: Any) -> bytes:
         if isinstance(message, bytes):
             return message
     raise TimeoutError("no preview on /ws")
+
+
+def test_a1111_skip_reaches_the_worker_elsewhere(cluster: Cluster) -> None:
+    check_skip(httpx.Client(base_url=cluster.urls[1], timeout=120))
 
 
 def test_a_paused_worker_loses_its_job_to_another_and_records_nothing(cluster: Cluster) -> None:

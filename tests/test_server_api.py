@@ -336,6 +336,33 @@ def test_a1111_progress_preview_and_interrupt(client: httpx.Client) -> None:
     assert client.get("/sdapi/v1/progress").json()["state"]["job"] == ""
 
 
+def check_skip(client: httpx.Client, timeout: float = 60) -> None:
+    """A1111's /skip: the image being sampled stops early and is kept, and the job goes on with its next batch
+    (here interrupted as soon as it runs)."""
+    responses: list[httpx.Response] = []
+    body = {"prompt": "slow", "steps": 1000, "width": 32, "height": 32, "n_iter": 2, "seed": 21}
+    request = threading.Thread(target=lambda: responses.append(client.post("/sdapi/v1/txt2img", json=body)))
+    request.start()
+    deadline = time.time() + timeout
+    for job_no, stop in ((0, "/sdapi/v1/skip"), (1, "/sdapi/v1/interrupt")):
+        while (state := client.get("/sdapi/v1/progress").json()["state"])["job_no"] != job_no or (
+            state["sampling_step"] < 1
+        ):
+            assert time.time() < deadline and not responses, (state, responses and responses[0].text)
+            time.sleep(0.05)
+        client.post(stop)
+    request.join(timeout)
+    assert responses[0].status_code == 200, responses[0].text
+    out = responses[0].json()
+    # the skipped first image (1000 steps would take a minute) is kept; the interrupted second one too
+    seeds = [unb64(image).info["parameters"].split("Seed: ")[1].split(",")[0] for image in out["images"]]
+    assert seeds == ["21", "22"] and json.loads(out["info"])["all_seeds"] == [21, 22]
+
+
+def test_a1111_skip_keeps_the_image_and_goes_on(client: httpx.Client) -> None:
+    check_skip(client)
+
+
 # ---------------------------------------------------------------------------------------------
 # ComfyUI
 

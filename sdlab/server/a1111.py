@@ -374,7 +374,7 @@ def routes(server: Server) -> APIRouter:
     def skip() -> dict[str, Any]:
         live = server.worker.live
         if live is not None and live.job.kind == "a1111":
-            live.skipped = True
+            server.worker.skip(live.job.id)
         return {}
 
     @api.get("/sd-models")
@@ -705,7 +705,8 @@ def _read_base64(server: Server, ref: dict[str, str]) -> str:
 
 
 def run(server: Server, job: Job, live: Live) -> Outcome:
-    """Make the n_iter batches of an A1111 job (skip drops a batch; interrupt keeps what is done)."""
+    """Make the n_iter batches of an A1111 job (skip and interrupt keep the image being made as far as it
+    got; skip then goes on with the next batch)."""
     req = job.request
     model = server.models.model(req["checkpoint"], req["vae"])
     images = {key: _open_input(server, req[key]) for key in ("init_image", "mask")}
@@ -730,14 +731,14 @@ def run(server: Server, job: Job, live: Live) -> Outcome:
             request = replace(base, seed=base.seed + n * base.batch_size)
             try:
                 result = generate(model, request, callback=live.step_done, refiner=refiner)
-            except Skipped:
+            except Skipped:  # before its first step: no image to keep
                 continue
             for image, seed in zip(result.images, result.seeds, strict=True):
                 scripts = req.get("controlnet_infotext")
                 infotexts.append(request_infotext(result.request, seed, model, refiner, scripts))
                 path = save_png(image, next_output_path(folder, seed), infotexts[-1])
                 saved.append({"filename": path.name, "subfolder": folder.name, "type": kind})
-            if result.interrupted:  # A1111 keeps the interrupted batch as far as it got, then stops
+            if result.interrupted and live.ending():  # not skipped: A1111 stops after an interrupted batch
                 break
     except Interrupted:
         pass

@@ -206,8 +206,9 @@ class Interrupted(StopSampling):
     as far as it got)."""
 
 
-class Skipped(Exception):
-    """A client asked to skip the image being made (AUTOMATIC1111's skip)."""
+class Skipped(StopSampling):
+    """A client asked to skip the image being made (AUTOMATIC1111's skip): its sampling stops, the image
+    keeps the last denoised step, and the job goes on with its next batch."""
 
 
 @dataclass
@@ -239,12 +240,16 @@ class Live:
             self.on_step(self)
         self.check()
 
-    def check(self) -> None:
-        """Raise Interrupted or Skipped if a client asked for it since the last check; Interrupted too once
-        this worker no longer holds the job (`lost`, or `hold_until` passed)."""
+    def ending(self) -> bool:
+        """Whether the job is to stop: a client interrupted it, or this worker no longer holds it (`lost`,
+        or `hold_until` passed)."""
         if self.hold_until is not None and time.monotonic() > self.hold_until:
             self.lost = True
-        if self.interrupted or self.lost:
+        return self.interrupted or self.lost
+
+    def check(self) -> None:
+        """Raise Interrupted if the job is `ending`, Skipped if a client asked to skip since last checked."""
+        if self.ending():
             raise Interrupted("interrupted" if self.interrupted else "lease lost")
         if self.skipped:
             self.skipped = False
@@ -315,6 +320,14 @@ class Worker:
         if live is None or (job_id is not None and live.job.id != job_id):
             return False
         live.interrupted = True
+        return True
+
+    def skip(self, job_id: str) -> bool:
+        """Skip the image the running job `job_id` is making, if it runs here (A1111's skip)."""
+        live = self.live
+        if live is None or live.job.id != job_id:
+            return False
+        live.skipped = True
         return True
 
     def cancel(self, job_ids: list[str] | None = None) -> list[str]:

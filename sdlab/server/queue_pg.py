@@ -103,6 +103,7 @@ MAX_ATTEMPTS = 2  # a job whose worker died is retried once, then failed
 LEASE_ERROR = "its worker stopped answering (lease expired) on both attempts"
 INTERRUPTED_LEASE_ERROR = "interrupted; its worker stopped answering (lease expired) before it stopped"
 QUEUE, DONE_CHANNEL, EVENTS, INTERRUPT = "sdlab_queue", "sdlab_done", "sdlab_events", "sdlab_interrupt"
+SKIP = "sdlab_skip"  # payload: the id of a running job whose current image a client skips (A1111's /skip)
 MAX_NOTIFY = 7900  # PostgreSQL's NOTIFY payload limit is 8000 bytes
 # A worker takes, among the LOOK_AHEAD oldest pending jobs, the oldest whose model it has loaded; a job that
 # has waited PREFER_WAIT_S counts as preferred by every worker, so none waits on preference longer than that.
@@ -565,7 +566,8 @@ def live_progress(live: Live | None) -> dict[str, dict[str, Any]]:
 
 class FrontEnd(Worker):
     """A `Worker` that runs no job (`sdlab serve --queue URL --workers 0`): it queues jobs for the workers,
-    resolves waiters when any worker finishes a job, and forwards interrupts to the worker running it."""
+    resolves waiters when any worker finishes a job, and forwards interrupts and skips to the worker running
+    it."""
 
     @property
     def live(self) -> Live | None:
@@ -594,6 +596,13 @@ class FrontEnd(Worker):
         """Ask the worker running the job (any running job for None) to stop it."""
         assert isinstance(self.store, PgJobStore)
         return self.store.request_interrupt(job_id)
+
+    def skip(self, job_id: str) -> bool:
+        """Ask the worker running the job to skip the image it is making (a notification only: a worker
+        reconnecting to the database meanwhile misses it)."""
+        assert isinstance(self.store, PgJobStore)
+        self.store.notify(SKIP, job_id)
+        return True
 
     def poll(self) -> None:
         """Resolve waiters whose jobs finished without a notification reaching this process."""
@@ -675,10 +684,10 @@ class LeaseKeeper:
 
 
 def queue_listener(server: Any) -> Listener:
-    """The listener of a process on the PostgreSQL queue: wakes its worker for new jobs and stops the job
-    a client interrupted; records its heartbeat and its running job's progress (leases are renewed by the
-    worker's `LeaseKeeper`); in a front end, resolves waiters and relays workers' /ws messages to its
-    WebSocket clients."""
+    """The listener of a process on the PostgreSQL queue: wakes its worker for new jobs, stops the job a
+    client interrupted and skips the image a client skipped; records its heartbeat and its running job's
+    progress (leases are renewed by the worker's `LeaseKeeper`); in a front end, resolves waiters and
+    relays workers' /ws messages to its WebSocket clients."""
     store, worker = server.store, server.worker
     front_end = isinstance(worker, FrontEnd)
 
@@ -692,6 +701,8 @@ def queue_listener(server: Any) -> Listener:
                 server.events.publish(for_client(message, client_id, server.events), client_id)
         elif channel == INTERRUPT:
             worker.interrupt(payload)
+        elif channel == SKIP:
+            worker.skip(payload)
         elif channel == QUEUE:
             with worker._wake:
                 worker._wake.notify()
@@ -705,7 +716,7 @@ def queue_listener(server: Any) -> Listener:
         store.report(live_progress(worker.live))
 
     store.models_held = server.models.loaded
-    channels = (DONE_CHANNEL, EVENTS) if front_end else (QUEUE, INTERRUPT)
+    channels = (DONE_CHANNEL, EVENTS) if front_end else (QUEUE, INTERRUPT, SKIP)
     return Listener(store.url, channels, on_notify, tick)
 
 
