@@ -6,9 +6,10 @@ Writes the fp16 checkpoint and the local diffusers config of `tests/reference.py
 `bench/.cache/`, then runs the engines alternately (A B A B ...), each in a fresh process so that load
 time and peak RSS are its own, and prints the medians and the ratios sdlab / diffusers of: load to the
 first sampling step, one guided (CFG 7) step at 256 and at 512 px, a 20-step txt2img at 256 px (Euler,
-Karras sigmas), a VAE decode at 512 px and the peak RSS (peak VRAM on CUDA); then the PSNR between the
-two engines' 20-step images. sdlab runs as `sdlab generate` would (`--dtype auto`: fp32 maths on the CPU
-with the file's fp16 weights kept fp16), diffusers with `torch_dtype` = the compute dtype.
+Karras sigmas), the same with sdlab's `--fast` preset (set against diffusers' exact run), a VAE decode
+at 512 px and the peak RSS (peak VRAM on CUDA); then the PSNR between the two engines' 20-step images, and
+between sdlab's fast and exact images. sdlab runs as `sdlab generate` would (`--dtype auto`: fp32 maths on
+the CPU with the file's fp16 weights kept fp16), diffusers with `torch_dtype` = the compute dtype.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,6 +35,7 @@ METRICS = [
     ("txt2img_256_s", "20-step txt2img 256 s"),
     ("vae_decode_512_s", "VAE decode 512 px s"),
     ("peak_mem_gib", "peak RSS/VRAM GiB"),
+    ("fast_txt2img_256_s", "20-step txt2img 256, sdlab --fast s"),
 ]
 
 
@@ -59,6 +62,7 @@ def run_sdlab(path: Path, device: str, dtype: str, out: Path) -> dict:
     import torch
 
     from sdlab.devices import Placement
+    from sdlab.fast import FAST_PRESET
     from sdlab.pipeline import GenerationRequest, generate
     from sdlab.vae_tools import decode_pixels
 
@@ -81,6 +85,9 @@ def run_sdlab(path: Path, device: str, dtype: str, out: Path) -> dict:
     result = generate(model, req, callback=lambda i, n, _: stamps.append(time.perf_counter()))
     total = time.perf_counter() - start
     result.images[0].save(out)
+    t_fast = time.perf_counter()
+    generate(model, replace(req, fast=FAST_PRESET)).images[0].save(out.with_suffix(".fast.png"))
+    fast_total = time.perf_counter() - t_fast
     latents = torch.randn((1, 4, 64, 64), generator=torch.Generator().manual_seed(SEED))
     t1 = time.perf_counter()
     with torch.inference_mode():
@@ -92,6 +99,8 @@ def run_sdlab(path: Path, device: str, dtype: str, out: Path) -> dict:
         "step_512_s": step_512,
         "txt2img_256_s": total,
         "vae_decode_512_s": decode,
+        "fast_txt2img_256_s": fast_total,
+        "fast_label": FAST_PRESET.label,
     }
 
 
@@ -200,10 +209,15 @@ def main() -> None:
     print("| measure | sdlab | diffusers | sdlab / diffusers |\n|---|---:|---:|---:|")
     for key, label in METRICS:
         a = statistics.median(r[key] for r in results["sdlab"])
-        b = statistics.median(r[key] for r in results["diffusers"])
+        # fast mode has no diffusers twin: it is set against diffusers' exact 20-step run
+        b = statistics.median(r[key.removeprefix("fast_")] for r in results["diffusers"])
         print(f"| {label} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
     same = psnr(images["sdlab"], images["diffusers"])
     print(f"\nPSNR sdlab vs diffusers (20-step 256 px image): {same:.1f} dB")
+    fast = psnr(images["sdlab"].with_suffix(".fast.png"), images["sdlab"])
+    print(
+        f"PSNR sdlab --fast vs sdlab exact (same image, {results['sdlab'][0]['fast_label']}): {fast:.1f} dB"
+    )
 
 
 if __name__ == "__main__":

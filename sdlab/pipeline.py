@@ -31,6 +31,7 @@ from sdlab.control import (
     load_controls,
     prepare_controls,
 )
+from sdlab.devices import large_buffers_kept
 from sdlab.diffusion.denoiser import Denoiser, DenoiserFn, add_noise, guide
 from sdlab.diffusion.samplers import DISCARD_PENULTIMATE_SIGMA, Sampler, get_sampler, resolve_sampler
 from sdlab.diffusion.schedule import DiscreteSchedule, get_sigmas
@@ -575,7 +576,8 @@ def sample(
             callback(i + 1, total, denoised)
 
     run = get_sampler(sampler, schedule) if isinstance(sampler, str) else sampler
-    samples = run(guided, x, sigmas, callback=on_step, generator=generators)
+    with large_buffers_kept(device_of(model.unet)):
+        samples = run(guided, x, sigmas, callback=on_step, generator=generators)
     check_finite(samples, "the sampled latents", overflow_cause("U-Net", samples.dtype))
     return samples if keep is None else init * keep + samples * (1 - keep)
 

@@ -332,6 +332,8 @@ def load_model(
     held_on = run_on if offload == "none" else torch.device("cpu")
     compute, storage = precision.compute, storage_dtype or precision.storage
     unet = build_module(UNetModel, cfg.unet, ckpt.unet, f"{what} (U-Net)", compute, held_on, storage)
+    if run_on.type == "cpu":  # oneDNN's convolutions run ~15 % faster on NHWC weights (bench/compare.py)
+        unet.to(memory_format=torch.channels_last)
     vae_module = build_module(
         AutoencoderKL, cfg.vae, ckpt.vae, f"{vae or what} (VAE)", precision.vae, held_on, storage
     )
