@@ -158,7 +158,8 @@ def large_buffers_kept(device: torch.device) -> Iterator[None]:
     fp16-stored weights and oneDNN's reordered convolution weights (up to 118 MB at SD1.5's 1280 channels)
     are page-faulted in anew at every call: a 256-px SD1.5 step spends ~30 % of its time there. A step
     allocates the same buffers each time, so keeping them costs no more than its working set;
-    `malloc_trim` gives the free heap back at the end (the VAE then runs with glibc's defaults).
+    `malloc_trim` gives the free heap back at the end (the VAE then runs with glibc's defaults). In a
+    thread other than the main one, glibc's per-thread arenas still map buffers near their 64 MiB heap size.
     """
     libc = _glibc() if device.type == "cpu" else None
     if libc is None:

@@ -294,7 +294,7 @@ def build_module(
             f"{what}: tensor {bad[0]!r} has shape {tuple(sd[bad[0]].shape)}, "
             f"expected {tuple(expected[bad[0]].shape)}"
         )
-    held = {k: sd[k].to(device=device, dtype=None if storage == "file" else storage) for k in expected}
+    held = {k: _held(sd[k], torch.device(device), storage) for k in expected}
     module.load_state_dict(held, strict=True, assign=True)
     ops.adopt(module, dtype)
     bad = first_non_finite(module.state_dict().items())  # a sum per tensor: ~1.4 s for SDXL's 3.5 G
@@ -303,6 +303,15 @@ def build_module(
         cause = f" after conversion to {dtype_name(held[bad].dtype)} (beyond its range)" if overflow else ""
         raise CheckpointError(f"{what}: tensor {bad!r} holds NaN or Inf values{cause}")
     return module.eval().requires_grad_(False)
+
+
+def _held(t: Tensor, device: torch.device, storage: Storage) -> Tensor:
+    """A tensor as the network holds it: in `storage` on `device`; convolution weights that are copied
+    for that take the layout of `ops.conv_layout`, the others (kept as the file's map) stay as they are."""
+    dtype = t.dtype if storage == "file" else storage
+    if t.dim() == 4 and (dtype != t.dtype or device != t.device):
+        return t.to(device=device, dtype=dtype, memory_format=ops.conv_layout(device))
+    return t.to(device=device, dtype=dtype)
 
 
 def load_model(
@@ -332,8 +341,6 @@ def load_model(
     held_on = run_on if offload == "none" else torch.device("cpu")
     compute, storage = precision.compute, storage_dtype or precision.storage
     unet = build_module(UNetModel, cfg.unet, ckpt.unet, f"{what} (U-Net)", compute, held_on, storage)
-    if run_on.type == "cpu":  # oneDNN's convolutions run ~15 % faster on NHWC weights (bench/compare.py)
-        unet.to(memory_format=torch.channels_last)
     vae_module = build_module(
         AutoencoderKL, cfg.vae, ckpt.vae, f"{vae or what} (VAE)", precision.vae, held_on, storage
     )

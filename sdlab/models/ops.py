@@ -28,9 +28,20 @@ class Linear(nn.Linear):
         return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
 
 
+def conv_layout(device: torch.device) -> torch.memory_format:
+    """The layout convolution weights get whenever they are copied (converted at load, cast per call):
+    channels-last on the CPU, where oneDNN's NHWC convolutions are ~15 % faster (bench/compare.py) and
+    the output follows the weight's layout; the source's elsewhere. One rule for both copies, so an fp16
+    file kept fp16 computes the same bits as the same file converted to fp32."""
+    return torch.channels_last if device.type == "cpu" else torch.preserve_format
+
+
 class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, _cast(self.weight, x), _cast(self.bias, x))
+        w = self.weight
+        if w.dtype != x.dtype or w.device != x.device:
+            w = w.to(device=x.device, dtype=x.dtype, non_blocking=True, memory_format=conv_layout(x.device))
+        return self._conv_forward(x, w, _cast(self.bias, x))
 
 
 class LayerNorm(nn.LayerNorm):
