@@ -20,6 +20,7 @@ from torch import Tensor
 from sdlab.families import VECTOR_EMBED_DIM, Family
 from sdlab.finite import check_finite, overflow_cause
 from sdlab.models.unet import timestep_embedding
+from sdlab.offload import at_home
 from sdlab.text.comfy_prompt import comfy_chunks
 from sdlab.text.prompt import Chunk, chunk_prompt, encode_chunks, pad_chunks
 from sdlab.text.schedule import prompt_schedule, split_and
@@ -105,7 +106,9 @@ def encode_text(
     default the family's; `embeddings`: the textual-inversion embeddings the prompts may name
     (`Embeddings.comfy`, `embedding:NAME`)."""
     chunks = _chunks(model, texts, embeddings, comfy=True)
-    return _encode(model, chunks, max(len(c) for c in chunks), layer or model.text_layer(), comfy=True)
+    encoded = _encode(model, chunks, max(len(c) for c in chunks), layer or model.text_layer(), comfy=True)
+    at_home(model.text_encoders)  # `--offload model`: off the device once the prompt is encoded
+    return encoded
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ def encode_prompts(
     count = max(len(c) for per in chunks.values() for c in per)
     layer = model.text_layer(clip_skip)
     encoded = {t: _encode(model, c, count, layer) for t, c in chunks.items()}
+    at_home(model.text_encoders)  # `--offload model`: off the device once the prompts are encoded
     zero = model.family.zero_empty_negative and all(t == "" for _, t in negative_schedule)
     negative_table = {**encoded, "": encoded[""].zeroed()} if zero else encoded
 

@@ -39,6 +39,7 @@ from sdlab.finite import check_finite
 from sdlab.models.blocks import SpatialTransformer
 from sdlab.models.clip import MLP, SelfAttention
 from sdlab.models.unet import Downsample, ResBlock, Upsample
+from sdlab.offload import at_home
 
 if TYPE_CHECKING:
     from sdlab.checkpoints.load import StableDiffusion
@@ -621,6 +622,7 @@ class MergedLoRAs:
     unmatched: list[str] = field(default_factory=list)
 
     def restore(self) -> None:
+        at_home(self.originals)  # an offloaded network's CPU weights are the ones swapped (sdlab.offload)
         for layer, weight in self.originals.items():
             layer.weight = weight
         self.originals.clear()
@@ -649,6 +651,7 @@ def merge_loras(
     """
     layers = module_layers(unet, encoders, family)
     inside = None if only is None else {id(m) for net in only for m in net.modules()}
+    at_home([unet, *encoders] if only is None else only)  # merged into the CPU weights (sdlab.offload)
     merged = MergedLoRAs()
     try:
         for index, (sd, strength) in enumerate(loras):

@@ -1,25 +1,34 @@
 """Offloading for small GPUs, as diffusers' `enable_model_cpu_offload` / `enable_sequential_cpu_offload`.
 
 The weights live on the CPU. "model": a forward pre-hook brings a whole network (a text encoder, the U-Net,
-the VAE) to the device when it is called and sends the one that ran before back, so the text encoders
-leave the GPU once the prompt is encoded. "sequential": each layer's weights are copied to the device only
-while it runs (the casting layers of `sdlab.models.ops` do it per call; layers holding weights outside them
-get hooks), so only activations and one layer at a time occupy the GPU.
+the VAE) to the device when it is called and sends back the network that was there, whichever model it
+belongs to (one network per device at a time: a refiner or a second cached model never stays beside it).
+The text encoders are sent back as soon as a prompt is encoded (`sdlab.conditioning`). "sequential": each
+layer's weights are copied to the device only while it runs (the casting layers of `sdlab.models.ops` do it
+per call; layers holding weights outside them get hooks), so only activations and one layer at a time
+occupy the GPU.
 
 A network's `execution_device` says where its inputs go. A weight sent back is not copied: its CPU tensor is
-kept on the parameter (`_offload_home`) while a device copy is in use.
+kept on the parameter (`_offload_home`) while a device copy is in use. Code that replaces weights (LoRA
+merging and unmerging, `sdlab.lora`) calls `at_home` first, so it works on the CPU tensors and the next call
+brings the new weights: no device tensor is ever a weight's home.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import weakref
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from sdlab.models import ops
+from sdlab.models.vae import AutoencoderKL
 
 HOME = "_offload_home"
+_ON_DEVICE: dict[str, weakref.ref[nn.Module]] = {}  # device -> the network whose weights are there ("model")
+_LOCK = threading.Lock()
 
 
 def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
@@ -52,52 +61,77 @@ def send_back(module: nn.Module, recurse: bool = True) -> None:
                 t.data = home
 
 
-def _networks(model: object) -> list[tuple[nn.Module, list[nn.Module]]]:
-    """Each network with the modules whose calls mean it runs (the VAE runs through its parts)."""
-    vae = model.vae  # type: ignore[attr-defined]
-    return [
-        *((t, [t]) for t in model.text_encoders),  # type: ignore[attr-defined]
-        (model.unet, [model.unet]),  # type: ignore[attr-defined]
-        (vae, list(vae.modules())[1:]),
-    ]
+def _slot(device: torch.device) -> str:
+    """One name per physical device ("cuda" is the current CUDA device)."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
 
 
-def _model_offload(model: object, device: torch.device) -> None:
-    on_device: list[nn.Module] = []
-
-    def hook_for(net: nn.Module):  # noqa: ANN202
-        def pre_hook(*_: object) -> None:
-            if on_device and on_device[0] is net:
-                return
-            if on_device:
-                send_back(on_device.pop())
-            bring(net, device)
-            on_device.append(net)
-
-        return pre_hook
-
-    for net, triggers in _networks(model):
-        for trigger in triggers:
-            trigger.register_forward_pre_hook(hook_for(net))
+def _run_on(net: nn.Module, device: torch.device) -> None:
+    """Make `net` the network whose weights are on `device`, sending back the one there before."""
+    key = _slot(device)
+    with _LOCK:
+        ref = _ON_DEVICE.get(key)
+        there = None if ref is None else ref()
+        if there is net:
+            return
+        if there is not None:
+            send_back(there)
+        bring(net, device)
+        _ON_DEVICE[key] = weakref.ref(net)
 
 
-def _sequential_offload(model: object, device: torch.device) -> None:
-    for net, _ in _networks(model):
-        for m in net.modules():
-            if isinstance(m, ops.CASTING_LAYERS) or next(_tensors(m), None) is None:
-                continue
-            m.register_forward_pre_hook(lambda m, _: bring(m, device, recurse=False))
-            m.register_forward_hook(lambda m, _, __: send_back(m, recurse=False))
+def on_device(device: torch.device) -> nn.Module | None:
+    """The network whose weights `--offload model` has on `device` now (None: no network's)."""
+    with _LOCK:
+        ref = _ON_DEVICE.get(_slot(device))
+    return None if ref is None else ref()
+
+
+def at_home(modules: Iterable[nn.Module]) -> None:
+    """Send back the network `--offload model` has on a device when it holds any of `modules` (networks
+    or layers), so that their weights are the CPU tensors; a no-op for networks that are not there."""
+    wanted = {id(m) for m in modules}
+    with _LOCK:
+        for key, ref in list(_ON_DEVICE.items()):
+            net = ref()
+            if net is None or any(id(m) in wanted for m in net.modules()):
+                if net is not None:
+                    send_back(net)
+                del _ON_DEVICE[key]
+
+
+def _model_offload(net: nn.Module, device: torch.device) -> None:
+    # a VAE runs through its parts (encode/decode), the other networks through their forward
+    triggers = list(net.modules())[1:] if isinstance(net, AutoencoderKL) else [net]
+    for trigger in triggers:
+        trigger.register_forward_pre_hook(lambda *_: _run_on(net, device))
+
+
+def _sequential_offload(net: nn.Module, device: torch.device) -> None:
+    for m in net.modules():
+        if isinstance(m, ops.CASTING_LAYERS) or next(_tensors(m), None) is None:
+            continue
+        m.register_forward_pre_hook(lambda m, _: bring(m, device, recurse=False))
+        m.register_forward_hook(lambda m, _, __: send_back(m, recurse=False))
+
+
+OFFLOADS = {"model": _model_offload, "sequential": _sequential_offload}
+
+
+def offload_network(net: nn.Module, mode: str, device: torch.device) -> None:
+    """Run one network (loaded on the CPU) on `device` with its weights kept on the CPU ("model" or
+    "sequential"; "none" does nothing: the weights are on the device already)."""
+    if mode == "none":
+        return
+    if mode not in OFFLOADS:
+        raise ValueError(f"--offload {mode!r}: expected none, {', '.join(OFFLOADS)}")
+    net.execution_device = device  # type: ignore[assignment]
+    OFFLOADS[mode](net, device)
 
 
 def enable_offload(model: object, mode: str, device: torch.device) -> None:
-    """Run `model`'s networks on `device` with their weights kept on the CPU ("model" or "sequential";
-    "none" does nothing: the weights are on the device already)."""
-    if mode == "none":
-        return
-    offloads = {"model": _model_offload, "sequential": _sequential_offload}
-    if mode not in offloads:
-        raise ValueError(f"--offload {mode!r}: expected none, {', '.join(offloads)}")
-    for net, _ in _networks(model):
-        net.execution_device = device  # type: ignore[assignment]
-    offloads[mode](model, device)
+    """Run `model`'s networks (text encoders, U-Net, VAE) on `device` as `offload_network` does."""
+    for net in (*model.text_encoders, model.unet, model.vae):  # type: ignore[attr-defined]
+        offload_network(net, mode, device)

@@ -52,6 +52,7 @@ from sdlab.images import open_image, save_png, to_pil, to_tensor
 from sdlab.models.blocks import set_attention
 from sdlab.models.ops import compute_dtype, device_of
 from sdlab.models.vae import AutoencoderKL, Decoder, DiagonalGaussian, Encoder, Level, ResnetBlock
+from sdlab.offload import offload_network
 
 log = logging.getLogger("sdlab")
 
@@ -557,7 +558,8 @@ def load_vae(
     model: str | Path | None = None, vae: str | Path | None = None, placement: Placement = CPU_FP32
 ) -> AutoencoderKL:
     """The VAE of a checkpoint (the default one when neither is given), or of a standalone VAE file,
-    placed as `placement` says (its VAE precision: `--dtype auto` keeps an SDXL VAE out of float16).
+    placed as `placement` says (its VAE precision: `--dtype auto` keeps an SDXL VAE out of float16; with
+    `offload`, held on the CPU and brought to the device while it runs, `sdlab.offload`).
 
     `model` is anything `sdlab generate -m` takes (a file, a folder, an installed model's name). A
     standalone file alone gets the SD1/SD2 scale factor and precision (shapes cannot tell an SDXL VAE
@@ -574,8 +576,10 @@ def load_vae(
         cfg, sd, what, family = detected.vae, ckpt.vae, str(vae or ckpt.source), families.get(detected.family)
     device = resolve_device(placement.device)
     precision = resolve_precision(placement.dtype, device, family)
-    module = build_module(AutoencoderKL, cfg, sd, f"{what} (VAE)", precision.vae, device, precision.storage)
+    held_on = device if placement.offload == "none" else torch.device("cpu")
+    module = build_module(AutoencoderKL, cfg, sd, f"{what} (VAE)", precision.vae, held_on, precision.storage)
     set_attention(module, placement.attention)
+    offload_network(module, placement.offload, device)
     return module
 
 

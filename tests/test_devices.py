@@ -4,6 +4,9 @@ fp32 weights bit for bit, the VAE's float32 retry, offload hooks moving weights 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,10 +17,11 @@ from reference import psnr
 from test_lora import _random_lora
 from tiny import TINY, tiny_checkpoint, write_tiny
 
-from sdlab import families, lora, offload
+from sdlab import devices, families, lora, offload
 from sdlab.checkpoints.io import write_safetensors
 from sdlab.checkpoints.load import StableDiffusion, load_model, save_single_file
 from sdlab.cli import main
+from sdlab.conditioning import encode_prompts, encode_text
 from sdlab.devices import Placement, resolve_device, resolve_precision
 from sdlab.finite import NonFiniteError
 from sdlab.models import blocks, ops
@@ -62,6 +66,10 @@ def test_fp16_storage_computes_exactly_as_fp32_weights(files: dict[str, Path]) -
     auto = load_model(files["fp16"], dtype="auto", device="auto")  # the CLI's default on the CPU
     assert {p.dtype for p in auto.vae.parameters()} == {torch.float16}
     assert ops.compute_dtype(auto.unet) == torch.float32
+    # converted at load on the CPU: convolution weights channels-last (ops.conv_layout), others as they were
+    conv = converted.unet.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert kept.unet.input_blocks[0][0].weight.is_contiguous()  # the file's map, cast per call
     a, b = generate(converted, REQ), generate(kept, REQ)
     assert torch.equal(a.latents, b.latents)
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
@@ -281,3 +289,120 @@ def test_offload_with_a_lora_leaves_results_unchanged(files, lora_file: Path, mo
     model = Placement("cpu", "fp32", offload=mode).load(files["fp32"])
     assert torch.equal(generate(model, req).latents, expected.latents)
     assert {p.device.type for p in model.unet.parameters()} == {"cpu"}
+
+
+# ---------------------------------------------------------------------------------------------
+# `--offload model`: weights changed while a network is on the device, several models on one device
+
+
+@pytest.fixture
+def copies(monkeypatch: pytest.MonkeyPatch) -> set[int]:
+    """The data pointers of the weights' "device" copies: a clone stands in for the move to a GPU (all kept
+    alive, so that no later tensor reuses a copy's address)."""
+    made: set[int] = set()
+    kept: list[torch.Tensor] = []
+
+    def to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        kept.append(t.clone())
+        made.add(kept[-1].data_ptr())
+        return kept[-1]
+
+    monkeypatch.setattr(offload, "_to", to)
+    return made
+
+
+def _on_device(net: torch.nn.Module, copies: set[int]) -> set[bool]:
+    """For each of the network's weights: is it a device copy? ({True}: all on the device)."""
+    return {p.data_ptr() in copies for p in net.parameters()}
+
+
+def _run_unet(model: StableDiffusion) -> None:
+    x, ctx = torch.zeros(1, 4, 4, 4), torch.zeros(1, 77, model.config.unet.context_dim)
+    with torch.inference_mode():
+        model.unet(x, torch.zeros(1), ctx)
+
+
+def test_lora_merges_and_unmerges_on_the_held_cpu_weights(files, reference, lora_file, copies) -> None:
+    """A LoRA merged, then taken out, while the U-Net is on the device: both work on the CPU weights (a
+    merge computed from device copies would leave merged weights there for good), the U-Net is sent back
+    first, and its next calls run on device copies of the new weights: images equal the unoffloaded ones."""
+    req = replace(REQ, loras=((str(lora_file), 0.8),))
+    expected = generate(load_model(files["fp32"]), req)
+    model = load_model(files["fp32"], offload="model")
+    unet, cpu = model.unet, torch.device("cpu")
+    originals = {name: layer.weight for name, layer in _targets(model).items()}
+    calls: list[set[bool]] = []
+    unet.register_forward_hook(lambda *_: calls.append(_on_device(unet, copies)))
+    _run_unet(model)
+    assert _on_device(unet, copies) == {True} and offload.on_device(cpu) is unet
+    lora.use_loras(model, req.loras)  # merged while the U-Net is on the device
+    assert _on_device(unet, copies) == {False} and offload.on_device(cpu) is None
+    assert not any(w.data_ptr() in copies for w in originals.values())  # the unmerged weights too
+    assert torch.equal(generate(model, req).latents, expected.latents)
+    _run_unet(model)
+    lora.use_loras(model, ())  # taken out while the merged U-Net is on the device
+    assert _on_device(unet, copies) == {False} and offload.on_device(cpu) is None
+    assert all(layer.weight is originals[name] for name, layer in _targets(model).items())
+    assert torch.equal(generate(model, REQ).latents, reference.latents)
+    assert len(calls) == 4 and all(c == {True} for c in calls)  # every U-Net call ran on device copies
+
+
+def test_text_encoders_go_back_right_after_encoding(files: dict[str, Path], copies: set[int]) -> None:
+    """`--offload model`: the text encoders run on the device and leave it as soon as the prompts are
+    encoded (A1111's and ComfyUI's encoding), before anything else (ControlNets, image encoders) comes."""
+    model = load_model(files["fp32"], offload="model")
+    text, cpu = model.text_encoders[0], torch.device("cpu")
+    calls: list[set[bool]] = []
+    text.register_forward_hook(lambda *_: calls.append(_on_device(text, copies)))
+    encode_prompts(model, "a red cube", "blur", 2)
+    assert calls and all(c == {True} for c in calls)
+    assert _on_device(text, copies) == {False} and offload.on_device(cpu) is None
+    encode_text(model, "a red cube")
+    assert len(calls) > 2 and all(c == {True} for c in calls)
+    assert _on_device(text, copies) == {False} and offload.on_device(cpu) is None
+
+
+def test_model_offload_holds_one_network_per_device(files: dict[str, Path], copies: set[int]) -> None:
+    """Two models offloaded to one device (a base model and its refiner, two cached checkpoints): a call
+    to one's U-Net sends the other's back."""
+    a, b = (load_model(files["fp32"], offload="model") for _ in range(2))
+    _run_unet(a)
+    assert _on_device(a.unet, copies) == {True}
+    _run_unet(b)
+    assert _on_device(a.unet, copies) == {False} and _on_device(b.unet, copies) == {True}
+    assert offload.on_device(torch.device("cpu")) is b.unet
+
+
+HEAP_PROBE = """
+import os, sys, torch
+from pathlib import Path
+from sdlab import devices
+
+def faults() -> int:
+    return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+def faults_of_last_allocation() -> int:
+    for _ in range(3):
+        torch.empty(8 << 20).fill_(1)  # 32 MiB, freed at once
+    before = faults()
+    torch.empty(8 << 20).fill_(1)
+    return faults() - before
+
+outside = faults_of_last_allocation()
+with devices.large_buffers_kept(torch.device("cpu")):
+    inside = faults_of_last_allocation()
+print(outside, inside, faults_of_last_allocation())
+"""
+
+
+@pytest.mark.skipif(devices._glibc() is None, reason="glibc's allocator is not the one in use")
+def test_large_buffers_are_kept_in_the_heap_while_sampling() -> None:
+    """In a fresh process (the heap's state decides where a buffer comes from): outside the span glibc maps
+    a 32 MiB buffer anew at each allocation (a page fault per page); inside, the freed buffer is reused
+    without faults; afterwards the defaults are back. (32 MiB: a thread's arena other than the main one maps
+    anything near its 64 MiB heap size whatever the setting.)"""
+    done = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, timeout=120)
+    outside, inside, after = map(int, done.stdout.split())
+    pages = (32 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert outside >= pages // 2 and after >= pages // 2
+    assert inside < pages // 20

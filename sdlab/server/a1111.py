@@ -22,6 +22,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import APIRouter, HTTPException
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -75,6 +76,12 @@ HARMLESS_OVERRIDES = frozenset(
     | {"show_progressbar", "sd_checkpoint_hash", "save_images_before_face_restoration"}
 )
 MAX_CLIP_SKIP = 12
+# sdlab's --attention as A1111 names it: its `cross_attention_optimization` option and command-line flag
+A1111_ATTENTION = {
+    "sdpa": ("sdp", "opt_sdp_attention"),
+    "sliced": ("Doggettx", "opt_split_attention"),  # query slices (A1111's --opt-split-attention)
+    "math": ("None", "disable_opt_split_attention"),  # plain matrix products
+}
 
 
 class _Request(BaseModel):
@@ -883,6 +890,16 @@ def _options(server: Server) -> dict[str, Any]:
         "sd_vae": server.options.get("sd_vae") or "Automatic",
         "eta_noise_seed_delta": server.options.get("eta_noise_seed_delta", 0),
         "samples_format": "png",
+        **_placement_options(server),
+    }
+
+
+def _placement_options(server: Server) -> dict[str, Any]:
+    """A1111's options for how models run, as sdlab runs them (set by `sdlab serve`, not over the API)."""
+    return {
+        "cross_attention_optimization": A1111_ATTENTION[server.models.placement.attention][0],
+        "randn_source": "CPU",  # noise is drawn on the CPU generator whatever the device
+        "auto_vae_precision": True,  # a half-precision VAE that overflows is run again in float32
     }
 
 
@@ -891,6 +908,10 @@ def _set_options(server: Server, body: dict[str, Any]) -> None:
     refused = sorted(key for key in body if key not in SETTABLE_OPTIONS and PATH_OPTION.search(key))
     if refused:
         raise HTTPException(422, f"options {refused} name paths and cannot be set over the API")
+    fixed = _placement_options(server)
+    wrong = [f"{k} = {body[k]!r} (sdlab runs with {v!r})" for k, v in fixed.items() if body.get(k, v) != v]
+    if wrong:
+        raise HTTPException(422, f"options {'; '.join(wrong)}: set by `sdlab serve`, not over the API")
     changes = dict(body)
     if "sd_model_checkpoint" in body:
         changes["sd_model_checkpoint"] = _checkpoint(server, str(body["sd_model_checkpoint"]))
@@ -944,10 +965,7 @@ def _cmd_flags(server: Server) -> dict[str, Any]:
         "nowebui": False,
         "api_auth": None,
         "api_log": False,
-        "lowvram": False,
-        "medvram": False,
-        "no_half": True,
-        "use_cpu": ["all"],
+        **_placement_flags(server),
         "skip_torch_cuda_test": True,
         "ckpt": None,
         "ckpt_dir": None,
@@ -958,6 +976,26 @@ def _cmd_flags(server: Server) -> dict[str, Any]:
         "freeze_settings": False,
         "gradio_auth": None,
         "disable_extra_extensions": True,
+    }
+
+
+def _placement_flags(server: Server) -> dict[str, Any]:
+    """The A1111 flags A1111 would run with to place models as `sdlab serve --device/--dtype/--offload/
+    --attention` does: --lowvram ~ sequential offload, --medvram ~ model offload, --no-half-vae when the VAE
+    of the model used last stays in float32 while the rest computes in half precision."""
+    placement, device, precision = server.models.placement, server.models.device(), server.models.precision()
+    half = precision.compute != torch.float32
+    chosen = A1111_ATTENTION[placement.attention][1]
+    return {
+        "lowvram": placement.offload == "sequential",
+        "medvram": placement.offload == "model",
+        "medvram_sdxl": False,  # sdlab offloads every family alike
+        "no_half": not half,
+        "no_half_vae": half and precision.vae == torch.float32,
+        "precision": "autocast" if half else "full",
+        "use_cpu": ["all"] if device.type == "cpu" else [],
+        "device_id": None if device.index is None else str(device.index),
+        **{flag: flag == chosen for _, flag in A1111_ATTENTION.values()},
     }
 
 

@@ -130,7 +130,7 @@ def routes(server: Server, web_root: Path | None) -> APIRouter:
 
     @api.get("/system_stats")
     def system_stats() -> dict[str, Any]:
-        return _system_stats()
+        return _system_stats(server)
 
     @api.get("/features")
     def features() -> dict[str, Any]:
@@ -616,8 +616,8 @@ def _folder(server: Server, folder: str) -> dict[str, Path]:
     return folders[folder]
 
 
-def _system_stats() -> dict[str, Any]:
-    """ComfyUI's /system_stats: this machine's RAM and the device sdlab runs on (the CPU)."""
+def _system_stats(server: Server) -> dict[str, Any]:
+    """ComfyUI's /system_stats: this machine's RAM and the device the server's models run on."""
     page = os.sysconf("SC_PAGE_SIZE")
     ram_total, ram_free = os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
     system = {
@@ -631,16 +631,41 @@ def _system_stats() -> dict[str, Any]:
         "argv": ["sdlab", "serve"],
         "platform": platform.platform(),
     }
-    device = {
-        "name": "cpu",
-        "type": "cpu",
-        "index": None,
-        "vram_total": ram_total,
-        "vram_free": ram_free,
-        "torch_vram_total": 0,
-        "torch_vram_free": 0,
+    return {"system": system, "devices": [_device_stats(server.models.device(), ram_total, ram_free)]}
+
+
+def _device_stats(device: torch.device, ram_total: int, ram_free: int) -> dict[str, Any]:
+    """A device as ComfyUI's model_management reports it (get_torch_device_name, get_total_memory,
+    get_free_memory): a GPU's memory from the driver (mem_get_info) and torch's allocator (reserved, and
+    reserved but inactive, counted free), the CPU's or MPS' the machine's RAM."""
+    if device.type != "cuda":
+        return {
+            "name": device.type,
+            "type": device.type,
+            "index": device.index,
+            "vram_total": ram_total,
+            "vram_free": ram_free,
+            "torch_vram_total": ram_total,
+            "torch_vram_free": ram_free,
+        }
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    stats = torch.cuda.memory_stats(device)
+    reserved = stats.get("reserved_bytes.all.current", 0)
+    unused = reserved - stats.get("active_bytes.all.current", 0)
+    free, total = torch.cuda.mem_get_info(device)
+    try:
+        backend = torch.cuda.get_allocator_backend()
+    except RuntimeError:
+        backend = ""
+    return {
+        "name": f"{device} {torch.cuda.get_device_name(device)} : {backend}",
+        "type": "cuda",
+        "index": device.index,
+        "vram_total": total,
+        "vram_free": free + unused,
+        "torch_vram_total": reserved,
+        "torch_vram_free": unused,
     }
-    return {"system": system, "devices": [device]}
 
 
 def _version() -> str:

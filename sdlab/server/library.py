@@ -32,10 +32,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from sdlab import families
 from sdlab.checkpoints.io import WEIGHT_SUFFIXES
 from sdlab.checkpoints.load import SHIPPED_MODEL, StableDiffusion, default_model_path
 from sdlab.control import CONTROLNET_FOLDERS
-from sdlab.devices import Placement
+from sdlab.devices import Placement, Precision, resolve_device, resolve_precision
 from sdlab.infotext import model_hash
 from sdlab.models.vae import AutoencoderKL
 
@@ -256,16 +259,29 @@ class ModelCache:
         self._models[key] = model
         return model
 
+    def device(self) -> torch.device:
+        """The device the models run on (`sdlab serve --device`, `auto` resolved)."""
+        return resolve_device(self.placement.device)
+
+    def precision(self) -> Precision:
+        """The precision models run in: `--dtype` for the family of the model used last (its VAE may stay
+        out of float16), SD1/SD2's before a model is loaded."""
+        loaded = list(self._models.values())  # a copy taken at once (routes read it while the worker loads)
+        family = loaded[-1].family if loaded else families.get("sd1")
+        return resolve_precision(self.placement.dtype, self.device(), family)
+
     def loaded(self) -> list[str]:
         """The listed names of the checkpoints loaded now (a shared queue's worker advertises them)."""
         paths = {path for path, _ in self._models}
         return [name for name, path in self.library.checkpoints().items() if path in paths]
 
     def vae(self, name: str) -> AutoencoderKL:
-        """A listed standalone VAE (SD1/SD2 latent scale), kept once loaded."""
+        """A listed standalone VAE (SD1/SD2 latent scale and precision rules), kept once loaded, placed as the
+        server's models are (device, `--dtype`'s VAE precision, offload, attention)."""
         from sdlab.vae_tools import load_vae
 
         path = self.library.find(self.library.vaes(), name, "VAE")
         if path not in self._vaes:
-            self._vaes = {path: load_vae(vae=path)}
+            self._vaes = {}  # the old one's weights go before the new one's come
+            self._vaes[path] = load_vae(vae=path, placement=self.placement)
         return self._vaes[path]
