@@ -4,9 +4,6 @@ fp32 weights bit for bit, the VAE's float32 retry, offload hooks moving weights 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from reference import psnr
 from test_lora import _random_lora
 from tiny import TINY, tiny_checkpoint, write_tiny
 
-from sdlab import devices, families, lora, offload
+from sdlab import families, lora, offload
 from sdlab.checkpoints.io import write_safetensors
 from sdlab.checkpoints.load import StableDiffusion, load_model, save_single_file
 from sdlab.cli import main
@@ -371,38 +368,3 @@ def test_model_offload_holds_one_network_per_device(files: dict[str, Path], copi
     _run_unet(b)
     assert _on_device(a.unet, copies) == {False} and _on_device(b.unet, copies) == {True}
     assert offload.on_device(torch.device("cpu")) is b.unet
-
-
-HEAP_PROBE = """
-import os, sys, torch
-from pathlib import Path
-from sdlab import devices
-
-def faults() -> int:
-    return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[7])
-
-def faults_of_last_allocation() -> int:
-    for _ in range(3):
-        torch.empty(8 << 20).fill_(1)  # 32 MiB, freed at once
-    before = faults()
-    torch.empty(8 << 20).fill_(1)
-    return faults() - before
-
-outside = faults_of_last_allocation()
-with devices.large_buffers_kept(torch.device("cpu")):
-    inside = faults_of_last_allocation()
-print(outside, inside, faults_of_last_allocation())
-"""
-
-
-@pytest.mark.skipif(devices._glibc() is None, reason="glibc's allocator is not the one in use")
-def test_large_buffers_are_kept_in_the_heap_while_sampling() -> None:
-    """In a fresh process (the heap's state decides where a buffer comes from): outside the span glibc maps
-    a 32 MiB buffer anew at each allocation (a page fault per page); inside, the freed buffer is reused
-    without faults; afterwards the defaults are back. (32 MiB: a thread's arena other than the main one maps
-    anything near its 64 MiB heap size whatever the setting.)"""
-    done = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, timeout=120)
-    outside, inside, after = map(int, done.stdout.split())
-    pages = (32 << 20) // os.sysconf("SC_PAGE_SIZE")
-    assert outside >= pages // 2 and after >= pages // 2
-    assert inside < pages // 20
