@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import Tensor
 
 from sdlab.families import Family
 from sdlab.models.blocks import ATTENTION
@@ -148,6 +149,37 @@ def _glibc() -> ctypes.CDLL | None:
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
+
+
+_MADV_DONTNEED = 4
+_PAGEMAP_SWAPPED, _PAGEMAP_FILE, _PAGEMAP_PRESENT = 1 << 62, 1 << 61, 1 << 63
+
+
+def drop_file_pages(t: Tensor) -> bool:
+    """Take the whole pages of a contiguous CPU tensor out of this process's memory when each is either
+    unread or an unmodified page of a mapped file (a safetensors map), so that a copy made of it does
+    not count twice; the data stays valid (those pages fault back in from the page cache if read).
+    Checked page by page in /proc/self/pagemap: anything written to or anonymous is left alone.
+    Returns whether pages were dropped (False off Linux or when a page fails the check)."""
+    if sys.platform != "linux" or t.device.type != "cpu" or not t.is_contiguous():
+        return False
+    page = os.sysconf("SC_PAGE_SIZE")
+    begin = t.data_ptr()
+    start, end = -(-begin // page) * page, (begin + t.numel() * t.element_size()) // page * page
+    if end <= start:
+        return False
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start // page * 8)
+            flags = memoryview(f.read((end - start) // page * 8)).cast("Q")
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return False
+    for v in flags:
+        if v & _PAGEMAP_SWAPPED or (v & _PAGEMAP_PRESENT and not v & _PAGEMAP_FILE):
+            return False
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(start, end - start, _MADV_DONTNEED) == 0
 
 
 @contextmanager

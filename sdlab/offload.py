@@ -26,7 +26,7 @@ from torch import nn
 from sdlab.models import ops
 from sdlab.models.vae import AutoencoderKL
 
-HOME = "_offload_home"
+HOME = ops.OFFLOAD_HOME
 _ON_DEVICE: dict[str, weakref.ref[nn.Module]] = {}  # device -> the network whose weights are there ("model")
 _LOCK = threading.Lock()
 

@@ -4,6 +4,8 @@ fp32 weights bit for bit, the VAE's float32 retry, offload hooks moving weights 
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,11 +17,11 @@ from test_lora import _random_lora
 from tiny import TINY, tiny_checkpoint, write_tiny
 
 from sdlab import families, lora, offload
-from sdlab.checkpoints.io import write_safetensors
+from sdlab.checkpoints.io import read_state_dict, write_safetensors
 from sdlab.checkpoints.load import StableDiffusion, load_model, save_single_file
 from sdlab.cli import main
 from sdlab.conditioning import encode_prompts, encode_text
-from sdlab.devices import Placement, resolve_device, resolve_precision
+from sdlab.devices import Placement, drop_file_pages, resolve_device, resolve_precision
 from sdlab.finite import NonFiniteError
 from sdlab.models import blocks, ops
 from sdlab.offload import HOME, send_back
@@ -70,6 +72,55 @@ def test_fp16_storage_computes_exactly_as_fp32_weights(files: dict[str, Path]) -
     a, b = generate(converted, REQ), generate(kept, REQ)
     assert torch.equal(a.latents, b.latents)
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+
+
+def test_fp16_conv_weights_go_channels_last_at_their_first_cpu_call(files: dict[str, Path]) -> None:
+    """A convolution weight kept as the file's fp16 map is re-stored channels-last (still fp16) at its
+    first float32 call on the CPU, where every call casts it into that layout; the output is the bits of
+    the per-call cast of the old layout, and the weight's values are unchanged."""
+    conv = load_model(files["fp16"], storage_dtype="file").unet.input_blocks[0][0]
+    before = conv.weight  # the same Parameter afterwards (LoRA unmerging and offloading hold it), new data
+    assert before.dtype == torch.float16 and before.is_contiguous() and before.shape[-1] == 3
+    x = torch.randn((2, before.shape[1], 8, 8), generator=torch.Generator().manual_seed(0))
+    cast = before.float().contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.conv2d(x, cast, conv.bias.float(), padding=1)
+    with torch.inference_mode():
+        out = conv(x)
+    assert torch.equal(out, expected)
+    after = conv.weight.data
+    assert conv.weight is before and after.dtype == torch.float16 and not conv.weight.requires_grad
+    assert after.is_contiguous(memory_format=torch.channels_last) and torch.equal(after, cast.half())
+    with torch.inference_mode():
+        assert torch.equal(conv(x), expected) and conv.weight.data.data_ptr() == after.data_ptr()  # once
+
+
+def _resident_pages(t: torch.Tensor) -> list[bool]:
+    """Whether each whole page of `t`'s memory is in this process's memory (/proc/self/pagemap bit 63)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    start, end = -(-t.data_ptr() // page), (t.data_ptr() + t.numel() * t.element_size()) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(start * 8)
+        return [bool(v >> 63) for v in memoryview(f.read((end - start) * 8)).cast("Q")]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/pagemap and madvise are Linux's")
+def test_drop_file_pages_drops_only_unmodified_file_pages(tmp_path: Path) -> None:
+    """Pages of a mapped safetensors tensor leave the process and read back the same; an anonymous tensor
+    or a mapped one written to (copy-on-write pages) is left alone, its values kept."""
+    values = torch.arange(3 << 18, dtype=torch.float32)  # 3 MiB: whole pages inside
+    tensors = {"a": values[:5].clone(), "b": values, "c": values.clone()}
+    path = write_safetensors(tensors, tmp_path / "w.safetensors")
+    sd = read_state_dict(path)
+    mapped, written = sd["b"], sd["c"]
+    assert float(mapped.sum()) == float(values.sum()) and all(_resident_pages(mapped))
+    assert drop_file_pages(mapped)
+    assert not any(_resident_pages(mapped))
+    assert torch.equal(mapped, values)  # faulted back in from the file
+    written[1000:2000] += 1  # copy-on-write: these pages now differ from the file
+    assert not drop_file_pages(written)
+    assert torch.equal(written[1000:2000], values[1000:2000] + 1)
+    anonymous = values.clone()
+    assert not drop_file_pages(anonymous) and torch.equal(anonymous, values)
 
 
 def _overflowing(model: StableDiffusion) -> None:
