@@ -37,11 +37,13 @@ from sdlab.train.mini_data import caption  # noqa: E402
 
 VARIANTS = {
     "deepcache 2/1": FastMode(cache_interval=2, cache_branch=1),
-    "deepcache 3/1 (--fast)": FAST_PRESET,
+    "deepcache 2/0": FastMode(cache_interval=2, cache_branch=0),
+    "deepcache 2/0, tome 0.5 (--fast)": FAST_PRESET,
+    "deepcache 3/1": FastMode(cache_interval=3, cache_branch=1),
     "deepcache 3/0": FastMode(cache_interval=3, cache_branch=0),
     "deepcache 5/1": FastMode(cache_interval=5, cache_branch=1),
     "tome 0.5": FastMode(tome_ratio=0.5),
-    "deepcache 3/1, tome 0.5": replace(FAST_PRESET, tome_ratio=0.5),
+    "deepcache 3/1, tome 0.5": FastMode(cache_interval=3, cache_branch=1, tome_ratio=0.5),
 }
 
 
