@@ -17,8 +17,10 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -152,7 +154,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 _MADV_DONTNEED = 4
-_PAGEMAP_SWAPPED, _PAGEMAP_FILE, _PAGEMAP_PRESENT = 1 << 62, 1 << 61, 1 << 63
+_PAGEMAP_SWAPPED, _PAGEMAP_FILE, _PAGEMAP_PRESENT = (np.uint64(1 << b) for b in (62, 61, 63))
 
 
 def drop_file_pages(t: Tensor) -> bool:
@@ -171,15 +173,22 @@ def drop_file_pages(t: Tensor) -> bool:
     try:
         with open("/proc/self/pagemap", "rb") as f:
             f.seek(start // page * 8)
-            flags = memoryview(f.read((end - start) // page * 8)).cast("Q")
-        libc = ctypes.CDLL(None, use_errno=True)
+            flags = np.frombuffer(f.read((end - start) // page * 8), dtype=np.uint64)
+        madvise = _madvise()
     except OSError:
         return False
-    for v in flags:
-        if v & _PAGEMAP_SWAPPED or (v & _PAGEMAP_PRESENT and not v & _PAGEMAP_FILE):
-            return False
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(start, end - start, _MADV_DONTNEED) == 0
+    written = ((flags & _PAGEMAP_PRESENT) != 0) & ((flags & _PAGEMAP_FILE) == 0)
+    if ((flags & _PAGEMAP_SWAPPED) != 0).any() or written.any():
+        return False
+    return madvise(start, end - start, _MADV_DONTNEED) == 0
+
+
+@cache
+def _madvise() -> ctypes._CFuncPtr:
+    """The C library's madvise(addr, length, advice)."""
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
 
 
 @contextmanager
