@@ -41,6 +41,7 @@ from sdlab.models.t2i_adapter import (
     place_features,
 )
 from sdlab.models.unet import UNetModel
+from sdlab.offload import follow, home_device
 from sdlab.preprocess import preprocess
 from sdlab.resample import common_upscale
 
@@ -200,15 +201,17 @@ def load_controls(
     specs: Sequence[ControlSpec], loaded: Mapping[str, ControlNetModel | T2IAdapterModel], unet: UNetModel
 ) -> dict[str, ControlNetModel | T2IAdapterModel]:
     """The ControlNet of each unit: taken from `loaded` by its `model` name, else read from its file (a
-    path or a name in `controlnet_dirs()`) at the U-Net's dtype and device; each checked against `unet`."""
+    path or a name in `controlnet_dirs()`) at the U-Net's dtype and device (the CPU when it is offloaded);
+    each checked against `unet` and offloaded as it is (`sdlab.offload.follow`)."""
     nets = dict(loaded)
-    dtype, device = compute_dtype(unet), device_of(unet)
+    dtype, device = compute_dtype(unet), home_device(unet)
     for i, spec in enumerate(specs):
         if spec.model not in nets:
             path = find_controlnet(spec.model, controlnet_dirs())
             base = unet.state_dict()
             nets[spec.model] = load_controlnet(path, dtype=dtype, device=device, base_unet=base)
         _check_fits(nets[spec.model], unet.cfg, f"controls[{i}] ({spec.model})")
+        follow(nets[spec.model], unet)
     return nets
 
 
@@ -432,17 +435,18 @@ def comfy_residuals(
     context: Tensor,
     y: Tensor | None,
     sigma: float,
+    unet: UNetModel,
     total: list[Tensor] | None = None,
 ) -> list[Tensor] | None:
     """The summed residuals of an entry's ControlNets active at σ (`bounds`: each one's (σ_start, σ_end);
     active while σ_end ≤ σ ≤ σ_start), each times its strength, for U-Net inputs x (B, C, h, w), t, context,
     y; the control image cut and resized to the latents' size x the ControlNet's downscale at each call
     (an area entry's latents give the area's size, as in ComfyUI); added to `total` (other residuals).
-    None when there are none."""
+    None when there are none. A ControlNet is offloaded as `unet` is, else moved to x's device."""
     for c, (start, end) in zip(chain, bounds, strict=True):
         if isinstance(c.net, T2IAdapterModel) or sigma > start or sigma < end:
             continue
-        if device_of(c.net) != x.device:
+        if not follow(c.net, unet) and device_of(c.net) != x.device:
             c.net.to(x.device)
         f = c.net.cfg.downscale
         hint = comfy_hint(c.image.to(x.device, torch.float32), x.shape[-1] * f, x.shape[-2] * f)
@@ -455,7 +459,7 @@ def comfy_features(
     bounds: Sequence[tuple[float, float]],
     x: Tensor,
     sigma: float,
-    unet: UNetConfig,
+    unet: UNetModel,
     total: list[Tensor | None] | None = None,
 ) -> list[Tensor | None] | None:
     """The U-Net's `adapter` argument from an entry's T2I-Adapters active at σ (as `comfy_residuals`),
@@ -463,14 +467,15 @@ def comfy_features(
     for c, (start, end) in zip(chain, bounds, strict=True):
         if not isinstance(c.net, T2IAdapterModel) or sigma > start or sigma < end:
             continue
-        total = _placed(total, unet, [f * c.strength for f in _comfy_adapter_output(c, x)], x)
+        total = _placed(total, unet.cfg, [f * c.strength for f in _comfy_adapter_output(c, x, unet)], x)
     return total
 
 
-def _comfy_adapter_output(c: ComfyControl, x: Tensor) -> list[Tensor]:
+def _comfy_adapter_output(c: ComfyControl, x: Tensor, unet: UNetModel) -> list[Tensor]:
     """A ComfyUI T2I-Adapter's features for latents x: the control image cut and resized (nearest-exact) to
     the latents' size x 8 rounded up to the adapter's pixel-unshuffle factor, made grey for a one-channel
-    adapter (the channels' mean), run at x's dtype with ComfyUI's pooling; kept while the size holds."""
+    adapter (the channels' mean), run at x's dtype with ComfyUI's pooling; kept while the size holds. The
+    adapter is offloaded as `unet` is (its weights cast per call), else moved to x's device and dtype."""
     key = (*x.shape[-2:], x.dtype, x.device)
     if key not in c.features:
         net = c.net
@@ -480,7 +485,8 @@ def _comfy_adapter_output(c: ComfyControl, x: Tensor) -> list[Tensor]:
         hint = comfy_hint(c.image.to(x.device, torch.float32), width, height)
         if net.cfg.hint_channels == 1:
             hint = hint.mean(dim=1, keepdim=True)
-        net.to(x.device, x.dtype)
+        if not follow(net, unet):
+            net.to(x.device, x.dtype)
         with torch.no_grad():
             c.features.clear()
             c.features[key] = net(hint.to(x.dtype), pooling="comfyui")

@@ -40,6 +40,7 @@ from sdlab.models.clip_vision import (
 )
 from sdlab.models.ops import compute_dtype, device_of
 from sdlab.models.unet import UNetModel
+from sdlab.offload import follow, home_device
 
 StateDict = dict[str, Tensor]
 IP_ADAPTER_FOLDERS = ("ipadapter", "ControlNet")  # ComfyUI's models/ipadapter; A1111's extension's folder
@@ -166,8 +167,8 @@ class Resampler(nn.Module):
         self.norm_out = nn.LayerNorm(cfg.context_dim)
 
     def forward(self, features: Tensor) -> Tensor:
-        latents = self.latents.repeat(features.shape[0], 1, 1)
         x = self.proj_in(features)
+        latents = self.latents.to(x).repeat(features.shape[0], 1, 1)
         for attn, ff in self.layers:  # type: ignore[misc]
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents
@@ -341,17 +342,18 @@ def load_ip_adapter(path: Path, dtype: torch.dtype, device: torch.device | str) 
 
 def prepare_ip_adapters(specs: Sequence[IPAdapterSpec], unet: UNetModel) -> PreparedIP | None:
     """Load each adapter and its image encoder (unless given loaded), check the adapter fits the U-Net and
-    encode its image once."""
+    encode its image once. When the U-Net is offloaded, the projection and the encoder are offloaded as it
+    is (`sdlab.offload.follow`) and the adapter's key/value layers stay on the CPU, cast per call."""
     if not specs:
         return None
-    dtype, device = compute_dtype(unet), device_of(unet)
+    dtype = compute_dtype(unet)
     attns = cross_attentions(unet)
     per_layer: list[list[IPAttention]] = [[] for _ in attns]
     conds, unconds, gates = [], [], []
     for spec in specs:
-        adapter = _adapter(spec, dtype, device)
+        adapter = _adapter(spec, dtype, unet)
         check_fit(adapter, unet)
-        cond, uncond = adapter.image_tokens(*_encoder_inputs(spec, adapter, dtype, device))
+        cond, uncond = adapter.image_tokens(*_encoder_inputs(spec, adapter, dtype, unet))
         conds.append(cond)
         unconds.append(uncond)
         gates.append(Gate(spec.start, spec.end, by_sigma=spec.convention == "comfy"))
@@ -362,10 +364,15 @@ def prepare_ip_adapters(specs: Sequence[IPAdapterSpec], unet: UNetModel) -> Prep
     return PreparedIP([tuple(p) for p in per_layer], cond, uncond, gates)
 
 
-def _adapter(spec: IPAdapterSpec, dtype: torch.dtype, device: torch.device) -> IPAdapterModel:
+def _adapter(spec: IPAdapterSpec, dtype: torch.dtype, unet: UNetModel) -> IPAdapterModel:
     if isinstance(spec.model, IPAdapterModel):
-        return spec.model.to(device, dtype)
-    return load_ip_adapter(_find(spec.model, IP_ADAPTER_FOLDERS, "IP-Adapter file"), dtype, device)
+        adapter = spec.model
+    else:
+        path = _find(spec.model, IP_ADAPTER_FOLDERS, "IP-Adapter file")
+        adapter = load_ip_adapter(path, dtype, home_device(unet))
+    if not follow(adapter.image_proj, unet):
+        adapter.to(device_of(unet), dtype)
+    return adapter
 
 
 def check_fit(adapter: IPAdapterModel, unet: UNetModel) -> None:
@@ -380,14 +387,17 @@ def check_fit(adapter: IPAdapterModel, unet: UNetModel) -> None:
 
 
 def _encoder_inputs(
-    spec: IPAdapterSpec, adapter: IPAdapterModel, dtype: torch.dtype, device: torch.device
+    spec: IPAdapterSpec, adapter: IPAdapterModel, dtype: torch.dtype, unet: UNetModel
 ) -> tuple[CLIPVisionModel, Tensor, Tensor | None]:
-    """The image encoder, the image's pixels and the negative side's (None: zero embeddings), as the
-    spec's convention makes them."""
+    """The image encoder (on the U-Net's device, or offloaded as it is), the image's pixels and the negative
+    side's (None: zero embeddings), as the spec's convention makes them."""
+    device = device_of(unet)
     if isinstance(spec.clip_vision, CLIPVisionModel):
-        encoder = spec.clip_vision.to(device, dtype)
+        encoder = spec.clip_vision
     else:
-        encoder = load_clip_vision(_clip_vision_path(spec, Path(adapter.source)), dtype, device)
+        encoder = load_clip_vision(_clip_vision_path(spec, Path(adapter.source)), dtype, home_device(unet))
+    if not follow(encoder, unet):
+        encoder.to(device, dtype)
     size, plus = encoder.cfg.image_size, adapter.cfg.resampler is not None
     given = encoder.cfg.width if plus else encoder.cfg.projection_dim
     if given != adapter.cfg.embed_dim:  # e.g. ip-adapter_sdxl (ViT-bigG's 1280) with ViT-H (1024)

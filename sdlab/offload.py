@@ -6,7 +6,11 @@ belongs to (one network per device at a time: a refiner or a second cached model
 The text encoders are sent back as soon as a prompt is encoded (`sdlab.conditioning`). "sequential": each
 layer's weights are copied to the device only while it runs (the casting layers of `sdlab.models.ops` do it
 per call; layers holding weights outside them get hooks), so only activations and one layer at a time
-occupy the GPU.
+occupy the GPU. The networks that condition the U-Net (ControlNets, T2I-Adapters, IP-Adapters' projections
+and image encoders) `follow` it: offloaded the same way (under "model" they take turns with it on the
+device); an IP-Adapter's key/value layers, which run inside the U-Net's cross-attentions, stay on the CPU and
+are cast per call. At the end of a generation the network left on a device goes back
+(`devices_emptied_after`).
 
 A network's `execution_device` says where its inputs go. A weight sent back is not copied: its CPU tensor is
 kept on the parameter (`_offload_home`) while a device copy is in use. Code that replaces weights (LoRA
@@ -18,7 +22,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -89,17 +94,33 @@ def on_device(device: torch.device) -> nn.Module | None:
     return None if ref is None else ref()
 
 
+def _send_back_where(chosen: Callable[[nn.Module], bool]) -> None:
+    """Send back each network `--offload model` has on a device that `chosen` picks (and forget dead ones)."""
+    with _LOCK:
+        for key, ref in list(_ON_DEVICE.items()):
+            net = ref()
+            if net is None or chosen(net):
+                if net is not None:
+                    send_back(net)
+                del _ON_DEVICE[key]
+
+
 def at_home(modules: Iterable[nn.Module]) -> None:
     """Send back the network `--offload model` has on a device when it holds any of `modules` (networks
     or layers), so that their weights are the CPU tensors; a no-op for networks that are not there."""
     wanted = {id(m) for m in modules}
-    with _LOCK:
-        for key, ref in list(_ON_DEVICE.items()):
-            net = ref()
-            if net is None or any(id(m) in wanted for m in net.modules()):
-                if net is not None:
-                    send_back(net)
-                del _ON_DEVICE[key]
+    _send_back_where(lambda net: any(id(m) in wanted for m in net.modules()))
+
+
+@contextmanager
+def devices_emptied_after() -> Iterator[None]:
+    """At the end of the block (a generation, however it ends) send back the network `--offload model` left
+    on each device, as diffusers' `maybe_free_model_hooks` does: the devices hold no weights between
+    requests (the next network to run would have sent it back, but only then)."""
+    try:
+        yield
+    finally:
+        _send_back_where(lambda net: True)
 
 
 def _model_offload(net: nn.Module, device: torch.device) -> None:
@@ -128,7 +149,35 @@ def offload_network(net: nn.Module, mode: str, device: torch.device) -> None:
     if mode not in OFFLOADS:
         raise ValueError(f"--offload {mode!r}: expected none, {', '.join(OFFLOADS)}")
     net.execution_device = device  # type: ignore[assignment]
+    net.offload_mode = mode  # type: ignore[assignment]
     OFFLOADS[mode](net, device)
+
+
+def home_device(like: nn.Module) -> torch.device:
+    """Where a network that runs beside `like` (see `follow`) is loaded: the CPU when `like` is offloaded,
+    else `like`'s device."""
+    return torch.device("cpu") if getattr(like, "offload_mode", None) else ops.device_of(like)
+
+
+def follow(net: nn.Module, like: nn.Module) -> bool:
+    """Offload `net`, a network that conditions `like` (a ControlNet, T2I-Adapter, IP-Adapter projection or
+    CLIP image encoder beside the U-Net), as `like` is offloaded: same mode, same device, once (later calls
+    check and return). Its weights stay on the CPU in their stored dtype, cast per call by the casting
+    layers, so under "model" it takes turns on the device with `like`. Returns whether `like` is offloaded;
+    when it is not, nothing is done and placing `net` is the caller's."""
+    mode = getattr(like, "offload_mode", None)
+    if mode is None:
+        return False
+    device = like.execution_device
+    with _LOCK:
+        if getattr(net, "offload_mode", None) is None:
+            offload_network(net, mode, device)  # type: ignore[arg-type]
+        elif (net.offload_mode, net.execution_device) != (mode, device):
+            raise ValueError(
+                f"{type(net).__name__} is offloaded ({net.offload_mode}, to {net.execution_device}); it "
+                f"cannot also run beside a network offloaded ({mode}, to {device})"
+            )
+    return True
 
 
 def enable_offload(model: object, mode: str, device: torch.device) -> None:

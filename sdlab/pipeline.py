@@ -61,6 +61,7 @@ from sdlab.lora import use_loras
 from sdlab.models.controlnet import ControlNetModel
 from sdlab.models.ops import compute_dtype, device_of
 from sdlab.networks import find_lora, lora_dirs, lora_tags, no_tags
+from sdlab.offload import devices_emptied_after
 from sdlab.vae_tools import decode_pixels, encode_pixels
 
 Callback = Callable[[int, int, Tensor], None]
@@ -274,7 +275,7 @@ def generate(
     use_loras(model, req.loras)  # kept merged for the next request with the same set
     if refiner is not None:
         use_loras(refiner, ())
-    with torch.inference_mode(), fast_mode(model.unet, req.fast):
+    with torch.inference_mode(), fast_mode(model.unet, req.fast), devices_emptied_after():
         noise = seed_noise(seeds, shape).to(_device(model), _dtype(model))
         embeddings = Embeddings.a1111(model, embedding_dirs(req.embedding_dirs))
         guidance = _guidance(model, prompt, req, embeddings)
@@ -616,8 +617,8 @@ def _unet_fn(
         if control:
             assert calls is not None, "ComfyUI's ControlNets need the σ of each call"
             bounds = [(sigma_at(c.start_percent), sigma_at(c.end_percent)) for c in control]
-            residuals = comfy_residuals(control, bounds, x, t, context, y, calls.sigma, residuals)
-            features = comfy_features(control, bounds, x, calls.sigma, model.unet.cfg, features)
+            residuals = comfy_residuals(control, bounds, x, t, context, y, calls.sigma, model.unet, residuals)
+            features = comfy_features(control, bounds, x, calls.sigma, model.unet, features)
         if c_concat is not None:
             x = torch.cat([x, c_concat.to(x)], dim=1)
         if ip_tokens is not None:  # IP-Adapter: the cross-attentions split them off (sdlab.ip_adapter)

@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from reference import psnr
+from reference import psnr, randomize
+from test_controlnet import _controlnet
+from test_controlnet import _request as _cn_request
+from test_controlnet_nodes import _latent, _run
+from test_controlnet_nodes import env as nodes_env  # noqa: F401 (a fixture, requested by name)
+from test_ip_adapter import TINY_VISION, _adapter_file, _image
 from test_lora import _random_lora
 from tiny import TINY, tiny_checkpoint, write_tiny
 
@@ -21,11 +27,37 @@ from sdlab.checkpoints.io import read_state_dict, write_safetensors
 from sdlab.checkpoints.load import StableDiffusion, load_model, save_single_file
 from sdlab.cli import main
 from sdlab.conditioning import encode_prompts, encode_text
+from sdlab.control import (
+    ComfyControl,
+    ControlSpec,
+    adapter_features,
+    comfy_features,
+    comfy_residuals,
+    control_residuals,
+    load_controlnet,
+    load_controls,
+    prepare_controls,
+)
 from sdlab.devices import Placement, drop_file_pages, resolve_device, resolve_precision
 from sdlab.finite import NonFiniteError
+from sdlab.ip_adapter import (
+    IPAdapterSpec,
+    Resampler,
+    cross_attentions,
+    ip_adapters_applied,
+    load_clip_vision,
+    load_ip_adapter,
+    prepare_ip_adapters,
+)
 from sdlab.models import blocks, ops
-from sdlab.offload import HOME, send_back
+from sdlab.models.clip_vision import CLIPVisionModel
+from sdlab.models.controlnet import ControlNetModel
+from sdlab.models.t2i_adapter import T2IAdapterConfig, T2IAdapterModel
+from sdlab.models.unet import UNetModel
+from sdlab.offload import HOME
 from sdlab.pipeline import GenerationRequest, generate
+from sdlab.server import graph, nodes
+from sdlab.server.library import ModelCache
 from sdlab.vae_tools import decode_pixels, encode_pixels, save_latents
 
 REQ = GenerationRequest(prompt="a red cube", negative_prompt="blur", seed=3, steps=1, width=32, height=32)
@@ -227,10 +259,12 @@ def test_model_offload_moves_each_network_while_it_runs(files, monkeypatch: pyte
     unet.register_forward_hook(lambda *_: seen.append((on_device(unet), on_device(text))))
     text(torch.zeros(1, 77, dtype=torch.long))
     assert on_device(text) and not on_device(unet)
+    decoded: list[bool] = []
+    model.vae.decoder.register_forward_hook(lambda *_: decoded.append(on_device(model.vae)))
     generate(model, REQ)
     assert seen and set(seen) == {(True, False)}  # the text encoder left before the U-Net ran
-    assert on_device(model.vae) and not on_device(unet)  # the VAE ran last
-    send_back(model.vae)
+    assert decoded == [True] and not on_device(unet)  # the VAE ran last, on the device
+    assert not on_device(model.vae) and offload.on_device(torch.device("cpu")) is None  # and went back
     assert weight.data_ptr() == cpu_ptr == getattr(weight, HOME).data_ptr()
 
 
@@ -419,3 +453,256 @@ def test_model_offload_holds_one_network_per_device(files: dict[str, Path], copi
     _run_unet(b)
     assert _on_device(a.unet, copies) == {False} and _on_device(b.unet, copies) == {True}
     assert offload.on_device(torch.device("cpu")) is b.unet
+
+
+# ---------------------------------------------------------------------------------------------
+# the networks that condition the U-Net follow its offloading (`sdlab.offload.follow`)
+
+
+@pytest.fixture(scope="module")
+def extras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny ControlNet, T2I-Adapter, "plus" IP-Adapter and CLIP image encoder for the tiny SD1 model."""
+    tmp = tmp_path_factory.mktemp("extras")
+    cn = {f"control_model.{k}": v for k, v in _controlnet("sd1").state_dict().items()}
+    adapter = randomize(T2IAdapterModel(T2IAdapterConfig((32, 64), "full")), 2).state_dict()
+    encoder = randomize(CLIPVisionModel(TINY_VISION), 21).state_dict()
+    return {
+        "controlnet": write_safetensors(cn, tmp / "cn.safetensors"),
+        "t2i-adapter": write_safetensors(adapter, tmp / "t2iadapter.safetensors"),
+        "ip-adapter": _adapter_file(tmp, UNetModel(TINY["sd1"].unet), plus=True),
+        "encoder": write_safetensors(encoder, tmp / "clip_vision.safetensors"),
+    }
+
+
+def _extra_request(extras: dict[str, Path], *names: str) -> GenerationRequest:
+    """A 4-step 32 x 32 request with the named extra networks (ControlNet units, an image prompt)."""
+    controls = tuple(ControlSpec(str(extras[n]), _image(32, 32)) for n in names if n != "ip-adapter")
+    image_prompts = tuple(
+        IPAdapterSpec(str(extras[n]), _image(), 0.6, clip_vision=str(extras["encoder"]))
+        for n in names
+        if n == "ip-adapter"
+    )
+    return replace(_cn_request(extras["controlnet"]), controls=controls, ip_adapters=image_prompts)
+
+
+Turns = list[tuple[str, list[str]]]
+
+
+def _turns(
+    monkeypatch: pytest.MonkeyPatch, copies: set[int], unet: torch.nn.Module, *classes: type
+) -> tuple[Turns, dict[str, torch.nn.Module]]:
+    """Filled while sampling: at each call of `unet` and of a network of `classes` (after its offload hook),
+    its name and the names of the networks then holding device copies; and the networks met, by name."""
+    nets: dict[str, torch.nn.Module] = {"unet": unet}
+    turns: Turns = []
+
+    def record(name: str) -> None:
+        turns.append((name, sorted(n for n, net in nets.items() if True in _on_device(net, copies))))
+
+    for cls in classes:
+
+        def spy(self, *args, _forward=cls.forward, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            nets[type(self).__name__] = self
+            record(type(self).__name__)
+            return _forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", spy)
+    unet.register_forward_pre_hook(lambda *_: record("unet"))  # after the offload hook (registered first)
+    return turns, nets
+
+
+@pytest.mark.parametrize(
+    ("extra", "classes"),
+    [
+        ("controlnet", (ControlNetModel,)),
+        ("t2i-adapter", (T2IAdapterModel,)),
+        ("ip-adapter", (CLIPVisionModel, Resampler)),
+    ],
+)
+def test_extra_networks_take_turns_with_the_offloaded_unet(
+    files, extras, copies, monkeypatch, extra: str, classes: tuple[type, ...]
+) -> None:
+    """`--offload model`: a ControlNet, a T2I-Adapter, an IP-Adapter's image encoder and projection are
+    offloaded as the U-Net is: each call runs on device copies of its own weights with no other network
+    there; after `generate` no weights are on the device; the latents equal the unoffloaded run's. An
+    IP-Adapter's key/value layers run inside the U-Net from their CPU weights."""
+    req = _extra_request(extras, extra)
+    expected = generate(load_model(files["fp32"]), req)
+    model = load_model(files["fp32"], offload="model")
+    turns, nets = _turns(monkeypatch, copies, model.unet, *classes)
+    ip_layers: list[set[bool]] = []
+    if extra == "ip-adapter":
+        attn = cross_attentions(model.unet)[0]
+        model.unet.register_forward_pre_hook(
+            lambda *_: ip_layers.append(_on_device(attn.ip[0].layer, copies))
+        )
+    out = generate(model, req)
+    assert torch.equal(out.latents, expected.latents)
+    assert {name for name, _ in turns} == {"unet", *(c.__name__ for c in classes)}
+    assert all(there == [name] for name, there in turns), turns
+    if extra == "controlnet":
+        assert [name for name, _ in turns] == ["ControlNetModel", "unet"] * 4  # turns at every step
+    assert ip_layers == ([{False}] * 4 if extra == "ip-adapter" else [])
+    assert all(_on_device(net, copies) == {False} for net in (*nets.values(), model.vae))
+    assert offload.on_device(torch.device("cpu")) is None
+
+
+def test_sequential_offload_of_the_extra_networks(files, extras, copies, monkeypatch) -> None:
+    """`--offload sequential` with a ControlNet, a T2I-Adapter and an IP-Adapter together: the latents equal
+    the unoffloaded run's and no ControlNet weight is a device copy between its layers' calls."""
+    req = _extra_request(extras, "controlnet", "t2i-adapter", "ip-adapter")
+    expected = generate(load_model(files["fp32"]), req)
+    model = load_model(files["fp32"], offload="sequential")
+    between: list[set[bool]] = []
+    forward = ControlNetModel.forward
+
+    def spy(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if not between:
+            assert self.offload_mode == "sequential" and self.execution_device == torch.device("cpu")
+            for m in self.modules():
+                m.register_forward_hook(lambda *_, net=self: between.append(_on_device(net, copies)))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetModel, "forward", spy)
+    out = generate(model, req)
+    assert torch.equal(out.latents, expected.latents)
+    assert len(between) > 4 * 20 and all(b == {False} for b in between)  # 4 steps, many layers each
+
+
+@pytest.fixture
+def meta_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the offload hooks move weights to the meta device: a tensor's `.data` cannot become a meta tensor,
+    so `bring` swaps each tensor with a meta copy of it and `send_back` swaps the two back."""
+    homes: dict[int, torch.Tensor] = {}
+
+    def tensors(module: torch.nn.Module, recurse: bool) -> Iterator[torch.Tensor]:
+        for m in module.modules() if recurse else (module,):
+            yield from offload._tensors(m)
+
+    def bring(module: torch.nn.Module, device: torch.device, recurse: bool = True) -> None:
+        for t in tensors(module, recurse):
+            if id(t) not in homes:
+                moved = t.detach().to(device)
+                homes[id(t)] = (
+                    torch.nn.Parameter(moved, False) if isinstance(t, torch.nn.Parameter) else moved
+                )
+                torch.utils.swap_tensors(t, homes[id(t)])
+
+    def send_back(module: torch.nn.Module, recurse: bool = True) -> None:
+        for t in tensors(module, recurse):
+            if id(t) in homes:
+                torch.utils.swap_tensors(t, homes.pop(id(t)))
+
+    monkeypatch.setattr(offload, "bring", bring)
+    monkeypatch.setattr(offload, "send_back", send_back)
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_extra_networks_run_on_the_offload_device(files, extras, meta_moves, mode: str) -> None:
+    """Offloaded to the meta device (a stand-in for a GPU: an operation meeting a CPU tensor fails), the
+    A1111 and ComfyUI control paths and an IP-Adapter given loaded (as ComfyUI's nodes give it) run there,
+    while every weight of theirs stays a CPU tensor afterwards."""
+    meta = torch.device("meta")
+    model = load_model(files["fp32"], device="meta", offload=mode)
+    unet = model.unet
+    specs = [ControlSpec(str(extras[n]), _image(32, 32)) for n in ("controlnet", "t2i-adapter")]
+    controls = prepare_controls(specs, load_controls(specs, {}, unet), 32, 32, model.config.vae.downscale)
+    comfy = [
+        ComfyControl(load_controlnet(extras[n]), torch.rand(1, 3, 24, 24))
+        for n in ("controlnet", "t2i-adapter")
+    ]
+    adapter = load_ip_adapter(extras["ip-adapter"], torch.float32, "cpu")
+    encoder = load_clip_vision(extras["encoder"], torch.float32, "cpu")
+    ip = prepare_ip_adapters([IPAdapterSpec(adapter, _image(), clip_vision=encoder)], unet)
+    assert ip is not None and ip.cond.device == meta
+    x, t = torch.zeros(2, 4, 16, 16, device=meta), torch.zeros(2, device=meta)
+    context = torch.zeros(2, 77, unet.cfg.context_dim, device=meta)
+    bounds = [(float("inf"), 0.0)] * len(comfy)
+    with torch.inference_mode(), offload.devices_emptied_after():
+        residuals = control_residuals(controls, x, t, context, None, None, 0.0)
+        features = adapter_features(controls, x, None, 0.0, unet.cfg)
+        residuals = comfy_residuals(comfy, bounds, x, t, context, None, 1.0, unet, residuals)
+        features = comfy_features(comfy, bounds, x, 1.0, unet, features)
+        with ip_adapters_applied(unet, ip):
+            tokens = torch.cat([ip.cond, ip.uncond]).to(context)
+            out = unet(x, t, torch.cat([context, tokens], dim=1), None, residuals, features)
+    assert out.device == meta and out.shape == x.shape
+    for net in (*(c.net for c in controls), *(c.net for c in comfy), adapter, encoder):
+        assert {p.device.type for p in net.parameters()} == {"cpu"}, type(net).__name__
+
+
+@pytest.fixture(scope="module")
+def envs(request: pytest.FixtureRequest) -> tuple[nodes.Env, nodes.Env]:
+    """test_controlnet_nodes' ComfyUI environment, and the same with its models loaded `--offload model`."""
+    env = request.getfixturevalue("nodes_env")
+    return env, replace(env, models=ModelCache(env.library, placement=Placement(offload="model")))
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"), [("cn.safetensors", ControlNetModel), ("t2iadapter_tiny.safetensors", T2IAdapterModel)]
+)
+def test_comfyui_controls_take_turns_with_the_offloaded_unet(envs, copies, monkeypatch, name, cls) -> None:
+    """ComfyUI's ControlNetLoader + ControlNetApplyAdvanced + KSamplerAdvanced with `--offload model`: the
+    ControlNet or T2I-Adapter (loaded on the CPU by the node) takes turns with the U-Net on the device and
+    the latents equal the unoffloaded run's."""
+    env, offloaded_env = envs
+    latent = _latent(env, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 14)
+    expected = _run(env, "advanced-whole", latent, name)
+    unet = nodes.checkpoint_loader(offloaded_env, "tiny.safetensors")[0].sd.unet
+    turns, _ = _turns(monkeypatch, copies, unet, cls)
+    out = _run(offloaded_env, "advanced-whole", latent, name)
+    assert torch.equal(out, expected)
+    assert {n for n, _ in turns} == {"unet", cls.__name__}
+    assert all(there == [n] for n, there in turns), turns
+
+
+def test_comfyui_workflow_leaves_no_weights_on_the_device(envs, copies) -> None:
+    """A ComfyUI workflow with a ControlNet run with `--offload model`: at its end (VAEDecode ran last) no
+    network is left on the device."""
+    offloaded_env = envs[1]
+    sd = nodes.checkpoint_loader(offloaded_env, "tiny.safetensors")[0].sd
+    decoded: list[set[bool]] = []
+    sd.vae.decoder.register_forward_hook(lambda *_: decoded.append(_on_device(sd.vae, copies)))
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red cat", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
+        "6": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "cn.safetensors"}},
+        "7": {
+            "class_type": "ControlNetApplyAdvanced",
+            "inputs": {
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "control_net": ["6", 0],
+                "image": ["5", 0],
+                "strength": 0.7,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+        },
+        "8": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "seed": 3,
+                "steps": 2,
+                "cfg": 5.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["7", 0],
+                "negative": ["7", 1],
+                "latent_image": ["4", 0],
+                "denoise": 1.0,
+            },
+        },
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}},
+    }
+    validation = graph.validate(prompt, offloaded_env)
+    assert validation.ok, validation.node_errors
+    graph.execute(validation, offloaded_env, lambda _: None, lambda *_: None)
+    assert decoded == [{True}, {True}]
+    assert offload.on_device(torch.device("cpu")) is None
+    assert all(_on_device(net, copies) == {False} for net in (sd.unet, sd.vae, *sd.text_encoders))

@@ -69,9 +69,11 @@ class VisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch) ** 2 + 1, cfg.width)
 
     def forward(self, pixels: Tensor) -> Tensor:
-        x = self.patch_embedding(pixels.to(self.patch_embedding.weight)).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.expand(x.shape[0], 1, -1)
-        return torch.cat([cls, x], dim=1) + self.position_embedding.weight
+        """(B, 1 + patches, width) in the pixels' dtype, on their device (an offloaded encoder's weights are
+        cast there, `sdlab.offload`)."""
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight.to(x)
 
 
 class VisionTransformer(nn.Module):

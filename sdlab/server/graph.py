@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sdlab.offload import devices_emptied_after
 from sdlab.server.jobs import Interrupted
 from sdlab.server.nodes import NODE_TYPES, Env, Saved
 
@@ -282,12 +283,13 @@ def execute(
     on_node: Callable[[str], None],
     on_output: Callable[[str, dict[str, Any]], None],
 ) -> dict[str, dict[str, Any]]:
-    """Run a validated workflow; returns node id -> UI output of the output nodes."""
+    """Run a validated workflow; returns node id -> UI output of the output nodes. Under `--offload model`
+    the network left on the device goes back at the end, as after `sdlab.pipeline.generate`."""
     prompt = validation.prompt
     values: dict[str, tuple[Any, ...]] = {}
     outputs: dict[str, dict[str, Any]] = {}
     executed: list[str] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), devices_emptied_after():
         for node_id in execution_order(prompt, validation.outputs):
             node = prompt[node_id]
             if env.live is not None:
