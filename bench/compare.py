@@ -1,17 +1,19 @@
-"""sdlab against diffusers on seeded random weights at SD1.5 shapes, each engine in its own process.
+"""sdlab against diffusers on seeded random weights at SD1.5 or SDXL shapes, each in its own process.
 
-    python bench/compare.py [--repeats 2] [--threads N] [--device cpu|cuda] [--dtype fp32|fp16]
+    python bench/compare.py [--arch sd1|sdxl] [--repeats 2] [--threads N] [--device cpu|cuda]
+                            [--dtype fp32|fp16]
 
-Writes the fp16 checkpoint and the local diffusers config of `tests/reference.py` once under
-`bench/.cache/`, then runs the engines alternately (A B A B ...), each in a fresh process so that load
-time and peak RSS are its own, and prints the medians and the ratios sdlab / diffusers of: load to the
-first sampling step (from the load call to the U-Net's first call: reading the file, building the networks,
-encoding the prompt), one guided (CFG 7) step at 256 and at 512 px (the median of the steps after the first
-of a 20-step run at 256 px and a 4-step run at 512 px), a 20-step txt2img at 256 px (Euler,
-Karras sigmas), the same with sdlab's `--fast` preset (set against diffusers' exact run), a VAE decode
-at 512 px and the peak RSS (peak VRAM on CUDA); then the PSNR between the two engines' 20-step images, and
-between sdlab's fast and exact images. sdlab runs as `sdlab generate` would (`--dtype auto`: fp32 maths on
-the CPU with the file's fp16 weights kept fp16), diffusers with `torch_dtype` = the compute dtype.
+Writes the fp16 checkpoint once under `bench/.cache/<arch>/` (SD1.5: `tests/reference.py`'s, with its local
+diffusers config; SDXL: `bench/sdxl_real_size.py`'s, 6.9 GB, with the diffusers folder `sdlab convert` makes
+of it, which diffusers loads), then runs the engines alternately (A B A B ...), each in a fresh process so
+that load time and peak RSS are its own, and prints the medians and the ratios sdlab / diffusers of: load to
+the first sampling step (from the load call to the U-Net's first call: reading the file, building the
+networks, encoding the prompt), one guided (CFG 7) step at 256 and at 512 px (the median of the steps after
+the first of a 20-step run at 256 px and a 4-step run at 512 px), a 20-step txt2img at 256 px (Euler, Karras
+sigmas), the same with sdlab's `--fast` preset (set against diffusers' exact run), a VAE decode at 512 px and
+the peak RSS (peak VRAM on CUDA); then the PSNR between the two engines' 20-step images, and between sdlab's
+fast and exact images. sdlab runs as `sdlab generate` would (`--dtype auto`: fp32 maths on the CPU with the
+file's fp16 weights kept fp16), diffusers with `torch_dtype` = the compute dtype.
 """
 
 from __future__ import annotations
@@ -41,15 +43,30 @@ METRICS = [
 ]
 
 
-def prepare() -> tuple[Path, Path]:
-    """The real-size SD1.5 checkpoint (fp16, seeded random weights) and diffusers config, written once."""
-    path, config = CACHE / "sd1" / "model.safetensors", CACHE / "sd1" / "config"
-    if not (path.exists() and config.exists()):
+ARCHS = {"sd1": "SD1.5", "sdxl": "SDXL"}
+
+
+def prepare(arch: str) -> tuple[Path, Path]:
+    """The real-size checkpoint (fp16, seeded random weights) and what diffusers reads, written once: for
+    SD1.5 a config folder beside the single file, for SDXL the diffusers folder converted from it."""
+    path = CACHE / arch / "model.safetensors"
+    config = path.parent / ("config" if arch == "sd1" else "diffusers")
+    if arch == "sd1" and not (path.exists() and config.exists()):
         sys.path.insert(0, str(HERE.parent / "tests"))
         from reference import write_real_size_files
 
         path.parent.mkdir(parents=True, exist_ok=True)
         write_real_size_files("sd1", path.parent)
+    if arch == "sdxl" and not path.exists():
+        sys.path.insert(0, str(HERE))
+        from sdxl_real_size import write_checkpoint
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_checkpoint(path, tiny=False)
+    if arch == "sdxl" and not (config / "model_index.json").exists():
+        from sdlab.checkpoints.load import convert
+
+        convert(path, config)
     return path, config
 
 
@@ -116,15 +133,20 @@ def run_sdlab(path: Path, device: str, dtype: str, out: Path) -> dict:
 
 def run_diffusers(path: Path, config: Path, device: str, dtype: str, out: Path) -> dict:
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionPipeline
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     t0 = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(path), config=str(config), local_files_only=True, safety_checker=None,
-        requires_safety_checker=False, torch_dtype=torch_dtype,
-    ).to(device)  # fmt: skip
+    if config.name == "config":  # SD1.5: the single file, as sdlab reads it
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config), local_files_only=True, safety_checker=None,
+            requires_safety_checker=False, torch_dtype=torch_dtype,
+        ).to(device)  # fmt: skip
+    else:  # SDXL: its diffusers folder
+        pipe = DiffusionPipeline.from_pretrained(
+            str(config), torch_dtype=torch_dtype, local_files_only=True, add_watermarker=False
+        ).to(device)
     pipe.scheduler = EulerDiscreteScheduler.from_config(
         pipe.scheduler.config, use_karras_sigmas=True, timestep_spacing="linspace"
     )
@@ -166,7 +188,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    path, config = prepare()
+    path, config = prepare(args.arch)
     out = Path(args.out)
     if args.child == "sdlab":
         result = run_sdlab(path, args.device, args.dtype, out)
@@ -190,6 +212,7 @@ def psnr(a: Path, b: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=list(ARCHS), default="sd1", help="the model's shapes (default sd1)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each engine (alternating)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--device", default="cpu")
@@ -201,23 +224,26 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    path, _ = prepare()
+    path, _ = prepare(args.arch)
     with path.open("rb") as f:  # into the page cache, so that the first child does not pay for the disk
         while f.read(1 << 24):
             pass
     results: dict[str, list[dict]] = {"sdlab": [], "diffusers": []}
-    images = {e: CACHE / f"{e}-{args.device.replace(':', '')}-{args.dtype}.png" for e in results}
+    tag = f"{args.arch}-{args.device.replace(':', '')}-{args.dtype}"
+    images = {e: CACHE / f"{e}-{tag}.png" for e in results}
     for _ in range(args.repeats):
         for engine in results:
-            cmd = [sys.executable, __file__, "--child", engine, "--threads", str(args.threads)]
-            cmd += ["--device", args.device, "--dtype", args.dtype, "--out", str(images[engine])]
+            cmd = [sys.executable, __file__, "--child", engine, "--arch", args.arch]
+            cmd += ["--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype]
+            cmd += ["--out", str(images[engine])]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{engine} failed:\n{done.stderr[-3000:]}")
             results[engine].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(engine, results[engine][-1], file=sys.stderr, flush=True)
     print(
-        f"SD1.5 shapes (random weights, fp16 file), {args.device} {args.dtype}, {args.threads} thread(s), "
+        f"{ARCHS[args.arch]} shapes (random weights, fp16 file), {args.device} {args.dtype}, "
+        f"{args.threads} thread(s), "
         f"median of {args.repeats} alternating runs, load average {os.getloadavg()[0]:.1f}\n"
     )
     print("| measure | sdlab | diffusers | sdlab / diffusers |\n|---|---:|---:|---:|")
