@@ -43,6 +43,14 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
         "memory_stats": lambda device=None: {
             "reserved_bytes.all.current": m["reserved"],
             "active_bytes.all.current": m["active"],
+            "reserved_bytes.all.peak": m["reserved"] + 1,
+            "active_bytes.all.peak": m["active"] + 2,
+            "allocated_bytes.all.current": m["active"] - 3,
+            "allocated_bytes.all.peak": m["active"] + 4,
+            "inactive_split_bytes.all.current": 5,
+            "inactive_split_bytes.all.peak": 6,
+            "num_alloc_retries": 7,
+            "num_ooms": 8,
         },
     }.items():
         monkeypatch.setattr(torch.cuda, name, value)
@@ -153,6 +161,22 @@ def test_comfy_system_stats_report_the_placement_device(serve, fake_cuda) -> Non
             "torch_vram_total": m["reserved"],
             "torch_vram_free": m["reserved"] - m["active"],
         }
+
+
+def test_a1111_memory_reports_the_placement_cuda_device(serve, fake_cuda) -> None:
+    """A1111's /sdapi/v1/memory: the CUDA device's memory in A1111's shape (the driver's free/used/total,
+    the allocator's current and peak counters, retries and OOMs); on the CPU `cuda` is unavailable."""
+    assert serve(Placement("cpu")).get("/sdapi/v1/memory").json()["cuda"] == {"error": "unavailable"}
+    m = CUDA_MEMORY
+    cuda = serve(Placement("cuda:1", "fp16")).get("/sdapi/v1/memory").json()["cuda"]
+    assert cuda == {
+        "system": {"free": m["free"], "used": m["total"] - m["free"], "total": m["total"]},
+        "active": {"current": m["active"], "peak": m["active"] + 2},
+        "allocated": {"current": m["active"] - 3, "peak": m["active"] + 4},
+        "reserved": {"current": m["reserved"], "peak": m["reserved"] + 1},
+        "inactive": {"current": 5, "peak": 6},
+        "events": {"retries": 7, "oom": 8},
+    }
 
 
 @pytest.fixture

@@ -934,15 +934,36 @@ def _noise_seed_delta(value: Any) -> int:
 # what clients ask at start-up
 
 
-def _memory() -> dict[str, Any]:
-    """A1111's memory report: RAM in bytes (`used` is this process's resident size, as in A1111); no CUDA."""
+def _memory(device: torch.device) -> dict[str, Any]:
+    """A1111's memory report: RAM in bytes (`used` is this process's resident size, as in A1111) and, when
+    the server runs on a CUDA device, that device's memory as A1111's `/sdapi/v1/memory` gives it."""
     try:
         total = _meminfo_bytes("MemTotal")
         used = _resident_bytes()
         ram: dict[str, Any] = {"free": total - used, "used": used, "total": total}
     except (OSError, ValueError, KeyError) as e:
         ram = {"error": str(e)}
-    return {"ram": ram, "cuda": {"error": "unavailable"}}
+    return {"ram": ram, "cuda": _cuda_memory(device) if device.type == "cuda" else {"error": "unavailable"}}
+
+
+def _cuda_memory(device: torch.device) -> dict[str, Any]:
+    """A CUDA device's memory in A1111's shape: the driver's free/used/total, torch's allocator counters
+    (current and peak bytes of active, allocated, reserved and inactive-split memory) and its events."""
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    free, total = torch.cuda.mem_get_info(device)
+    stats = torch.cuda.memory_stats(device)
+
+    def counter(name: str) -> dict[str, int]:
+        return {k: stats.get(f"{name}_bytes.all.{k}", 0) for k in ("current", "peak")}
+
+    return {
+        "system": {"free": free, "used": total - free, "total": total},
+        "active": counter("active"),
+        "allocated": counter("allocated"),
+        "reserved": counter("reserved"),
+        "inactive": counter("inactive_split"),
+        "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+    }
 
 
 def _meminfo_bytes(key: str) -> int:
@@ -1009,7 +1030,7 @@ def startup_routes(api: APIRouter, server: Server) -> None:
 
     @api.get("/memory")
     def memory() -> dict[str, Any]:
-        return _memory()
+        return _memory(server.models.device())
 
     @api.get("/scripts")
     def scripts() -> dict[str, list[str]]:
