@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from reference import psnr, randomize
+from test_comfy_nodes import _image as _comfy_image
+from test_comfy_nodes import _split
 from test_controlnet import _controlnet
 from test_controlnet import _request as _cn_request
 from test_controlnet_nodes import _latent, _run
@@ -57,7 +59,8 @@ from sdlab.models.unet import UNetModel
 from sdlab.offload import HOME
 from sdlab.pipeline import GenerationRequest, generate
 from sdlab.server import graph, nodes
-from sdlab.server.library import ModelCache
+from sdlab.server.library import Library, ModelCache
+from sdlab.server.paths import Folders
 from sdlab.vae_tools import decode_pixels, encode_pixels, save_latents
 
 REQ = GenerationRequest(prompt="a red cube", negative_prompt="blur", seed=3, steps=1, width=32, height=32)
@@ -453,6 +456,35 @@ def test_model_offload_holds_one_network_per_device(files: dict[str, Path], copi
     _run_unet(b)
     assert _on_device(a.unet, copies) == {False} and _on_device(b.unet, copies) == {True}
     assert offload.on_device(torch.device("cpu")) is b.unet
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_standalone_unet_and_text_encoder_are_offloaded(tmp_path: Path, copies: set[int], mode: str) -> None:
+    """ComfyUI's UNETLoader and CLIPLoader under `--offload`: the parts' weights are held on the CPU and
+    offloaded as a checkpoint's are ("model": the U-Net's calls on device copies; "sequential": none of its
+    weights ever a device copy), the image equal to the unoffloaded one's (they were refused before)."""
+    root = tmp_path / "models"
+    _split(root, "sd1", seed=0)
+    library = Library(root)
+    images = []
+    for placement in (Placement("cpu"), Placement("cpu", offload=mode)):
+        folders = Folders(root, tmp_path / "o", tmp_path / "i", tmp_path / "s")
+        env = nodes.Env(library, ModelCache(library, placement=placement), folders)
+        run = {k: t.run for k, t in nodes.NODE_TYPES.items()}
+        with torch.inference_mode():
+            (model,) = run["UNETLoader"](env, unet_name="u.safetensors", weight_dtype="default")
+            (clip,) = run["CLIPLoader"](env, clip_name="sd1-0.safetensors", type="stable_diffusion")
+            (vae,) = run["VAELoader"](env, vae_name="sd1-vae.safetensors")
+            unet, (text,) = model.sd.unet, clip.model.text_encoders
+            calls: list[set[bool]] = []
+            unet.register_forward_hook(lambda *_, u=unet, c=calls: c.append(_on_device(u, copies)))
+            images.append(_comfy_image(env, model, clip, vae))
+        assert _on_device(unet, copies) == {False} and _on_device(text, copies) == {False}
+        offloaded = None if placement.offload == "none" else placement.offload
+        assert [getattr(n, "offload_mode", None) for n in (unet, text)] == [offloaded, offloaded]
+        on_copies = {True} if placement.offload == "model" else {False}
+        assert len(calls) >= 2 and all(c == on_copies for c in calls)  # 2 sampling steps
+    assert torch.equal(images[0], images[1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from sdlab import devices, families
 from sdlab.checkpoints import keymaps
@@ -23,6 +24,7 @@ from sdlab.families import FIELD_SCALARS, VECTOR_EMBED_DIM, Family
 from sdlab.models.blocks import set_attention
 from sdlab.models.clip import CLIPTextModel
 from sdlab.models.unet import UNetModel
+from sdlab.offload import offload_network
 from sdlab.text.tokenizer import CLIPTokenizer
 
 # a transformers-layout text encoder this deep is OpenCLIP ViT-H or bigG (ComfyUI's detect_te_model)
@@ -96,11 +98,12 @@ def load_unet(path: Path, placement: devices.Placement) -> StableDiffusion:
     family = families.choose(found, prediction)
     latent = VAEConfig(scale_factor=family.latent.scale_factor, shift_factor=family.latent.shift_factor)
     cfg = ModelConfig(family.name, unet, latent, tuple(_implied_text(family, unet)), prediction)
-    run_on, precision = _placed(placement, family, path)
+    held_on, precision = _placed(placement, family)
     module = build_module(
-        UNetModel, unet, sd, f"{path} (U-Net)", precision.compute, run_on, precision.storage
+        UNetModel, unet, sd, f"{path} (U-Net)", precision.compute, held_on, precision.storage
     )
     set_attention(module, placement.attention)
+    _offloaded([module], placement)
     return StableDiffusion(cfg, module, None, [], CLIPTokenizer.default(), path)  # type: ignore[arg-type]
 
 
@@ -119,25 +122,28 @@ def load_text_encoders(paths: Sequence[Path], vector: bool, placement: devices.P
         names = " + ".join(f"{p.name} ({layout})" for layout, _, p in read)
         raise CheckpointError(f"no model family has the text encoders {names}")
     family = found[0]
-    run_on, precision = _placed(placement, family, paths[0])
+    held_on, precision = _placed(placement, family)
     modules = [
         build_module(
-            CLIPTextModel, t, sd, f"{p} (text encoder)", precision.compute, run_on, precision.storage
+            CLIPTextModel, t, sd, f"{p} (text encoder)", precision.compute, held_on, precision.storage
         )
         for t, (_, sd, p) in zip(text, read, strict=True)
     ]
+    _offloaded(modules, placement)
     unet = UNetConfig(context_dim=sum(t.width for t in text))
     cfg = ModelConfig(family.name, unet, VAEConfig(), text, clip_skip_default=family.clip_skip_default(text))
     return StableDiffusion(cfg, None, None, modules, CLIPTokenizer.default(), paths[0])  # type: ignore[arg-type]
 
 
-def _placed(
-    placement: devices.Placement, family: Family, path: Path
-) -> tuple[torch.device, devices.Precision]:
-    """The device and precision a part runs in, as `load_model` places a checkpoint's networks."""
-    if placement.offload != "none":
-        raise CheckpointError(
-            f"{path}: standalone model parts are not offloaded (--offload {placement.offload})"
-        )
+def _placed(placement: devices.Placement, family: Family) -> tuple[torch.device, devices.Precision]:
+    """Where a part's weights are held (the CPU when offloaded) and the precision it runs in, as
+    `load_model` places a checkpoint's networks."""
     run_on = devices.resolve_device(placement.device)
-    return run_on, devices.resolve_precision(placement.dtype, run_on, family)
+    held_on = run_on if placement.offload == "none" else torch.device("cpu")
+    return held_on, devices.resolve_precision(placement.dtype, run_on, family)
+
+
+def _offloaded(modules: Sequence[nn.Module], placement: devices.Placement) -> None:
+    """Offload a part's networks as `load_model` offloads a checkpoint's (`sdlab.offload`)."""
+    for module in modules:
+        offload_network(module, placement.offload, devices.resolve_device(placement.device))
