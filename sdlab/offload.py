@@ -180,7 +180,14 @@ def follow(net: nn.Module, like: nn.Module) -> bool:
     return True
 
 
+def weights_home(mode: str, device: torch.device) -> torch.device:
+    """Where a network that runs on `device` is loaded: there, or the CPU when it is offloaded."""
+    return device if mode == "none" else torch.device("cpu")
+
+
 def enable_offload(model: object, mode: str, device: torch.device) -> None:
-    """Run `model`'s networks (text encoders, U-Net, VAE) on `device` as `offload_network` does."""
+    """Run `model`'s networks (text encoders, U-Net, VAE; those it has: a standalone part has some) on
+    `device` as `offload_network` does."""
     for net in (*model.text_encoders, model.unet, model.vae):  # type: ignore[attr-defined]
-        offload_network(net, mode, device)
+        if net is not None:
+            offload_network(net, mode, device)

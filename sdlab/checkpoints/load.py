@@ -38,7 +38,7 @@ from sdlab.models.blocks import set_attention
 from sdlab.models.clip import CLIPTextModel
 from sdlab.models.unet import UNetModel
 from sdlab.models.vae import AutoencoderKL
-from sdlab.offload import enable_offload
+from sdlab.offload import enable_offload, weights_home
 from sdlab.text.tokenizer import CLIPTokenizer
 
 StateDict = dict[str, Tensor]
@@ -338,7 +338,7 @@ def load_model(
         cfg = _with_vae(cfg, detect_vae(ckpt.vae, str(vae), cfg.vae.scale_factor))
     run_on = devices.resolve_device(device)
     precision = devices.resolve_precision(dtype, run_on, families.get(cfg.family))
-    held_on = run_on if offload == "none" else torch.device("cpu")
+    held_on = weights_home(offload, run_on)
     compute, storage = precision.compute, storage_dtype or precision.storage
     unet = build_module(UNetModel, cfg.unet, ckpt.unet, f"{what} (U-Net)", compute, held_on, storage)
     vae_module = build_module(

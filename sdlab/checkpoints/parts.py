@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from sdlab import devices, families
 from sdlab.checkpoints import keymaps
@@ -24,7 +23,7 @@ from sdlab.families import FIELD_SCALARS, VECTOR_EMBED_DIM, Family
 from sdlab.models.blocks import set_attention
 from sdlab.models.clip import CLIPTextModel
 from sdlab.models.unet import UNetModel
-from sdlab.offload import offload_network
+from sdlab.offload import enable_offload, weights_home
 from sdlab.text.tokenizer import CLIPTokenizer
 
 # a transformers-layout text encoder this deep is OpenCLIP ViT-H or bigG (ComfyUI's detect_te_model)
@@ -103,8 +102,8 @@ def load_unet(path: Path, placement: devices.Placement) -> StableDiffusion:
         UNetModel, unet, sd, f"{path} (U-Net)", precision.compute, held_on, precision.storage
     )
     set_attention(module, placement.attention)
-    _offloaded([module], placement)
-    return StableDiffusion(cfg, module, None, [], CLIPTokenizer.default(), path)  # type: ignore[arg-type]
+    part = StableDiffusion(cfg, module, None, [], CLIPTokenizer.default(), path)  # type: ignore[arg-type]
+    return _offloaded(part, placement)
 
 
 def load_text_encoders(paths: Sequence[Path], vector: bool, placement: devices.Placement) -> StableDiffusion:
@@ -129,21 +128,20 @@ def load_text_encoders(paths: Sequence[Path], vector: bool, placement: devices.P
         )
         for t, (_, sd, p) in zip(text, read, strict=True)
     ]
-    _offloaded(modules, placement)
     unet = UNetConfig(context_dim=sum(t.width for t in text))
     cfg = ModelConfig(family.name, unet, VAEConfig(), text, clip_skip_default=family.clip_skip_default(text))
-    return StableDiffusion(cfg, None, None, modules, CLIPTokenizer.default(), paths[0])  # type: ignore[arg-type]
+    part = StableDiffusion(cfg, None, None, modules, CLIPTokenizer.default(), paths[0])  # type: ignore[arg-type]
+    return _offloaded(part, placement)
 
 
 def _placed(placement: devices.Placement, family: Family) -> tuple[torch.device, devices.Precision]:
     """Where a part's weights are held (the CPU when offloaded) and the precision it runs in, as
     `load_model` places a checkpoint's networks."""
     run_on = devices.resolve_device(placement.device)
-    held_on = run_on if placement.offload == "none" else torch.device("cpu")
-    return held_on, devices.resolve_precision(placement.dtype, run_on, family)
+    return weights_home(placement.offload, run_on), devices.resolve_precision(placement.dtype, run_on, family)
 
 
-def _offloaded(modules: Sequence[nn.Module], placement: devices.Placement) -> None:
-    """Offload a part's networks as `load_model` offloads a checkpoint's (`sdlab.offload`)."""
-    for module in modules:
-        offload_network(module, placement.offload, devices.resolve_device(placement.device))
+def _offloaded(part: StableDiffusion, placement: devices.Placement) -> StableDiffusion:
+    """The part with its networks offloaded as `load_model` offloads a checkpoint's."""
+    enable_offload(part, placement.offload, devices.resolve_device(placement.device))
+    return part

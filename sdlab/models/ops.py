@@ -46,7 +46,7 @@ class Conv2d(nn.Conv2d):
         w = self.weight
         if w.device == x.device and w.element_size() < x.element_size() and x.device.type == "cpu":
             w = self._stored_in_layout(w, conv_layout(x.device))
-        if w.device == x.device and winograd.applies(self, x, w):  # CPU float32 inference, 16×16 and up
+        if w.device == x.device and winograd.applies(self, x):  # CPU float32 inference, 16×16 and up
             return winograd.conv3x3(x, winograd.kernel_transform(w), _cast(self.bias, x))
         if w.dtype != x.dtype or w.device != x.device:
             w = w.to(device=x.device, dtype=x.dtype, non_blocking=True, memory_format=conv_layout(x.device))

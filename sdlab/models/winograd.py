@@ -30,7 +30,7 @@ BAND_BYTES = 1 << 24
 buffers allocated once a call, which stay in the cache and are not page-faulted in again each band."""
 
 
-def applies(conv: nn.Conv2d, x: Tensor, weight: Tensor) -> bool:
+def applies(conv: nn.Conv2d, x: Tensor) -> bool:
     """Whether `conv(x)` can and should go through `conv3x3`: a plain 3×3 zero-padded convolution of a
     float32 CPU input with an even height and width of at least MIN_PIXELS, outside autograd."""
     return (
@@ -47,7 +47,7 @@ def applies(conv: nn.Conv2d, x: Tensor, weight: Tensor) -> bool:
         and x.shape[-2] % 2 == 0
         and x.shape[-1] % 2 == 0
         and x.shape[-2] * x.shape[-1] >= MIN_PIXELS
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
     )
 
 
